@@ -1,0 +1,1 @@
+"""pneumoflag model toolchain: train, convert (int8 TFLite, Edge TPU), evaluate."""

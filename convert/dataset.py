@@ -1,0 +1,178 @@
+"""Labelled image folders (``NORMAL/``, ``PNEUMONIA/``), patient-level splits, in-memory cache.
+
+No TensorFlow here: `evaluate` on a .tflite model runs with the device install.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..device.preprocess import ImageDecodeError, PreprocessSpec, preprocess
+
+log = logging.getLogger(__name__)
+
+LABELS = ("NORMAL", "PNEUMONIA")  # index = class id; PNEUMONIA is the positive class
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+class DataError(Exception):
+    """A data folder that cannot be used; the message says why."""
+
+
+@dataclass
+class Sample:
+    path: Path
+    label: int
+
+    @property
+    def patient(self) -> str:
+        return patient_id(self.path.name)
+
+
+@dataclass
+class LoadedSet:
+    """Decoded, preprocessed images held in memory."""
+
+    x: np.ndarray  # (n, H, W, C) uint8
+    y: np.ndarray  # (n,) int
+    paths: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_", re.IGNORECASE),
+    # IM-0115-0001 and NORMAL2-IM-0115-0001 share the number; grouping them
+    # together can only make the split stricter, never leak a patient.
+    re.compile(r"^(?:NORMAL2-)?(IM-\d+)-", re.IGNORECASE),
+)
+
+
+def patient_id(filename: str) -> str:
+    """Patient id from a Kermany-style file name; the whole stem when there is none."""
+    for pat in _PATIENT_PATTERNS:
+        m = pat.match(filename)
+        if m:
+            return m.group(1).lower()
+    return Path(filename).stem.lower()
+
+
+def scan_folder(root: Path | str, what: str = "data folder") -> list[Sample]:
+    """List the images under ``root/NORMAL`` and ``root/PNEUMONIA`` (sorted, deterministic)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{what} {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{what} {root} is not a folder")
+    present = {p.name.upper(): p for p in root.iterdir() if p.is_dir()}
+    missing = [lab for lab in LABELS if lab not in present]
+    if missing:
+        raise DataError(
+            f"{what} {root} must hold the subfolders {', '.join(LABELS)} "
+            f"(missing: {', '.join(missing)})"
+        )
+    samples: list[Sample] = []
+    for label, name in enumerate(LABELS):
+        for p in sorted(present[name].rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                samples.append(Sample(p, label))
+    if not samples:
+        raise DataError(f"{what} {root} holds no files under {'/ and '.join(LABELS)}/")
+    return samples
+
+
+def patient_split(
+    samples: Sequence[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Seeded split by patient, stratified by class: no patient is on both sides."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), not {val_fraction}")
+    rng = random.Random(seed)
+    val_patients: set[tuple[int, str]] = set()
+    for label in range(len(LABELS)):
+        patients = sorted({s.patient for s in samples if s.label == label})
+        rng.shuffle(patients)
+        k = max(1, round(len(patients) * val_fraction)) if len(patients) > 1 else 0
+        val_patients.update((label, p) for p in patients[:k])
+    # A patient with images in both classes goes wholly to validation.
+    val_ids = {p for _, p in val_patients}
+    train = [s for s in samples if s.patient not in val_ids]
+    val = [s for s in samples if s.patient in val_ids]
+    return train, val
+
+
+def stratified_subset(samples: Sequence[Sample], n: int, seed: int) -> list[Sample]:
+    """``n`` samples keeping the class ratio (seeded), for calibration."""
+    if n >= len(samples):
+        return list(samples)
+    rng = random.Random(seed)
+    out: list[Sample] = []
+    for label in range(len(LABELS)):
+        group = [s for s in samples if s.label == label]
+        k = round(n * len(group) / len(samples))
+        out.extend(rng.sample(group, min(k, len(group))))
+    return sorted(out, key=lambda s: str(s.path))
+
+
+def load_samples(
+    samples: Sequence[Sample],
+    spec: PreprocessSpec,
+    workers: int = 4,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> LoadedSet:
+    """Decode and preprocess every sample; corrupt files are skipped, counted and logged."""
+
+    def one(s: Sample) -> tuple[Sample, Optional[np.ndarray], str]:
+        try:
+            return s, preprocess(s.path, spec), ""
+        except ImageDecodeError as exc:
+            return s, None, str(exc)
+
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    paths: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, (s, x, err) in enumerate(pool.map(one, samples), 1):
+            if x is None:
+                log.warning("skipped %s: %s", s.path, err)
+                skipped.append((s.path, err))
+            else:
+                xs.append(x)
+                ys.append(s.label)
+                paths.append(s.path)
+            if progress:
+                progress(i, len(samples))
+    if skipped:
+        log.warning("%d of %d files skipped as unreadable", len(skipped), len(samples))
+    x = np.stack(xs) if xs else np.zeros((0, *spec.shape), np.uint8)
+    return LoadedSet(x, np.asarray(ys, np.int64), paths, skipped)
+
+
+def require_both_classes(ds: LoadedSet, what: str) -> None:
+    counts = np.bincount(ds.y, minlength=2)
+    if len(ds) == 0:
+        raise DataError(f"{what}: no readable images ({len(ds.skipped)} skipped as unreadable)")
+    if counts.min() == 0:
+        raise DataError(
+            f"{what}: needs images of both classes, found "
+            + ", ".join(f"{LABELS[i]}={counts[i]}" for i in range(2))
+        )
+
+
+def split_fingerprint(samples: Iterable[Sample]) -> str:
+    """Short hash of a file list, to record exactly which images a split held."""
+    h = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: str(s.path)):
+        h.update(f"{s.path.parent.name}/{s.path.name}\n".encode())
+    return h.hexdigest()[:16]

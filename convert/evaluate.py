@@ -1,0 +1,126 @@
+"""``pneumoflag evaluate``: AUROC and operating-point figures of a model on a labelled folder.
+
+A ``.tflite`` model runs through the device runtime (no TensorFlow needed);
+a Keras/SavedModel model runs in TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..device.card import CardError, ModelCard, Thresholds, card_path_for
+from ..device.preprocess import PreprocessSpec, to_float_input
+from .dataset import LABELS, LoadedSet, load_samples, require_both_classes, scan_folder
+from .metrics import choose_operating_points, evaluate_scores, roc_curve
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig:
+    model: Path
+    data: Path
+    json_out: Optional[Path] = None
+    plots: Optional[Path] = None
+    card: Optional[Path] = None
+    accelerator: str = "cpu"
+    workers: int = 4
+
+
+def _scores_tflite(cfg: EvaluateConfig) -> tuple[LoadedSet, np.ndarray, ModelCard, str]:
+    from ..device.scorer import load_scorer
+
+    card = ModelCard.load(cfg.card or card_path_for(cfg.model))
+    scorer, card = load_scorer(cfg.model, cfg.accelerator, card=card)
+    ds = _load(cfg, card.preprocessing)
+    prog = Progress("scoring", len(ds))
+    p = np.empty(len(ds))
+    for i, x in enumerate(ds.x):
+        p[i] = scorer.score(x)
+        prog(i + 1)
+    return ds, p, card, f"int8 TFLite on {scorer.report.accelerator} ({scorer.report.runtime})"
+
+
+def _load(cfg: EvaluateConfig, spec: PreprocessSpec) -> LoadedSet:
+    samples = scan_folder(cfg.data, "evaluation folder")
+    ds = load_samples(samples, spec, cfg.workers, Progress("decoding", len(samples)))
+    require_both_classes(ds, f"evaluation folder {cfg.data}")
+    return ds
+
+
+def _scores_float(cfg: EvaluateConfig) -> tuple[LoadedSet, np.ndarray, Optional[ModelCard], PreprocessSpec]:
+    from .float_model import load_float_model
+    from .quantize import ConvertConfig, _training_meta, resolve_spec
+
+    fm = load_float_model(cfg.model)
+    card = ModelCard.load(cfg.card) if cfg.card else None
+    if card:
+        spec = card.preprocessing
+    else:
+        spec = resolve_spec(fm, _training_meta(cfg.model), ConvertConfig(cfg.model, cfg.data, Path("x.tflite")))
+    ds = _load(cfg, spec)
+    p = fm.predict(to_float_input(ds.x, spec))
+    return ds, p, card, spec
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    for target in (cfg.json_out, cfg.plots):
+        if target is not None:
+            parent = (target if target == cfg.plots else target.parent).resolve()
+            probe = parent if parent.exists() else parent.parent
+            if not os.access(probe, os.W_OK):
+                raise CardError(f"cannot write to {parent}: permission denied")
+    if cfg.model.suffix == ".tflite":
+        ds, p, card, runner = _scores_tflite(cfg)
+        thresholds, source = card.thresholds.as_dict(), f"model card {card.path}"
+    else:
+        ds, p, card, _spec = _scores_float(cfg)
+        runner = "float model in TensorFlow"
+        if card:
+            thresholds, source = card.thresholds.as_dict(), f"model card {card.path}"
+        else:
+            ops = choose_operating_points(ds.y, p)
+            thresholds = {k: ops[k]["threshold"] for k in ("flag", "urgent")}
+            source = "chosen on this data (no --card given): optimistic"
+    result = evaluate_scores(ds.y, p, thresholds)
+    result.update({
+        "model": str(cfg.model),
+        "data": str(cfg.data),
+        "runner": runner,
+        "thresholds_from": source,
+        "skipped_files": [[str(a), b] for a, b in ds.skipped],
+    })
+    if cfg.json_out:
+        tmp = cfg.json_out.with_name(f".{cfg.json_out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, cfg.json_out)
+    if cfg.plots:
+        from .plots import write_plots
+
+        result["plots"] = [str(x) for x in write_plots(cfg.plots, ds, p, result)]
+    return result
+
+
+def format_summary(r: dict) -> str:
+    lines = [
+        f"{r['model']} on {r['data']} ({r['runner']})",
+        f"n={r['n']} (PNEUMONIA {r['n_positive']}, NORMAL {r['n_negative']})  AUROC {r['auroc']:.4f}",
+        f"thresholds from {r['thresholds_from']}",
+        f"{'point':<8}{'thr':>8}{'sens':>8}{'spec':>8}{'ppv':>8}{'npv':>8}{'acc':>8}   tp   fp   tn   fn",
+    ]
+    fmt = lambda v: f"{v:8.3f}" if v is not None else f"{'n/a':>8}"  # noqa: E731
+    for name, m in r["operating_points"].items():
+        lines.append(
+            f"{name:<8}{m['threshold']:8.4f}{fmt(m['sensitivity'])}{fmt(m['specificity'])}{fmt(m['ppv'])}"
+            f"{fmt(m['npv'])}{fmt(m['accuracy'])} {m['tp']:4d} {m['fp']:4d} {m['tn']:4d} {m['fn']:4d}"
+        )
+    if r["skipped_files"]:
+        lines.append(f"{len(r['skipped_files'])} unreadable files skipped")
+    return "\n".join(lines)

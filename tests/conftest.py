@@ -1,0 +1,46 @@
+"""Shared fixtures: real images copied into temporary folders, a tiny model trained once per run."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+MINI = TESTS / "data" / "mini"  # 16 NORMAL + 16 PNEUMONIA 224 px training images (credit: tests/data/README.md)
+MODELS = REPO / "models"
+
+
+def run_cli(*argv: str) -> int:
+    from pneumoflag.device.cli import main
+
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture
+def mini_data(tmp_path: Path) -> Path:
+    """A private copy of the mini data set that a test may damage."""
+    dst = tmp_path / "data"
+    shutil.copytree(MINI, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """Train (2 epochs, 32 px) and convert a tiny model once, through the CLI."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = root / "data"
+    shutil.copytree(MINI, data)
+    keras_path = root / "tiny.keras"
+    assert run_cli("train", "--data", data, "--out", keras_path, "--size", "32", "--epochs", "2",
+                   "--val-fraction", "0.3", "--seed", "7") == 0
+    tflite = root / "models" / "tiny.tflite"
+    tflite.parent.mkdir()
+    assert run_cli("convert", keras_path, "--calibration", data, "--out", tflite,
+                   "--num-calibration", "12", "--max-auroc-drop", "1.0") == 0
+    return {"root": root, "data": data, "keras": keras_path, "tflite": tflite,
+            "card": tflite.with_suffix(".json")}

@@ -1,0 +1,124 @@
+"""The one preprocessing function: formats, errors, and agreement between toolchain and device."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import MINI
+from pneumoflag.device.preprocess import (
+    ImageDecodeError, PreprocessSpec, decode, equalize_histogram, preprocess, to_float_input,
+)
+
+SPEC = PreprocessSpec(128, 128, 1, equalize=True)
+JPEG = sorted((MINI / "PNEUMONIA").glob("*.jpeg"))[0]
+
+
+def _xray(h=600, w=500, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 120 + 80 * np.sin(xx / 37.0) * np.cos(yy / 53.0) + rng.normal(0, 10, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_output_shape_dtype_and_channels():
+    x = preprocess(JPEG, SPEC)
+    assert x.shape == (128, 128, 1) and x.dtype == np.uint8
+    x3 = preprocess(JPEG, PreprocessSpec(96, 80, 3))
+    assert x3.shape == (96, 80, 3)
+    assert np.array_equal(x3[..., 0], x3[..., 2])
+
+
+def test_equalisation_is_exact_and_invariant_to_monotonic_grey_changes():
+    a = _xray()
+    eq = equalize_histogram(a)
+    assert eq.min() == 0 and eq.max() == 255
+    # a brighter / gamma-changed copy of the same image equalises to the same picture
+    lut = np.clip(np.round(255 * (np.arange(256) / 255) ** 0.7), 0, 255).astype(np.uint8)
+    assert np.all(np.diff(lut.astype(int)) >= 0)  # a monotonic grey-level change
+    b = lut[a]
+    same = (equalize_histogram(b).astype(int) - eq.astype(int))
+    assert np.abs(same).max() <= 3
+    const = np.full((10, 10), 7, np.uint8)
+    assert np.array_equal(equalize_histogram(const), const)
+
+
+def test_png_8_and_16_bit_and_rgb(tmp_path: Path):
+    a8 = _xray()
+    Image.fromarray(a8, "L").save(tmp_path / "g8.png")
+    Image.fromarray(np.stack([a8] * 3, -1), "RGB").save(tmp_path / "rgb.png")
+    a16 = (a8.astype(np.uint16) * 257)  # same picture on a 16-bit scale
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    p8 = preprocess(tmp_path / "g8.png", SPEC)
+    assert np.array_equal(p8, preprocess(tmp_path / "rgb.png", SPEC))
+    p16 = preprocess(tmp_path / "g16.png", SPEC)
+    d = np.abs(p16.astype(int) - p8.astype(int))  # 16-bit resizes in float, 8-bit in uint8
+    assert d.max() <= 8 and d.mean() < 1.5
+    assert np.array_equal(p8, preprocess(a8, SPEC))  # an array goes through the same steps
+
+
+def test_jpeg_draft_decodes_large_scans_at_reduced_scale(tmp_path: Path):
+    big = _xray(2000, 1800)
+    Image.fromarray(big, "L").save(tmp_path / "big.jpg", quality=90)
+    g = decode(tmp_path / "big.jpg", SPEC)
+    assert 128 <= min(g.shape) < 500  # decoded at 1/8 scale, not 2000 px
+    assert preprocess(tmp_path / "big.jpg", SPEC).shape == (128, 128, 1)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty-file"),
+        (b"this is a text file, not a radiograph\n" * 10, "unsupported-format"),
+        (b"GIF89a" + b"\0" * 100, "unsupported-format"),
+    ],
+)
+def test_bad_files_get_specific_reasons(tmp_path: Path, content: bytes, reason: str):
+    f = tmp_path / "bad.jpg"
+    f.write_bytes(content)
+    with pytest.raises(ImageDecodeError) as exc:
+        preprocess(f, SPEC)
+    assert exc.value.reason == reason
+    assert str(f) in str(exc.value)
+
+
+def test_truncated_jpeg(tmp_path: Path):
+    data = JPEG.read_bytes()
+    f = tmp_path / "trunc.jpeg"
+    f.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageDecodeError) as exc:
+        preprocess(f, SPEC)
+    assert exc.value.reason in ("truncated", "corrupt")
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path):
+    f = tmp_path / "bomb.png"
+    Image.new("L", (5000, 5000)).save(f)  # 25 MP of zeros: a few KB on disk
+    assert f.stat().st_size < 100_000
+    with pytest.raises(ImageDecodeError) as exc:
+        preprocess(f, SPEC, max_pixels=10_000_000)
+    assert exc.value.reason == "decompression-bomb"
+
+
+def test_missing_file():
+    with pytest.raises(ImageDecodeError) as exc:
+        preprocess(Path("/nonexistent/x.jpeg"), SPEC)
+    assert exc.value.reason == "not-found"
+
+
+def test_float_input_scale():
+    x = preprocess(JPEG, SPEC)
+    f = to_float_input(x, SPEC)
+    assert f.dtype == np.float32 and f.max() <= 1.0 and np.allclose(f * 255, x)
+
+
+def test_spec_round_trip_and_validation():
+    assert PreprocessSpec.from_dict(SPEC.to_dict()) == SPEC
+    with pytest.raises(ValueError):
+        PreprocessSpec(128, 128, 2)
+    with pytest.raises(ValueError, match="version"):
+        PreprocessSpec.from_dict({**SPEC.to_dict(), "version": 99})
