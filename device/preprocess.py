@@ -24,7 +24,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -94,12 +94,11 @@ class PreprocessSpec:
 # --------------------------------------------------------------------------- decode
 
 
-def _open(source: Source, max_pixels: int) -> Image.Image:
+def _open(source: Source, max_pixels: int, name: str = "<bytes>") -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         if not source:
-            raise ImageDecodeError("empty-file", "empty input (0 bytes)")
+            raise ImageDecodeError("empty-file", f"{name}: empty file (0 bytes)")
         fp: Any = io.BytesIO(source)
-        name = "<bytes>"
     else:
         path = Path(source)  # type: ignore[arg-type]
         name = str(path)
@@ -138,17 +137,21 @@ def _open(source: Source, max_pixels: int) -> Image.Image:
     return img
 
 
-def decode(source: Source, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode(
+    source: Source, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS, name: Optional[str] = None
+) -> np.ndarray:
     """Decode to a 2-D grayscale array at (about) the size needed; no resizing yet.
 
     Returns uint8 for 8-bit sources, uint16/int32/float32 for deeper ones.
+    ``name`` labels errors when ``source`` is bytes already read from a file.
     """
     if isinstance(source, np.ndarray):
         return _array_to_gray(source)
     if isinstance(source, Image.Image):
         return _image_to_gray(source, str(getattr(source, "filename", "<image>")))
-    img = _open(source, max_pixels)
-    name = str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>"
+    if name is None:
+        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    img = _open(source, max_pixels, name)
     try:
         if img.format == "JPEG":
             # Decode straight to luma at the smallest DCT scale that is still

@@ -1,0 +1,269 @@
+"""DICOM input: a radiograph file -> a 2-D grayscale array plus the ids to report.
+
+Hospitals send chest X-rays as DICOM, not JPEG. This module turns one such file
+into the 2-D array that :func:`pneumoflag.device.preprocess.prepare` takes, with
+the display pipeline a radiologist's viewer applies (modality LUT, then VOI LUT
+or window, then MONOCHROME1 inversion), so the model sees bone as bright
+whatever the scanner stored. It also refuses, with a stable ``reason`` code,
+what the model was never trained on (CT, abdomen, colour, cine loops) and what
+could exhaust the appliance (header sizes over ``max_pixels``), before any
+pixel data is decoded.
+
+pydicom is an optional dependency (``pip install 'pneumoflag[dicom]'``) and is
+imported only when a DICOM file arrives.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError
+
+log = logging.getLogger(__name__)
+
+#: Part 10 files carry these 4 bytes after a 128-byte preamble.
+DICOM_PREAMBLE_MAGIC = b"DICM"
+_MAGIC_OFFSET = 128
+
+DicomSource = Union[Path, str, bytes]
+
+
+def is_dicom(head: bytes) -> bool:
+    """True when ``head`` (the first >= 132 bytes of a file) is a DICOM Part 10 file."""
+    return bytes(head[_MAGIC_OFFSET:_MAGIC_OFFSET + 4]) == DICOM_PREAMBLE_MAGIC
+
+
+@dataclass
+class DicomInfo:
+    """What the daemon reports about a DICOM image; patient identifiers only on request."""
+
+    study_instance_uid: Optional[str]
+    sop_instance_uid: Optional[str]
+    accession_number: Optional[str]
+    modality: Optional[str]
+    body_part: Optional[str]
+    photometric: Optional[str]
+    patient_name: Optional[str] = None  # only filled when include_patient_identifiers
+    patient_id: Optional[str] = None  # only filled when include_patient_identifiers
+
+    def ids(self) -> dict[str, str]:
+        """The identifiers that go into a result message (None values left out)."""
+        keys = ("study_instance_uid", "sop_instance_uid", "accession_number",
+                "patient_name", "patient_id")
+        return {k: v for k in keys if (v := getattr(self, k)) is not None}
+
+
+def _text(ds: Any, keyword: str) -> Optional[str]:
+    """A tag's value as a stripped string; missing or empty -> None."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed value must not hide the image
+        log.debug("cannot read DICOM tag %s", keyword, exc_info=True)
+        return None
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(ds: Any, keyword: str, default: Optional[int]) -> Optional[int]:
+    try:
+        value = ds.get(keyword)
+        return default if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _parse(source: DicomSource, name: str, pydicom: Any) -> Any:
+    """Read the whole dataset; anything pydicom cannot make sense of is dicom-invalid."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageDecodeError("empty-file", f"{name}: empty input (0 bytes)")
+        fp: Any = io.BytesIO(source)
+    else:
+        path = Path(source)
+        try:
+            if path.stat().st_size == 0:
+                raise ImageDecodeError("empty-file", f"{name}: empty file (0 bytes)")
+        except FileNotFoundError:
+            raise ImageDecodeError("not-found", f"{name}: no such file") from None
+        except PermissionError:
+            raise ImageDecodeError("permission-denied", f"{name}: permission denied") from None
+        fp = path
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(fp)
+        except PermissionError:
+            raise ImageDecodeError("permission-denied", f"{name}: permission denied") from None
+        except Exception as exc:  # InvalidDicomError, EOFError, struct.error, ...
+            raise ImageDecodeError(
+                "dicom-invalid", f"{name}: not a readable DICOM file ({exc})"
+            ) from None
+    for w in caught:
+        log.debug("%s: pydicom: %s", name, w.message)
+    # pydicom parses random bytes after "DICM" into junk elements without
+    # complaint; a real Part 10 file always names its transfer syntax.
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or not _text(meta, "TransferSyntaxUID"):
+        raise ImageDecodeError(
+            "dicom-invalid",
+            f"{name}: not a readable DICOM file (no file meta information / transfer syntax)",
+        )
+    return ds
+
+
+def _check_decodable(ds: Any, name: str) -> None:
+    """Refuse compressed data that no installed pydicom plugin can decode."""
+    from pydicom.pixels import get_decoder
+
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    label = f"{getattr(tsyntax, 'name', tsyntax)} ({tsyntax})"
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise ImageDecodeError(
+            "dicom-unsupported", f"{name}: transfer syntax {label} is not supported"
+        ) from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no decoder plugin"
+        raise ImageDecodeError(
+            "dicom-unsupported",
+            f"{name}: cannot decompress transfer syntax {label} (needs one of: {missing})",
+        )
+
+
+def read_dicom(
+    source: DicomSource,
+    *,
+    include_patient_identifiers: bool = False,
+    accept_modalities: Sequence[str] = ("CR", "DX"),
+    accept_body_parts: Sequence[str] = ("CHEST",),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: Optional[str] = None,
+) -> tuple[np.ndarray, DicomInfo]:
+    """DICOM file (path or bytes) -> (float32 2-D display-ready array, DicomInfo).
+
+    Raises :class:`ImageDecodeError` with a stable ``reason`` for refused input;
+    ``name`` labels errors when ``source`` is bytes already read from a file.
+    """
+    if name is None:
+        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise ImageDecodeError(
+            "dicom-unavailable",
+            f"{name}: DICOM support needs pydicom: pip install 'pneumoflag[dicom]'",
+        ) from None
+
+    ds = _parse(source, name, pydicom)
+
+    modality = _text(ds, "Modality")
+    body_part = _text(ds, "BodyPartExamined")
+    photometric = _text(ds, "PhotometricInterpretation")
+    info = DicomInfo(
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        accession_number=_text(ds, "AccessionNumber"),
+        modality=modality,
+        body_part=body_part,
+        photometric=photometric,
+    )
+    if include_patient_identifiers:
+        info.patient_name = _text(ds, "PatientName")
+        info.patient_id = _text(ds, "PatientID")
+
+    # Refuse what the model was not trained on, cheapest checks first.
+    accepted = {m.strip().upper() for m in accept_modalities}
+    if modality is not None and modality.upper() not in accepted:
+        raise ImageDecodeError(
+            "dicom-modality",
+            f"{name}: modality {modality} is not a radiograph "
+            f"(accepted: {', '.join(accept_modalities)})",
+        )
+    parts = {p.strip().upper() for p in accept_body_parts}
+    if body_part is not None and body_part.upper() not in parts:
+        raise ImageDecodeError(
+            "dicom-body-part",
+            f"{name}: body part {body_part} is not accepted "
+            f"(accepted: {', '.join(accept_body_parts)})",
+        )
+    if "PixelData" not in ds:
+        raise ImageDecodeError("dicom-no-pixels", f"{name}: DICOM file has no pixel data")
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    if frames > 1:
+        raise ImageDecodeError(
+            "dicom-unsupported", f"{name}: multi-frame image ({frames} frames) is not supported"
+        )
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if samples != 1:
+        raise ImageDecodeError(
+            "dicom-unsupported",
+            f"{name}: colour image ({samples} samples per pixel) is not supported",
+        )
+    if photometric not in (None, "MONOCHROME1", "MONOCHROME2"):
+        raise ImageDecodeError(
+            "dicom-unsupported",
+            f"{name}: photometric interpretation {photometric} is not supported "
+            "(only MONOCHROME1/2)",
+        )
+
+    # The header's size is checked before any decompression allocates it.
+    rows, cols = _int(ds, "Rows", None), _int(ds, "Columns", None)
+    if rows is None or cols is None or rows < 1 or cols < 1:
+        raise ImageDecodeError(
+            "dicom-invalid", f"{name}: not a readable DICOM file (missing or bad Rows/Columns)"
+        )
+    if rows * cols > max_pixels:
+        raise ImageDecodeError(
+            "decompression-bomb",
+            f"{name}: {cols}x{rows} = {rows * cols:,} pixels exceeds the limit of "
+            f"{max_pixels:,} (possible decompression bomb)",
+        )
+    _check_decodable(ds, name)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            arr = ds.pixel_array
+        except (NotImplementedError, RuntimeError) as exc:  # no usable decoder after all
+            raise ImageDecodeError(
+                "dicom-unsupported", f"{name}: cannot decode pixel data ({exc})"
+            ) from None
+        except Exception as exc:  # truncated data, inconsistent header, corrupt stream
+            raise ImageDecodeError(
+                "dicom-invalid", f"{name}: not a readable DICOM file ({exc})"
+            ) from None
+        if arr.ndim != 2:
+            raise ImageDecodeError(
+                "dicom-unsupported", f"{name}: pixel array of shape {arr.shape} is not 2-D"
+            )
+        try:
+            # Stored values -> physical values (RescaleSlope/Intercept or LUT),
+            # then the window the modality chose for display.
+            out = apply_modality_lut(arr, ds)
+            out = apply_voi_lut(out, ds)
+        except Exception as exc:
+            raise ImageDecodeError(
+                "dicom-invalid", f"{name}: bad modality/VOI LUT or window ({exc})"
+            ) from None
+    for w in caught:
+        log.debug("%s: pydicom: %s", name, w.message)
+
+    out = np.asarray(out, dtype=np.float32)
+    if not np.all(np.isfinite(out)):
+        raise ImageDecodeError("dicom-invalid", f"{name}: pixel values are not finite")
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1 displays low values as white; flip so bone is bright as
+        # in MONOCHROME2, which is what the model was trained on.
+        out = np.float32(out.max()) + np.float32(out.min()) - out
+    log.debug("%s: DICOM %s %s %dx%d %s", name, modality, body_part, cols, rows, photometric)
+    return out, info

@@ -1,0 +1,88 @@
+"""What the daemon publishes: dataclasses with a stable JSON form (the MQTT contract)."""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+FLAG_SCHEMA = "pneumoflag.flag/1"
+ERROR_SCHEMA = "pneumoflag.error/1"
+STATS_SCHEMA = "pneumoflag.stats/1"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass
+class ModelRef:
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass
+class Timings:
+    decode: float
+    infer: float
+    total: float
+
+
+@dataclass
+class FlagMessage:
+    """One scored radiograph. Published on ``{prefix}/{device}/flags/{priority}``, QoS 1."""
+
+    device: str
+    file: str  # relative to the watched folder
+    sha256: str
+    probability: float
+    priority: str  # urgent | flag | routine
+    thresholds: dict[str, float]
+    model: ModelRef
+    accelerator: str
+    timings_ms: Timings
+    event_id: str = field(default_factory=new_event_id)
+    scored_at: str = field(default_factory=utc_now)
+    dicom: Optional[dict[str, str]] = None
+    schema: str = FLAG_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["probability"] = round(self.probability, 6)
+        d["timings_ms"] = {k: round(v, 2) for k, v in d["timings_ms"].items()}
+        ids = d.pop("dicom") or {}
+        d.update(ids)  # study_instance_uid, sop_instance_uid, accession_number (+ patient ids if enabled)
+        return d
+
+    def topic_suffix(self) -> str:
+        return f"flags/{self.priority}"
+
+
+@dataclass
+class ErrorMessage:
+    """A file that could not be scored, with the reason. Published on ``{prefix}/{device}/errors``, QoS 1."""
+
+    device: str
+    file: str
+    reason: str  # stable code, e.g. "truncated", "dicom-modality"
+    message: str  # human-readable detail
+    sha256: Optional[str] = None
+    event_id: str = field(default_factory=new_event_id)
+    at: str = field(default_factory=utc_now)
+    schema: str = ERROR_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def topic_suffix(self) -> str:
+        return "errors"
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), sort_keys=False).encode()

@@ -1,0 +1,104 @@
+"""Where a file becomes a flag: bytes -> decode/preprocess -> score -> prioritize -> message.
+
+Pure of I/O besides the model: the daemon feeds it bytes it has read (and
+hashed) once, and decides what to do with the message or the error.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .card import ModelCard
+from .config import Config
+from .messages import FlagMessage, ModelRef, Timings
+from .preprocess import ImageDecodeError, decode, prepare
+from .scorer import Scorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decoded:
+    pixels: np.ndarray  # the model's uint8 input (H, W, C)
+    dicom_ids: Optional[dict[str, str]]
+    decode_ms: float
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, scorer: Scorer, card: ModelCard):
+        self.cfg = cfg
+        self.scorer = scorer
+        self.card = card
+        self.spec = card.preprocessing
+        self.model_ref = ModelRef(card.name, card.version, card.tflite_sha256)
+
+    def decode(self, data: bytes, name: str) -> Decoded:
+        """JPEG/PNG through the shared preprocessing; DICOM through pydicom, then the same ``prepare``."""
+        t0 = time.perf_counter()
+        from .dicom import is_dicom
+
+        ids = None
+        if is_dicom(data[:132]):
+            from .dicom import read_dicom
+
+            gray, info = read_dicom(
+                data,
+                name=name,
+                include_patient_identifiers=self.cfg.dicom.include_patient_identifiers,
+                accept_modalities=self.cfg.dicom.accept_modalities,
+                accept_body_parts=self.cfg.dicom.accept_body_parts,
+                max_pixels=self.cfg.watch.max_pixels,
+            )
+            ids = info.ids()
+        else:
+            gray = decode(data, self.spec, self.cfg.watch.max_pixels, name=name)
+        pixels = prepare(gray, self.spec)
+        return Decoded(pixels, ids, (time.perf_counter() - t0) * 1000.0)
+
+    def score(self, data: bytes, rel_path: str, sha256: str) -> FlagMessage:
+        """Raises :class:`ImageDecodeError` for input that cannot be scored."""
+        t0 = time.perf_counter()
+        d = self.decode(data, rel_path)
+        t1 = time.perf_counter()
+        p = self.scorer.score(d.pixels)
+        t2 = time.perf_counter()
+        if not np.isfinite(p):
+            raise ImageDecodeError("model-output", f"{rel_path}: the model returned {p}")
+        return FlagMessage(
+            device=self.cfg.mqtt.device_id,
+            file=rel_path,
+            sha256=sha256,
+            probability=float(p),
+            priority=self.card.thresholds.priority(p),
+            thresholds=self.card.thresholds.as_dict(),
+            model=self.model_ref,
+            accelerator=self.scorer.report.accelerator,
+            timings_ms=Timings(decode=d.decode_ms, infer=(t2 - t1) * 1000.0, total=(t2 - t0) * 1000.0),
+            dicom=d.dicom_ids,
+        )
+
+
+def score_file(pipeline: Pipeline, path: Path, root: Optional[Path] = None) -> FlagMessage:
+    """Score one file from disk (``pneumoflag score``, self-test, benchmarks)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError("not-found", f"{path}: no such file") from None
+    except PermissionError:
+        raise ImageDecodeError("permission-denied", f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ImageDecodeError("not-a-file", f"{path}: is a folder") from None
+    if not data:
+        raise ImageDecodeError("empty-file", f"{path}: empty file (0 bytes)")
+    rel = str(path.relative_to(root)) if root else path.name
+    return pipeline.score(data, rel, sha256_bytes(data))

@@ -1,0 +1,209 @@
+"""MQTT side: drains the outbox to the broker in order and deletes a row only on its PUBACK.
+
+Each outbox row is handed to paho once per process; paho itself re-sends
+unacknowledged QoS 1 messages after a reconnect, so an outage delivers
+everything, in order, once. After a restart, rows still in the outbox are sent
+again (at-least-once; ``event_id`` lets subscribers drop a repeat).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from typing import Optional
+
+import paho.mqtt.client as mqtt
+
+from .config import Config, ConfigError
+from .store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+MAX_INFLIGHT = 20
+
+
+def make_client(cfg: Config, client_id: str, will_topic: Optional[str] = None) -> mqtt.Client:
+    """A paho 2.x client with the configured protocol, credentials and TLS (shared with `alerts`)."""
+    v5 = cfg.mqtt.protocol == "5"
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        **({} if v5 else {"clean_session": True}),
+    )
+    if cfg.mqtt.username:
+        client.username_pw_set(cfg.mqtt.username, cfg.mqtt_password())
+    if cfg.mqtt.tls:
+        try:
+            client.tls_set(
+                ca_certs=cfg.mqtt.ca_file or None,
+                certfile=cfg.mqtt.cert_file or None,
+                keyfile=cfg.mqtt.key_file or None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"mqtt TLS files: {exc}") from None
+        if cfg.mqtt.tls_insecure:
+            client.tls_insecure_set(True)
+    if will_topic:
+        client.will_set(will_topic, "offline", qos=1, retain=True)
+    client.reconnect_delay_set(min_delay=max(1, int(cfg.mqtt.reconnect_min)), max_delay=int(cfg.mqtt.reconnect_max))
+    return client
+
+
+def reason_text(rc) -> str:
+    """paho's reason codes/ints as words, for the log."""
+    try:
+        if isinstance(rc, int):
+            return mqtt.connack_string(rc)
+        return str(rc)
+    except Exception:  # noqa: BLE001
+        return repr(rc)
+
+
+class Publisher:
+    def __init__(self, cfg: Config, store: Store):
+        self.cfg = cfg
+        self.store = store
+        self.status_topic = cfg.topic("status")
+        self.client = make_client(cfg, cfg.client_id, will_topic=self.status_topic)
+        self.client.max_inflight_messages_set(MAX_INFLIGHT)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.connected = threading.Event()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._acks: "queue.Queue[tuple[int, float]]" = queue.Queue()
+        self._inflight: dict[int, int] = {}  # mid -> outbox seq; pump thread only
+        self._handed_up_to = 0  # highest outbox seq handed to paho in this process
+        self._thread: Optional[threading.Thread] = None
+        self.last_error: Optional[str] = None
+        self.acked = 0
+        self.ack_times: dict[str, float] = {}  # event_id -> monotonic ack time (benchmarks)
+        self._seq_event: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        host, port = self.cfg.broker_host_port
+        log.info("connecting to MQTT broker %s:%d as %s", host, port, self.cfg.client_id)
+        self.client.connect_async(host, port, keepalive=self.cfg.mqtt.keepalive)
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._pump, name="outbox-pump", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until the outbox is empty (everything acknowledged)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.store.outbox_depth() == 0:
+                return True
+            self._wake.set()
+            time.sleep(0.02)
+        return self.store.outbox_depth() == 0
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Publish ``offline`` (retained), disconnect cleanly."""
+        self._stop.set()
+        self._wake.set()
+        if self.connected.is_set():
+            try:
+                info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("could not publish offline status: %s", exc)
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self._thread:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ non-durable publishes
+    def publish_now(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
+        """Stats and status: current values only, not worth an outbox row."""
+        if not self.connected.is_set():
+            return False
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    # ------------------------------------------------------------------ paho callbacks
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"broker refused the connection: {reason_code}"
+            log.error("MQTT: %s", self.last_error)
+            return
+        self.last_error = None
+        log.info("MQTT connected to %s", self.cfg.mqtt.broker)
+        client.publish(self.status_topic, "online", qos=1, retain=True)
+        self.connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if not self._stop.is_set():
+            self.last_error = f"disconnected: {reason_code}"
+            if was:
+                log.warning("MQTT disconnected (%s); reconnecting with backoff, results wait in the outbox", reason_code)
+
+    def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
+        # Called by paho's network thread while it holds its own lock: hand the ack
+        # over to the pump thread (which owns mid -> seq) instead of taking ours.
+        self._acks.put((mid, time.monotonic()))
+        self._wake.set()
+
+    def _process_acks(self) -> None:
+        while True:
+            try:
+                mid, t = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            seq = self._inflight.pop(mid, None)
+            if seq is None:  # a status or stats publish
+                continue
+            try:
+                self.store.ack(seq)
+            except StoreError as exc:  # re-sent after a restart: at-least-once
+                log.error("could not remove acknowledged message %d from the outbox: %s", seq, exc)
+            self.acked += 1
+            ev = self._seq_event.pop(seq, None)
+            if ev is not None:
+                self.ack_times[ev] = t
+                if len(self.ack_times) > 10_000:
+                    self.ack_times.clear()
+
+    # ------------------------------------------------------------------ the pump
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            self._process_acks()
+            if not self.connected.is_set() or len(self._inflight) >= MAX_INFLIGHT * 4:
+                continue
+            try:
+                rows = self.store.pending(limit=MAX_INFLIGHT * 2, after_seq=self._handed_up_to)
+            except StoreError as exc:
+                log.error("outbox read failed: %s", exc)
+                continue
+            for row in rows:
+                if self._stop.is_set() or not self.connected.is_set():
+                    break
+                info = self.client.publish(row.topic, row.payload, qos=row.qos)
+                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: paho queued it
+                    log.warning("publish of %s failed: %s", row.event_id, mqtt.error_string(info.rc))
+                    break
+                self._handed_up_to = row.seq
+                self._inflight[info.mid] = row.seq
+                self._seq_event[row.seq] = row.event_id
+            if len(rows) == MAX_INFLIGHT * 2:
+                self._wake.set()
+            self._process_acks()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)

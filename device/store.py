@@ -1,0 +1,169 @@
+"""Durable state in SQLite: the outbox (results not yet acknowledged by the broker) and the
+journal (every file processed, by path and content hash).
+
+A result and its journal record are written in one transaction, before anything
+is published: after a crash a file is either fully recorded (its message waits
+in the outbox) or not recorded at all (it is scored again). So a restart
+neither re-alerts nor skips, and a broker outage loses nothing.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id   TEXT NOT NULL UNIQUE,
+    topic      TEXT NOT NULL,
+    payload    BLOB NOT NULL,
+    qos        INTEGER NOT NULL DEFAULT 1,
+    created    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS journal (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    path         TEXT NOT NULL,
+    sha256       TEXT,
+    size         INTEGER,
+    mtime_ns     INTEGER,
+    status       TEXT NOT NULL,   -- urgent | flag | routine | error | duplicate
+    reason       TEXT,
+    event_id     TEXT,
+    processed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_path ON journal(path);
+CREATE INDEX IF NOT EXISTS journal_sha ON journal(sha256);
+"""
+
+
+class StoreError(RuntimeError):
+    """The state database cannot be written (disk full, read-only, I/O error)."""
+
+
+@dataclass
+class OutboxRow:
+    seq: int
+    event_id: str
+    topic: str
+    payload: bytes
+    qos: int
+
+
+@dataclass
+class JournalRow:
+    path: str
+    sha256: Optional[str]
+    status: str
+    reason: Optional[str]
+    event_id: Optional[str]
+
+
+class Store:
+    def __init__(self, state_dir: Path | str, filename: str = "pneumoflag.db"):
+        self.path = Path(state_dir) / filename
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
+            self._db.executescript(SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"state database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, fn):
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    out = fn(self._db)
+                    self._db.execute("COMMIT")
+                    return out
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database {self.path}: {exc}") from None
+
+    # ------------------------------------------------------------------ journal
+    def seen(self, path: str, size: int, mtime_ns: int) -> bool:
+        """This exact file (path, size, mtime) was already processed."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM journal WHERE path=? AND size=? AND mtime_ns=? LIMIT 1", (path, size, mtime_ns)
+            ).fetchone()
+        return row is not None
+
+    def by_hash(self, sha256: str) -> Optional[JournalRow]:
+        """The first scored (or rejected) file with this content, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT path, sha256, status, reason, event_id FROM journal "
+                "WHERE sha256=? AND status != 'duplicate' ORDER BY id LIMIT 1", (sha256,)
+            ).fetchone()
+        return JournalRow(*row) if row else None
+
+    def record(
+        self,
+        path: str,
+        sha256: Optional[str],
+        size: int,
+        mtime_ns: int,
+        status: str,
+        reason: Optional[str] = None,
+        event_id: Optional[str] = None,
+        message: Optional[tuple[str, bytes, int]] = None,
+    ) -> Optional[int]:
+        """Journal a processed file and (atomically) queue its message; returns the outbox seq."""
+
+        def tx(db: sqlite3.Connection) -> Optional[int]:
+            db.execute(
+                "INSERT INTO journal (path, sha256, size, mtime_ns, status, reason, event_id, processed_at) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (path, sha256, size, mtime_ns, status, reason, event_id, time.time()),
+            )
+            if message is None:
+                return None
+            topic, payload, qos = message
+            cur = db.execute(
+                "INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
+                (event_id, topic, payload, qos, time.time()),
+            )
+            return cur.lastrowid
+
+        return self._write(tx)
+
+    def journal(self, limit: int = 1000) -> list[JournalRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, sha256, status, reason, event_id FROM journal ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [JournalRow(*r) for r in rows]
+
+    # ------------------------------------------------------------------ outbox
+    def pending(self, limit: int = 100, after_seq: int = 0) -> list[OutboxRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, event_id, topic, payload, qos FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [OutboxRow(*r) for r in rows]
+
+    def ack(self, seq: int) -> None:
+        """The broker acknowledged it: only now does it leave the outbox."""
+        self._write(lambda db: db.execute("DELETE FROM outbox WHERE seq=?", (seq,)))
+
+    def outbox_depth(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])

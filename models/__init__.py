@@ -1,0 +1,1 @@
+"""The shipped default model and its card (installed as package data ``pneumoflag.models``)."""
