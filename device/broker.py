@@ -72,8 +72,21 @@ def _broker_config(host: str, port: int) -> dict[str, Any]:
     }
 
 
+class _DropStartupTraceback(logging.Filter):
+    """Drop amqtt's 'Broker startup failed' traceback: start() re-raises it as a one-line BrokerStartError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Broker startup failed" or log.isEnabledFor(logging.DEBUG)
+
+
+_startup_filter = _DropStartupTraceback()
+
+
 def _quiet_amqtt() -> None:
     """Cap amqtt's loggers at WARNING unless we are debugging (or the user set them)."""
+    amqtt_broker_log = logging.getLogger("amqtt.broker")
+    if _startup_filter not in amqtt_broker_log.filters:
+        amqtt_broker_log.addFilter(_startup_filter)
     if log.isEnabledFor(logging.DEBUG):
         return
     for name in _NOISY_LOGGERS:
@@ -115,11 +128,12 @@ class EmbeddedBroker:
         with self._lock:
             if self.running:
                 return
-            if port_in_use(self.host, self.port):
-                raise BrokerStartError(
-                    f"{self.address} is already in use (another MQTT broker?): stop it, "
-                    "or point pneumoflag at that broker instead of starting the embedded one"
-                )
+            try:
+                busy = port_in_use(self.host, self.port)
+            except OSError as exc:  # e.g. an address this machine does not have
+                raise BrokerStartError(f"cannot listen on {self.address}: {exc}") from exc
+            if busy:
+                raise BrokerStartError(self._in_use_message())
             try:
                 from amqtt.broker import Broker  # noqa: F401  (import check only; used in the thread)
             except ImportError as exc:
@@ -140,8 +154,14 @@ class EmbeddedBroker:
                 err = self._error
                 self._thread.join(max(0.5, deadline - time.monotonic()))
                 self._thread = None
+                if _is_addr_in_use(err):  # lost a race for the port after our check
+                    raise BrokerStartError(self._in_use_message()) from err
                 raise BrokerStartError(f"embedded MQTT broker on {self.address} failed to start: {_root_cause(err)}") from err
             log.info("embedded MQTT broker listening on %s (MQTT 3.1.1)", self.address)
+
+    def _in_use_message(self) -> str:
+        return (f"{self.address} is already in use (another MQTT broker?): stop it, "
+                "or point pneumoflag at that broker instead of starting the embedded one")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Shut the broker down and join its thread; safe to call repeatedly."""
@@ -235,6 +255,15 @@ def _make_broker_class() -> type:
             await super()._publish_retained_messages_for_subscription((topic_filter, granted[0]), session)
 
     return _Broker
+
+
+def _is_addr_in_use(exc: BaseException) -> bool:
+    e: Optional[BaseException] = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+            return True
+        e = e.__cause__
+    return False
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -12,6 +12,12 @@ from . import __version__
 log = logging.getLogger("pneumoflag")
 
 EPILOG = """\
+device (the appliance):
+  watch      the main job: export folder -> score -> MQTT flags
+  alerts     print flags as they arrive (nursing-station terminal)
+  score      score files now, print the results
+  config     print the effective configuration
+
 model toolchain (needs the 'convert' extra: pip install 'pneumoflag[convert]'):
   train      train the reduced-node CNN on a NORMAL/ PNEUMONIA/ folder
   convert    quantize a Keras/SavedModel model to full-int8 TFLite + model card
@@ -172,6 +178,152 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- device side
+
+
+def _add_config_flags(p, daemon: bool = True) -> None:
+    g = p.add_argument_group("configuration (file < PNEUMOFLAG_* environment < these flags)")
+    g.add_argument("--config", type=Path, help="TOML config file (default /etc/pneumoflag/pneumoflag.toml if present)")
+    g.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker (default: embedded broker on 127.0.0.1:1883)")
+    g.add_argument("--topic-prefix", help="MQTT topic prefix (default pneumoflag)")
+    g.add_argument("--device-id", help="this appliance's id in topics (default: host name)")
+    if daemon:
+        g.add_argument("--state-dir", help="where the outbox and journal live")
+        g.add_argument("--model", help="int8 .tflite model with its card NAME.json beside it")
+        g.add_argument("--accelerator", choices=("auto", "edgetpu", "cpu"), help="where the model runs")
+
+
+def _overrides(args) -> dict:
+    mapping = {"broker": "mqtt.broker", "topic_prefix": "mqtt.topic_prefix", "device_id": "mqtt.device_id",
+               "state_dir": "state.dir", "model": "model.path", "accelerator": "model.accelerator",
+               "dir": "watch.dir", "polling": "watch.polling", "recursive": "watch.recursive"}
+    return {key: getattr(args, attr) for attr, key in mapping.items() if getattr(args, attr, None) not in (None, False)}
+
+
+def _config(args):
+    from .config import load_config
+
+    return load_config(args.config, overrides=_overrides(args))
+
+
+def _add_watch(sub) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="the main job: watch the export folder, score new images, publish flags",
+        description="Watch DIR (the X-ray system's export folder) for new JPEG, PNG and DICOM images, score each "
+        "with the int8 model on the Edge TPU or CPU, and publish urgent/flag/routine results over MQTT. Results "
+        "are journaled and kept in a durable outbox until the broker acknowledges them. With no broker "
+        "configured, an embedded broker starts on 127.0.0.1:1883.",
+    )
+    p.add_argument("dir", nargs="?", help="export folder (default: watch.dir from the config)")
+    p.add_argument("--recursive", action="store_true", help="also watch subfolders")
+    p.add_argument("--polling", action="store_true", help="poll instead of OS events (SMB/NFS shares)")
+    p.add_argument("--once", action="store_true", help="score the files already there, then exit")
+    p.add_argument("--exit-after", type=int, metavar="N", help="exit after N files are scored or rejected")
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_watch)
+
+
+def _cmd_watch(args) -> int:
+    from .daemon import Daemon, StartupError
+
+    cfg = _config(args)
+    try:
+        return Daemon(cfg, exit_after=args.exit_after, once=args.once).run()
+    except StartupError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _add_alerts(sub) -> None:
+    p = sub.add_parser(
+        "alerts",
+        help="print flags as they arrive (nursing-station terminal)",
+        description="Subscribe to the flags of every appliance under the topic prefix and print them: "
+        "time, priority (highlighted), probability, file.",
+    )
+    p.add_argument("--priority", choices=("routine", "flag", "urgent"), default="routine",
+                   help="lowest priority to show (default: all)")
+    p.add_argument("--errors", action="store_true", help="also show rejected files")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--count", type=int, help="exit after N messages")
+    p.add_argument("--timeout", type=float, help="exit after this many seconds")
+    _add_config_flags(p, daemon=False)
+    p.set_defaults(func=_cmd_alerts)
+
+
+def _cmd_alerts(args) -> int:
+    from .alerts import run_alerts
+
+    cfg = _config(args)
+    if not cfg.mqtt.broker:
+        cfg.mqtt.broker = "127.0.0.1:1883"
+    try:
+        return run_alerts(cfg, args.priority, args.json, args.count, args.timeout, args.errors)
+    except ConnectionError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score image files now and print the results (no MQTT)",
+        description="Score each FILE with the configured model and print probability and priority. "
+        "Exit status 1 when any file could not be scored.",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_score)
+
+
+def _cmd_score(args) -> int:
+    import json as _json
+
+    from .pipeline import Pipeline, score_file
+    from .preprocess import ImageDecodeError
+    from .scorer import load_scorer
+
+    cfg = _config(args)
+    scorer, card = load_scorer(cfg.model.path, cfg.model.accelerator, cfg.model.threads)
+    pipeline = Pipeline(cfg, scorer, card)
+    failed = 0
+    for f in args.files:
+        try:
+            msg = score_file(pipeline, f)
+        except ImageDecodeError as exc:
+            failed += 1
+            if args.json:
+                print(_json.dumps({"file": str(f), "error": exc.reason, "message": str(exc)}))
+            else:
+                print(f"{str(f):<50} ERROR    {exc}")
+            continue
+        if args.json:
+            d = msg.to_dict()
+            d["file"] = str(f)
+            print(_json.dumps(d))
+        else:
+            print(f"{str(f):<50} {msg.priority.upper():<8} p={msg.probability:.4f}  "
+                  f"({msg.timings_ms.total:.1f} ms on {msg.accelerator})")
+    return 1 if failed else 0
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print the effective configuration (secrets redacted)",
+        description="Load the config file, PNEUMOFLAG_* environment variables and flags, check them, and print "
+        "the result as TOML with secrets redacted. Exit status 2 names the first bad key.",
+    )
+    p.add_argument("dir", nargs="?", help="export folder")
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_config)
+
+
+def _cmd_config(args) -> int:
+    print(_config(args).to_toml(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumoflag",
@@ -189,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS: list[Callable] = [_add_train, _add_convert, _add_evaluate]
+SUBCOMMANDS: list[Callable] = [_add_watch, _add_alerts, _add_score, _add_config,
+                               _add_train, _add_convert, _add_evaluate]
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -210,6 +363,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     from ..convert.dataset import DataError
     from .card import CardError
+    from .config import ConfigError
     from .preprocess import ImageDecodeError
     from .runtime import RuntimeUnavailable
 
@@ -221,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "pip install 'pneumoflag[convert]'", file=sys.stderr)
             return 2
         raise
-    except (CliError, DataError, CardError, RuntimeUnavailable, ImageDecodeError) as exc:
+    except (CliError, DataError, CardError, RuntimeUnavailable, ImageDecodeError, ConfigError) as exc:
         print(f"pneumoflag {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unwritable output, full disk, unreadable input folder...

@@ -54,7 +54,7 @@ class WatchConfig:
     polling: bool = False  # for SMB/NFS shares, where inotify sees nothing
     poll_interval: float = 2.0
     settle_seconds: float = 1.0  # size+mtime unchanged this long = written (no close event)
-    incomplete_timeout: float = 30.0  # a file that still fails to decode after this quiet time is rejected
+    incomplete_timeout: float = 10.0  # a file that still fails to decode after this quiet time is rejected
     archive_dir: str = ""  # move scored files here; off when empty
     max_file_mb: float = 100.0
     max_pixels: int = 60_000_000

@@ -5,8 +5,10 @@ hanging it. Each test gets its own free port; 1883 is never touched.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -216,6 +218,16 @@ def test_second_broker_on_same_port_fails_clearly(broker: EmbeddedBroker) -> Non
     assert broker.running  # the first one is unharmed
 
 
+def test_losing_the_port_race_still_says_in_use(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the port is taken between our check and amqtt's bind, the message is the same."""
+    import pneumoflag.device.broker as mod
+
+    monkeypatch.setattr(mod, "port_in_use", lambda host, port: False)
+    with pytest.raises(BrokerStartError, match="already in use"):
+        EmbeddedBroker(HOST, broker.port).start(timeout=WAIT)
+    assert broker.running
+
+
 def test_port_held_by_plain_socket_fails_clearly() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -248,3 +260,35 @@ def test_stop_is_idempotent_and_port_can_be_reused() -> None:
         q.close()
     assert not second.running
     second.stop()
+
+
+def test_missing_amqtt_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "amqtt.broker", None)  # makes `import amqtt.broker` fail
+    with pytest.raises(BrokerStartError, match=r"pip install 'pneumoflag\[broker\]'"):
+        EmbeddedBroker(HOST, _free_port()).start(timeout=WAIT)
+
+
+def test_amqtt_failure_becomes_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pneumoflag.device.broker as mod
+
+    monkeypatch.setattr(mod, "_broker_config", lambda host, port: {"listeners": {"default": {"type": "nonsense"}}})
+    b = EmbeddedBroker(HOST, _free_port())
+    with pytest.raises(BrokerStartError, match="failed to start") as info:
+        b.start(timeout=WAIT)
+    assert "\n" not in str(info.value)
+    assert not b.running
+    b.stop()
+
+
+@pytest.mark.parametrize("ours, expected", [(logging.INFO, logging.WARNING), (logging.DEBUG, logging.NOTSET)])
+def test_amqtt_logging_is_quiet_unless_debugging(ours: int, expected: int) -> None:
+    mine, theirs = logging.getLogger("pneumoflag.device.broker"), logging.getLogger("amqtt")
+    saved = (mine.level, theirs.level)
+    mine.setLevel(ours)
+    theirs.setLevel(logging.NOTSET)
+    try:
+        with EmbeddedBroker(HOST, _free_port()):
+            assert theirs.level == expected
+    finally:
+        mine.setLevel(saved[0])
+        theirs.setLevel(saved[1])

@@ -1,0 +1,242 @@
+"""Watch the export folder and hand over files that are completely written.
+
+A file is ready when the OS says the writer closed it (inotify close-after-
+write), when it is renamed/moved in (write-to-temp-then-rename), or - where
+no close event exists (polling on SMB/NFS) - when its size and mtime have not
+changed for ``settle_seconds``. Temporary names are ignored. Files that were
+there before the daemon started come first, oldest first.
+"""
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEventHandler,
+)
+
+log = logging.getLogger(__name__)
+
+
+class IngestError(RuntimeError):
+    """The export folder cannot be watched."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    path: Path
+    #: how it became ready: "closed" (after write), "moved", "settled", "backlog"
+    how: str
+
+
+def _sig(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+class Ingest(FileSystemEventHandler):
+    def __init__(
+        self,
+        root: Path,
+        recursive: bool = False,
+        polling: bool = False,
+        poll_interval: float = 2.0,
+        settle_seconds: float = 1.0,
+        ignore: Sequence[str] = ("*.part", "*.tmp", "~*", ".*"),
+        exclude: Sequence[Path] = (),
+    ):
+        self.root = Path(root)
+        self.recursive = recursive
+        self.polling = polling
+        self.poll_interval = poll_interval
+        self.settle = settle_seconds
+        self.ignore = tuple(ignore)
+        self.exclude = tuple(Path(p).resolve() for p in exclude)
+        self._cond = threading.Condition()
+        self._ready: deque[Ready] = deque()
+        self._queued: set[Path] = set()
+        self._waiting: list[tuple[float, int, Path]] = []  # (due, tiebreak, path) heap
+        self._sigs: dict[Path, Optional[tuple[int, int]]] = {}
+        self._n = 0
+        self._observer = None
+
+    # ------------------------------------------------------------------ setup
+    def check_root(self) -> None:
+        if not self.root.exists():
+            raise IngestError(f"export folder {self.root} does not exist")
+        if not self.root.is_dir():
+            raise IngestError(f"export folder {self.root} is not a folder")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise IngestError(f"export folder {self.root}: permission denied (the daemon needs read access)")
+
+    def start(self) -> None:
+        self.check_root()
+        if self.polling:
+            from watchdog.observers.polling import PollingObserver
+
+            self._observer = PollingObserver(timeout=self.poll_interval)
+        else:
+            from watchdog.observers import Observer
+
+            self._observer = Observer()
+        self._observer.schedule(self, str(self.root), recursive=self.recursive)
+        self._observer.start()
+        log.info("watching %s (%s%s)", self.root, "polling" if self.polling else "native events",
+                 ", recursive" if self.recursive else "")
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        with self._cond:
+            self._cond.notify_all()
+
+    def ignored(self, path: Path) -> bool:
+        name = path.name
+        if any(fnmatch.fnmatch(name, pat) for pat in self.ignore):
+            return True
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return True
+        if len(rel.parts) > 1 and (not self.recursive or any(p.startswith(".") for p in rel.parts[:-1])):
+            return True
+        resolved = path.resolve()
+        return any(resolved == ex or ex in resolved.parents for ex in self.exclude)
+
+    def backlog(self) -> list[Path]:
+        """Files already in the folder, oldest first."""
+        pattern = "**/*" if self.recursive else "*"
+        files = []
+        for p in self.root.glob(pattern):
+            try:
+                if p.is_file() and not self.ignored(p):
+                    files.append((p.stat().st_mtime_ns, str(p), p))
+            except OSError:
+                continue
+        return [p for _, _, p in sorted(files)]
+
+    def enqueue_backlog(self, paths: Sequence[Path]) -> None:
+        now = time.time()
+        for p in paths:
+            sig = _sig(p)
+            # recently modified files may still be being written: let them settle
+            if sig and now - sig[1] / 1e9 < self.settle:
+                self._wait(p, sig)
+            else:
+                self._push(Ready(p, "backlog"))
+
+    # ------------------------------------------------------------------ queue
+    def _push(self, item: Ready) -> None:
+        with self._cond:
+            if item.path in self._queued:
+                return
+            self._queued.add(item.path)
+            self._sigs.pop(item.path, None)
+            self._ready.append(item)
+            self._cond.notify()
+
+    def _wait(self, path: Path, sig: Optional[tuple[int, int]], delay: Optional[float] = None) -> None:
+        with self._cond:
+            self._sigs[path] = sig
+            self._n += 1
+            heapq.heappush(self._waiting, (time.monotonic() + (self.settle if delay is None else delay), self._n, path))
+            self._cond.notify()
+
+    def retry_later(self, path: Path, delay: float) -> None:
+        """The file failed to decode but may still be growing: look again later."""
+        self._wait(path, _sig(path), delay)
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._ready) + len(self._sigs)
+
+    def get(self, timeout: float) -> Optional[Ready]:
+        """The next ready file, or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._promote_settled()
+                if self._ready:
+                    item = self._ready.popleft()
+                    self._queued.discard(item.path)
+                    return item
+                now = time.monotonic()
+                if now >= deadline:
+                    return None
+                wake = deadline
+                if self._waiting:
+                    wake = min(wake, self._waiting[0][0])
+                self._cond.wait(max(0.0, wake - now))
+
+    def _promote_settled(self) -> None:
+        now = time.monotonic()
+        while self._waiting and self._waiting[0][0] <= now:
+            _, _, path = heapq.heappop(self._waiting)
+            if path not in self._sigs:
+                continue  # already promoted by a close/move event
+            before = self._sigs[path]
+            after = _sig(path)
+            if after is None:  # deleted meanwhile
+                self._sigs.pop(path, None)
+            elif after == before:
+                self._sigs.pop(path, None)
+                if path not in self._queued:
+                    self._queued.add(path)
+                    self._ready.append(Ready(path, "settled"))
+            else:  # still changing
+                self._sigs[path] = after
+                self._n += 1
+                heapq.heappush(self._waiting, (now + self.settle, self._n, path))
+
+    # ------------------------------------------------------------------ watchdog callbacks
+    def on_closed(self, event: FileClosedEvent) -> None:
+        p = Path(os.fsdecode(event.src_path))
+        if not self.ignored(p):
+            self._push(Ready(p, "closed"))
+
+    def on_moved(self, event: FileMovedEvent) -> None:
+        if event.is_directory:
+            return
+        p = Path(os.fsdecode(event.dest_path))
+        with self._cond:
+            self._sigs.pop(Path(os.fsdecode(event.src_path)), None)
+        if not self.ignored(p):
+            self._push(Ready(p, "moved"))
+
+    def on_created(self, event: FileCreatedEvent) -> None:
+        self._changed(event)
+
+    def on_modified(self, event: FileModifiedEvent) -> None:
+        self._changed(event)
+
+    def _changed(self, event) -> None:
+        if event.is_directory:
+            return
+        p = Path(os.fsdecode(event.src_path))
+        if self.ignored(p):
+            return
+        with self._cond:
+            if p in self._sigs:  # already waiting: the settle check will see the change
+                return
+        self._wait(p, _sig(p))
+
+    def on_deleted(self, event: FileDeletedEvent) -> None:
+        with self._cond:
+            self._sigs.pop(Path(os.fsdecode(event.src_path)), None)
