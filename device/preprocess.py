@@ -124,8 +124,8 @@ def _open(source: Source, max_pixels: int, name: str = "<bytes>") -> Image.Image
             "unsupported-format",
             f"{name}: not a JPEG or PNG image (cannot identify image file)",
         ) from None
-    except OSError as exc:
-        raise ImageDecodeError("unreadable", f"{name}: cannot read image: {exc}") from None
+    except (OSError, SyntaxError) as exc:  # Pillow's words for broken headers
+        raise ImageDecodeError("corrupt", f"{name}: corrupt image data ({exc})") from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()

@@ -1,0 +1,124 @@
+"""`score`, `alerts`, the embedded broker default, and accelerator selection."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from mqtt_helpers import SHIPPED_MODEL, Mosquitto, drop, wait_until
+from pneumoflag.device.broker import port_in_use
+from pneumoflag.device.card import ModelCard
+from pneumoflag.device.runtime import RuntimeUnavailable
+from pneumoflag.device import scorer as scorer_mod
+
+SAMPLES = sorted((Path(__file__).resolve().parent / "data" / "samples").rglob("*.jpeg"))
+CLI = [sys.executable, "-m", "pneumoflag.device.cli"]
+
+
+def test_score_prints_priority_and_fails_on_bad_files(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    rc = run_cli("score", "--json", "--model", SHIPPED_MODEL, SAMPLES[0], bad)
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 1
+    card = ModelCard.load(SHIPPED_MODEL.with_suffix(".json"))
+    assert lines[0]["priority"] == card.thresholds.priority(lines[0]["probability"])
+    assert lines[1]["error"] in ("corrupt", "truncated", "unsupported-format")
+    assert run_cli("score", "--model", SHIPPED_MODEL, *SAMPLES[:2]) == 0
+    out = capsys.readouterr().out
+    assert SAMPLES[0].name in out and "p=" in out
+
+
+def test_alerts_prints_flags_from_a_real_broker(tmp_path):
+    broker = Mosquitto(tmp_path / "b").start()
+    try:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        alerts = subprocess.Popen([*CLI, "alerts", "--broker", broker.address, "--count", "2", "--errors"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        time.sleep(1.5)
+        import paho.mqtt.client as mqtt
+
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        flag = {"file": "a/b.jpeg", "priority": "urgent", "probability": 0.97, "device": "xr1",
+                "scored_at": "2026-01-01T10:00:00.000Z"}
+        c.publish("pneumoflag/xr1/flags/urgent", json.dumps(flag), qos=1).wait_for_publish(5)
+        c.publish("pneumoflag/xr1/errors", json.dumps({"file": "x.jpg", "reason": "truncated", "message": "x.jpg: truncated"}),
+                  qos=1).wait_for_publish(5)
+        out, err = alerts.communicate(timeout=15)
+        c.loop_stop()
+        assert alerts.returncode == 0, err
+        lines = out.splitlines()
+        assert "URGENT" in lines[0] and "p=0.970" in lines[0] and "a/b.jpeg" in lines[0] and "[xr1]" in lines[0]
+        assert "ERROR" in lines[1] and "truncated" in lines[1]
+    finally:
+        broker.stop()
+
+
+def test_alerts_without_broker_says_so(capsys):
+    assert run_cli("alerts", "--broker", "127.0.0.1:1", "--timeout", "1") == 2
+    assert "no MQTT broker answered" in capsys.readouterr().err
+
+
+def test_watch_with_no_broker_starts_the_embedded_one(tmp_path):
+    """The README's one-command flow: embedded broker, alerts printed, bounded by --exit-after."""
+    if port_in_use("127.0.0.1", 1883):
+        pytest.fail("127.0.0.1:1883 is taken on this machine; the embedded-broker default needs it free")
+    watch, state = tmp_path / "export", tmp_path / "state"
+    watch.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    daemon = subprocess.Popen([*CLI, "watch", str(watch), "--state-dir", str(state), "--model", str(SHIPPED_MODEL),
+                               "--exit-after", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env)
+    try:
+        wait_until(lambda: port_in_use("127.0.0.1", 1883), 20, "embedded broker")
+        alerts = subprocess.Popen([*CLI, "alerts", "--count", "2", "--json"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+        time.sleep(1.5)
+        drop(SAMPLES[0], watch)
+        drop(SAMPLES[-1], watch)
+        out, _ = alerts.communicate(timeout=30)
+        log, _ = daemon.communicate(timeout=30)
+    finally:
+        for p in (daemon,):
+            if p.poll() is None:
+                p.kill()
+    assert daemon.returncode == 0, log
+    assert "embedded MQTT broker" in log and "pneumoflag alerts" in log
+    got = sorted(json.loads(x)["file"] for x in out.splitlines())
+    assert got == sorted([SAMPLES[0].name, SAMPLES[-1].name])
+    assert not port_in_use("127.0.0.1", 1883)  # the embedded broker stopped with the daemon
+
+
+def test_accelerator_selection(tmp_path, monkeypatch, caplog):
+    """The Edge TPU path needs hardware; what can run here is the choice and its reasons."""
+    model = tmp_path / SHIPPED_MODEL.name
+    shutil.copy(SHIPPED_MODEL, model)
+    shutil.copy(SHIPPED_MODEL.with_suffix(".json"), model.with_suffix(".json"))
+    # no NAME_edgetpu.tflite: auto runs on the CPU and says why; edgetpu refuses
+    s, _ = scorer_mod.load_scorer(model, "auto")
+    assert s.report.accelerator == "cpu" and "no Edge TPU model" in s.report.edgetpu_reason
+    with pytest.raises(RuntimeUnavailable, match="no Edge TPU model"):
+        scorer_mod.load_scorer(model, "edgetpu")
+    # an _edgetpu.tflite listed in the card, but no delegate library on this machine
+    et = tmp_path / (model.stem + "_edgetpu.tflite")
+    shutil.copy(model, et)
+    card = json.loads(model.with_suffix(".json").read_text())
+    card["edgetpu"] = {"file": et.name, "sha256": card["tflite"]["sha256"]}
+    model.with_suffix(".json").write_text(json.dumps(card))
+    monkeypatch.setenv("PNEUMOFLAG_EDGETPU_LIBRARY", "libedgetpu-absent.so.1")
+    s, _ = scorer_mod.load_scorer(model, "auto")
+    assert s.report.accelerator == "cpu" and "libedgetpu-absent.so.1" in s.report.edgetpu_reason
+    with pytest.raises(RuntimeUnavailable, match="Edge TPU delegate"):
+        scorer_mod.load_scorer(model, "edgetpu")
+    # cpu never tries the delegate
+    s, _ = scorer_mod.load_scorer(model, "cpu")
+    assert s.report.edgetpu_reason is None
