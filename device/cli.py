@@ -17,6 +17,7 @@ device (the appliance):
   alerts     print flags as they arrive (nursing-station terminal)
   score      score files now, print the results
   config     print the effective configuration
+  bench      latency, throughput, memory and idle CPU figures
 
 model toolchain (needs the 'convert' extra: pip install 'pneumoflag[convert]'):
   train      train the reduced-node CNN on a NORMAL/ PNEUMONIA/ folder
@@ -324,6 +325,46 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    default_images = Path(__file__).resolve().parent.parent / "tests" / "data" / "samples"
+    p = sub.add_parser(
+        "bench",
+        help="measure latency, throughput, memory and idle CPU (prints figures)",
+        description="Benchmark on this machine: per-stage latency on full-resolution images, end-to-end latency "
+        "from file close to broker delivery through the real daemon, a burst of N files, the daemon's peak "
+        "RSS and idle CPU, and the source notebooks' Keras float path for comparison.",
+    )
+    p.add_argument("--images", type=Path, default=default_images if default_images.is_dir() else None,
+                   required=not default_images.is_dir(), help="folder of JPEG/PNG images (default: the sample set)")
+    p.add_argument("--model", type=Path, help="int8 .tflite (default: the shipped model)")
+    p.add_argument("--keras", type=Path, help="float Keras model for the source path (default: MODEL.keras)")
+    p.add_argument("--broker", default="auto",
+                   help="HOST:PORT, 'embedded', or 'auto' (a private mosquitto if installed, else embedded)")
+    p.add_argument("--burst", type=int, default=500, help="files in the burst (default 500)")
+    p.add_argument("--repeats", type=int, default=10, help="repeats per image for stage timings")
+    p.add_argument("--e2e-rounds", type=int, default=5, help="passes over the images for end-to-end latency")
+    p.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU measurement window")
+    p.add_argument("--no-source", dest="source", action="store_false", help="skip the Keras source path")
+    p.add_argument("--json", dest="json_out", type=Path, help="also write the figures as JSON")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import json as _json
+
+    from .bench import BenchConfig, format_report, run_bench
+    from .config import default_model_path
+
+    cfg = BenchConfig(images=args.images, model=args.model or Path(default_model_path()), broker=args.broker,
+                      burst=args.burst, repeats=args.repeats, e2e_rounds=args.e2e_rounds,
+                      idle_seconds=args.idle_seconds, keras=args.keras, source=args.source)
+    res = run_bench(cfg)
+    print(format_report(res))
+    if args.json_out:
+        args.json_out.write_text(_json.dumps(res, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumoflag",
@@ -341,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS: list[Callable] = [_add_watch, _add_alerts, _add_score, _add_config,
+SUBCOMMANDS: list[Callable] = [_add_watch, _add_alerts, _add_score, _add_config, _add_bench,
                                _add_train, _add_convert, _add_evaluate]
 
 

@@ -1,0 +1,368 @@
+"""``pneumoflag bench``: the performance figures, measured on this machine (not a test).
+
+1. per-stage latency (decode, preprocess, infer, publish) on full-resolution images;
+2. end-to-end latency, file close -> flag delivered by the broker, through the real
+   daemon process (delivery to a subscriber comes after the broker's PUBACK, so this
+   bounds "close to acknowledgement" from above);
+3. throughput over a burst of N files; the daemon's peak RSS; its idle CPU;
+4. the source notebooks' path (full decode, resize, Keras float ``model.predict``
+   per image) on the same images, for the speed-up ratio.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .config import load_config
+from .pipeline import Pipeline
+from .preprocess import decode, prepare
+from .scorer import load_scorer
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"e2e_p50_ms": 50.0, "burst_images_per_s": 40.0, "peak_rss_mb": 150.0, "idle_cpu_percent": 1.0,
+           "speedup_vs_source": 10.0}
+
+
+def _pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
+
+
+def _summary(values) -> dict:
+    return {"p50": round(_pct(values, 50), 2), "p95": round(_pct(values, 95), 2), "n": len(values)}
+
+
+@dataclass
+class BenchConfig:
+    images: Path
+    model: Path
+    broker: str = "auto"  # auto: a private mosquitto if installed, else the embedded broker
+    burst: int = 500
+    repeats: int = 10
+    e2e_rounds: int = 5
+    idle_seconds: float = 10.0
+    keras: Optional[Path] = None
+    source: bool = True
+
+
+# --------------------------------------------------------------------------- brokers
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _BenchBroker:
+    def __init__(self, spec: str, workdir: Path):
+        self.proc = None
+        self.embedded = None
+        if spec not in ("auto", "embedded"):
+            self.address, self.kind = spec, f"external broker {spec}"
+            return
+        exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        port = _free_port()
+        self.address = f"127.0.0.1:{port}"
+        if spec == "auto" and exe:
+            conf = workdir / "mosquitto.conf"
+            conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                            + ("user root\n" if os.geteuid() == 0 else ""))
+            self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                time.sleep(0.05)
+            self.kind = "mosquitto (private instance)"
+        else:
+            from .broker import EmbeddedBroker
+
+            self.embedded = EmbeddedBroker("127.0.0.1", port)
+            self.embedded.start()
+            self.kind = "embedded amqtt broker"
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self.embedded:
+            self.embedded.stop()
+
+
+class _Collector:
+    """Subscriber that timestamps each flag's arrival by file name."""
+
+    def __init__(self, broker: str, topic: str):
+        import paho.mqtt.client as mqtt
+
+        host, port = broker.rsplit(":", 1)
+        self.arrivals: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}")
+
+        def on_connect(c, u, f, rc, p=None):
+            c.subscribe(topic, qos=1)
+
+        def on_subscribe(c, u, mid, rcs, p=None):
+            self.ready.set()
+
+        def on_message(c, u, m):
+            t = time.monotonic()
+            try:
+                name = json.loads(m.payload)["file"]
+            except (ValueError, KeyError):
+                return
+            with self.lock:
+                self.arrivals.setdefault(name, t)
+
+        self.client.on_connect, self.client.on_subscribe, self.client.on_message = on_connect, on_subscribe, on_message
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        if not self.ready.wait(10):
+            raise RuntimeError(f"benchmark subscriber could not subscribe at {broker}")
+
+    def wait(self, names, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(n in self.arrivals for n in names):
+                    return True
+            time.sleep(0.002)
+        return False
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _variant(data: bytes, i: int) -> bytes:
+    """Same picture, distinct bytes (a trailer after the JPEG end marker), so no file is a duplicate."""
+    return data + b"\0pneumoflag-bench-" + str(i).encode()
+
+
+def _proc_stat(pid: int) -> tuple[float, float]:
+    """(cpu seconds, peak RSS MB) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    hwm = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024.0
+    return cpu, hwm
+
+
+# --------------------------------------------------------------------------- parts
+
+def bench_stages(cfg: BenchConfig, files: list[Path], broker: str) -> dict:
+    import paho.mqtt.client as mqtt
+
+    app = load_config(env={}, overrides={"model.path": str(cfg.model), "model.accelerator": "cpu"})
+    scorer, card = load_scorer(cfg.model, "cpu", app.model.threads)
+    spec = card.preprocessing
+    stages: dict[str, list[float]] = {"read": [], "decode": [], "preprocess": [], "infer": [], "publish": []}
+    pixels_mp = []
+    host, port = broker.rsplit(":", 1)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}")
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        for f in files:
+            from PIL import Image
+
+            with Image.open(f) as im:
+                pixels_mp.append(im.size[0] * im.size[1] / 1e6)
+            for _ in range(cfg.repeats):
+                t0 = time.perf_counter()
+                data = f.read_bytes()
+                t1 = time.perf_counter()
+                gray = decode(data, spec, name=f.name)
+                t2 = time.perf_counter()
+                px = prepare(gray, spec)
+                t3 = time.perf_counter()
+                scorer.score(px)
+                t4 = time.perf_counter()
+                client.publish("pneumoflag/bench/probe", b"x" * 600, qos=1).wait_for_publish(5)
+                t5 = time.perf_counter()
+                for k, a, b in (("read", t0, t1), ("decode", t1, t2), ("preprocess", t2, t3), ("infer", t3, t4),
+                                ("publish", t4, t5)):
+                    stages[k].append((b - a) * 1000.0)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    per_image = [sum(v) for v in zip(*(stages[k] for k in ("read", "decode", "preprocess", "infer")))]
+    return {"stages_ms": {k: _summary(v) for k, v in stages.items()}, "score_ms": _summary(per_image),
+            "images": len(files), "megapixels": {"min": round(min(pixels_mp), 2), "max": round(max(pixels_mp), 2)},
+            "model": f"{card.name} {card.version}", "runtime": scorer.report.runtime}
+
+
+def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path) -> dict:
+    watch, state, staging = work / "export", work / "state", work / "staging"
+    for d in (watch, state, staging):
+        d.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PNEUMOFLAG_MQTT_STATS_INTERVAL": "3600"}
+    env.pop("PNEUMOFLAG_CONFIG", None)
+    cmd = [sys.executable, "-m", "pneumoflag.device.cli", "-q", "watch", str(watch), "--broker", broker,
+           "--state-dir", str(state), "--model", str(cfg.model), "--device-id", "bench", "--accelerator", "cpu"]
+    logf = open(work / "daemon.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    col = _Collector(broker, "pneumoflag/bench/flags/#")
+    try:
+        time.sleep(3.0)  # imports, model load, connect
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited: {(work / 'daemon.log').read_text()[-500:]}")
+        blobs = [f.read_bytes() for f in files]
+        # end to end, one image at a time: file close -> flag delivered
+        e2e, n = [], 0
+        for r in range(cfg.e2e_rounds):
+            for i, data in enumerate(blobs):
+                name = f"e2e-{r}-{i}{files[i].suffix}"
+                with open(watch / name, "wb") as fh:
+                    fh.write(_variant(data, n))
+                t_close = time.monotonic()
+                n += 1
+                if not col.wait([name], 30):
+                    raise RuntimeError(f"no flag for {name} within 30 s")
+                e2e.append((col.arrivals[name] - t_close) * 1000.0)
+                time.sleep(0.05)
+        # burst: N files renamed in as fast as possible
+        names = []
+        for k in range(cfg.burst):
+            i = k % len(blobs)
+            name = f"burst-{k:04d}{files[i].suffix}"
+            (staging / name).write_bytes(_variant(blobs[i], 10_000 + k))
+            names.append(name)
+        t0 = time.monotonic()
+        for name in names:
+            os.rename(staging / name, watch / name)
+        t_moved = time.monotonic()
+        if not col.wait(names, 300):
+            raise RuntimeError(f"burst: {sum(n in col.arrivals for n in names)} of {len(names)} flags in 300 s")
+        t_last = max(col.arrivals[n] for n in names)
+        _, rss = _proc_stat(proc.pid)
+        time.sleep(2.0)
+        cpu0, _ = _proc_stat(proc.pid)
+        time.sleep(cfg.idle_seconds)
+        cpu1, _ = _proc_stat(proc.pid)
+        return {
+            "e2e_ms": _summary(e2e),
+            "burst": {"files": cfg.burst, "seconds": round(t_last - t0, 2),
+                      "images_per_s": round(cfg.burst / (t_last - t0), 1),
+                      "rename_seconds": round(t_moved - t0, 3)},
+            "peak_rss_mb": round(rss, 1),
+            "idle_cpu_percent": round((cpu1 - cpu0) / cfg.idle_seconds * 100.0, 2),
+            "idle_seconds": cfg.idle_seconds,
+        }
+    finally:
+        col.stop()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        logf.close()
+
+
+def bench_source_path(cfg: BenchConfig, files: list[Path], our_score_p50: float) -> dict:
+    """The source notebooks' way: full decode, resize, Keras float predict per image."""
+    keras_path = cfg.keras or cfg.model.with_suffix(".keras")
+    if not keras_path.exists():
+        return {"skipped": f"no float Keras model at {keras_path} (give --keras)"}
+    try:
+        import keras
+    except ImportError:
+        return {"skipped": "TensorFlow/Keras not installed (pip install 'pneumoflag[convert]')"}
+    from PIL import Image
+
+    model = keras.models.load_model(keras_path, compile=False)
+    h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+    times = []
+    model.predict(np.zeros((1, h, w, c), np.float32), verbose=0)  # warm-up
+    for f in files:
+        for _ in range(max(1, cfg.repeats // 2)):
+            t0 = time.perf_counter()
+            img = Image.open(f)
+            img.load()  # full-resolution decode
+            img = img.convert("L" if c == 1 else "RGB").resize((w, h))
+            x = np.asarray(img, np.float32)[None] / 255.0
+            if c == 1:
+                x = x[..., None]
+            model.predict(x, verbose=0)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    s = _summary(times)
+    return {"per_image_ms": s, "keras_model": str(keras_path),
+            "speedup": round(s["p50"] / our_score_p50, 1) if our_score_p50 > 0 else None}
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    files = sorted(p for p in Path(cfg.images).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise FileNotFoundError(f"no JPEG/PNG images under {cfg.images}")
+    with tempfile.TemporaryDirectory(prefix="pneumoflag-bench-") as tmp:
+        work = Path(tmp)
+        broker = _BenchBroker(cfg.broker, work)
+        try:
+            res = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "broker": broker.kind}
+            print(f"stages on {len(files)} images x {cfg.repeats}...", file=sys.stderr)
+            res["stages"] = bench_stages(cfg, files, broker.address)
+            print(f"daemon: {cfg.e2e_rounds * len(files)} single drops, burst of {cfg.burst}, "
+                  f"{cfg.idle_seconds:g} s idle...", file=sys.stderr)
+            res["daemon"] = bench_daemon(cfg, files, broker.address, work)
+        finally:
+            broker.stop()
+    if cfg.source:
+        print("source notebook path (Keras float)...", file=sys.stderr)
+        res["source_path"] = bench_source_path(cfg, files, res["stages"]["score_ms"]["p50"])
+    return res
+
+
+def format_report(r: dict) -> str:
+    s, d = r["stages"], r["daemon"]
+    src = r.get("source_path", {})
+    lines = [
+        f"pneumoflag bench — {r['machine']['cpus']} CPUs, Python {r['machine']['python']}, "
+        f"{s['runtime']}, model {s['model']}, broker: {r['broker']}",
+        f"images: {s['images']} full-resolution ({s['megapixels']['min']}-{s['megapixels']['max']} MP)",
+        "",
+        f"{'stage':<22}{'p50 ms':>10}{'p95 ms':>10}",
+    ]
+    for k, v in s["stages_ms"].items():
+        lines.append(f"{k:<22}{v['p50']:>10.2f}{v['p95']:>10.2f}")
+    lines.append(f"{'read+decode+prep+infer':<22}{s['score_ms']['p50']:>10.2f}{s['score_ms']['p95']:>10.2f}")
+    lines += ["", f"{'figure':<40}{'measured':>12}{'target':>12}"]
+
+    def row(name, value, target, unit, lower_is_better=True):
+        ok = value <= target if lower_is_better else value >= target
+        lines.append(f"{name:<40}{value:>10.1f} {unit:<3}{('<= ' if lower_is_better else '>= ') + f'{target:g}':>9}"
+                     f"  {'ok' if ok else 'MISSED'}")
+
+    row("end-to-end p50 (file close -> delivered)", d["e2e_ms"]["p50"], TARGETS["e2e_p50_ms"], "ms")
+    lines.append(f"{'end-to-end p95':<40}{d['e2e_ms']['p95']:>10.1f} ms")
+    row(f"burst of {d['burst']['files']} files", d["burst"]["images_per_s"], TARGETS["burst_images_per_s"], "/s",
+        lower_is_better=False)
+    row("daemon peak RSS", d["peak_rss_mb"], TARGETS["peak_rss_mb"], "MB")
+    row(f"daemon idle CPU over {d['idle_seconds']:g} s", d["idle_cpu_percent"], TARGETS["idle_cpu_percent"], "%")
+    if "speedup" in src:
+        lines.append(f"{'source path (Keras float, full decode)':<40}{src['per_image_ms']['p50']:>10.1f} ms")
+        row("speed-up vs the source path", src["speedup"], TARGETS["speedup_vs_source"], "x", lower_is_better=False)
+    elif src:
+        lines.append(f"source path: skipped ({src.get('skipped')})")
+    return "\n".join(lines)
