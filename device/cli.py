@@ -17,6 +17,7 @@ device (the appliance):
   alerts     print flags as they arrive (nursing-station terminal)
   score      score files now, print the results
   config     print the effective configuration
+  selftest   on-site check of hardware, model, samples, latency, broker
   bench      latency, throughput, memory and idle CPU figures
 
 model toolchain (needs the 'convert' extra: pip install 'pneumoflag[convert]'):
@@ -365,6 +366,48 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _add_selftest(sub) -> None:
+    p = sub.add_parser(
+        "selftest",
+        help="on-site check: runtime, accelerator, model integrity, sample images, latency, broker",
+        description="Prove on this hardware that the appliance is fit to go live: the runtime and Edge TPU "
+        "delegate, the model against its card, the state and export folders, the sample radiographs against "
+        "their reference probabilities, latency, and (with a broker) one message round trip. Prints a "
+        "PASS/FAIL table; exit status 1 on any FAIL.",
+    )
+    p.add_argument("--samples", type=Path, help="sample images (default: the bundled set)")
+    p.add_argument("--reference", type=Path, help="reference probabilities (default: SAMPLES/reference.json)")
+    p.add_argument("--repeats", type=int, default=20, help="latency runs per sample (default 20)")
+    p.add_argument("--max-latency-ms", type=float, default=100.0, help="fail when the p50 is above (default 100)")
+    p.add_argument("--skip-broker", action="store_true", help="no broker round trip even if one is configured")
+    p.add_argument("--write-reference", type=Path, metavar="FILE",
+                   help="score the samples and write them as the reference (run on the CPU), then exit")
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_selftest)
+
+
+def _cmd_selftest(args) -> int:
+    from .pipeline import Pipeline
+    from .scorer import load_scorer
+    from .selftest import REFERENCE_NAME, SelfTest, default_samples_dir, write_reference
+
+    cfg = _config(args)
+    samples = args.samples or default_samples_dir()
+    if args.write_reference:
+        if cfg.model.accelerator != "cpu":
+            raise CliError("write the reference on the CPU: add --accelerator cpu")
+        scorer, card = load_scorer(cfg.model.path, "cpu", cfg.model.threads)
+        ref = write_reference(Pipeline(cfg, scorer, card), samples, args.write_reference)
+        print(f"wrote {args.write_reference}: {len(ref['samples'])} samples, {ref['runtime']}, "
+              f"model {card.name} {card.version}")
+        return 0
+    broker = None if args.skip_broker else (cfg.mqtt.broker or None)
+    st = SelfTest(cfg, samples, args.reference or samples / REFERENCE_NAME, args.repeats, broker, args.max_latency_ms)
+    st.run()
+    print(st.table())
+    return 0 if st.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumoflag",
@@ -382,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS: list[Callable] = [_add_watch, _add_alerts, _add_score, _add_config, _add_bench,
+SUBCOMMANDS: list[Callable] = [_add_watch, _add_alerts, _add_score, _add_config, _add_selftest, _add_bench,
                                _add_train, _add_convert, _add_evaluate]
 
 

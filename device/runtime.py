@@ -7,6 +7,7 @@ TensorFlow's own interpreter.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -124,6 +125,15 @@ def load_edgetpu_delegate(runtime: Optional[Runtime] = None, library: Optional[s
     )
     if rt.load_delegate is None:
         raise RuntimeUnavailable(f"{rt.name} {rt.version} cannot load external delegates")
+    try:
+        # Probe with ctypes first: a failed load_delegate() leaves a half-built
+        # Delegate whose __del__ prints a traceback at exit.
+        ctypes.CDLL(lib)
+    except OSError as exc:
+        raise RuntimeUnavailable(
+            f"Edge TPU delegate {lib} could not be loaded ({exc}); install the Edge TPU runtime "
+            "(package libedgetpu1-std from Coral's apt repository) and check the device is plugged in"
+        ) from None
     try:
         return rt.load_delegate(lib)
     except (ValueError, OSError, RuntimeError) as exc:

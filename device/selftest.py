@@ -1,0 +1,280 @@
+"""``pneumoflag selftest``: prove on site, on this very hardware, that the appliance is fit to go live.
+
+Checks the environment (runtime, Edge TPU delegate, model/card integrity,
+state and export folders), scores the bundled sample radiographs and compares
+them with the reference probabilities made by the shipped model on the CPU,
+measures latency, and optionally round-trips one message through the broker.
+Prints a PASS/FAIL table; any FAIL gives a non-zero exit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .card import CardError, ModelCard, card_path_for, sha256_file
+from .config import Config
+from .pipeline import Pipeline, score_file
+from .preprocess import ImageDecodeError
+from .runtime import RuntimeUnavailable, find_runtime, load_edgetpu_delegate
+from .scorer import Scorer, load_scorer
+
+#: one uint8 output step of the int8 model; two CPU runtimes may differ by this much
+QUANT_STEP = 1.0 / 256.0
+EDGETPU_TOLERANCE = 0.05
+REFERENCE_NAME = "reference.json"
+
+
+def default_samples_dir() -> Path:
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("pneumoflag.samples")))
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent.parent / "tests" / "data" / "samples"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # PASS | FAIL | SKIP | INFO
+    detail: str
+
+
+def sample_files(samples: Path) -> list[Path]:
+    return sorted(p for p in samples.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".dcm"))
+
+
+def write_reference(pipeline: Pipeline, samples: Path, out: Path) -> dict:
+    """Score the samples on this runtime and store them as the reference (CPU, shipped model)."""
+    rows = []
+    for f in sample_files(samples):
+        msg = score_file(pipeline, f)
+        rows.append({"file": f.relative_to(samples).as_posix(), "label": f.parent.name,
+                     "probability": msg.probability, "priority": msg.priority})
+    ref = {
+        "model": {"name": pipeline.card.name, "version": pipeline.card.version,
+                  "sha256": pipeline.card.tflite_sha256},
+        "runtime": pipeline.scorer.report.runtime,
+        "accelerator": pipeline.scorer.report.accelerator,
+        "thresholds": pipeline.card.thresholds.as_dict(),
+        "regenerate": "pneumoflag selftest --accelerator cpu --write-reference " + out.as_posix(),
+        "samples": rows,
+    }
+    out.write_text(json.dumps(ref, indent=2) + "\n")
+    return ref
+
+
+class SelfTest:
+    def __init__(self, cfg: Config, samples: Path, reference: Path, repeats: int = 20,
+                 broker: Optional[str] = None, max_latency_ms: float = 100.0):
+        self.cfg = cfg
+        self.samples = samples
+        self.reference = reference
+        self.repeats = repeats
+        self.broker = broker
+        self.max_latency_ms = max_latency_ms
+        self.checks: list[Check] = []
+        self.scorer: Optional[Scorer] = None
+        self.pipeline: Optional[Pipeline] = None
+
+    def add(self, name: str, status: str, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+
+    @property
+    def passed(self) -> bool:
+        return not any(c.status == "FAIL" for c in self.checks)
+
+    # ------------------------------------------------------------------ checks
+    def run(self) -> bool:
+        self.check_runtime()
+        self.check_delegate()
+        self.check_model()
+        self.check_state_dir()
+        self.check_export_dir()
+        if self.pipeline is not None:
+            self.check_samples()
+            self.check_latency()
+        if self.broker:
+            self.check_broker()
+        return self.passed
+
+    def check_runtime(self) -> None:
+        try:
+            rt = find_runtime()
+            self.add("TFLite runtime", "PASS", f"{rt.name} {rt.version}")
+        except RuntimeUnavailable as exc:
+            self.add("TFLite runtime", "FAIL", str(exc))
+
+    def check_delegate(self) -> None:
+        want = self.cfg.model.accelerator
+        try:
+            load_edgetpu_delegate()
+            self.add("Edge TPU delegate", "PASS", "libedgetpu loaded")
+        except RuntimeUnavailable as exc:
+            status = "FAIL" if want == "edgetpu" else ("SKIP" if want == "cpu" else "INFO")
+            self.add("Edge TPU delegate", status, f"not available: {exc}")
+
+    def check_model(self) -> None:
+        model = Path(self.cfg.model.path)
+        try:
+            self.scorer, card = load_scorer(model, self.cfg.model.accelerator, self.cfg.model.threads)
+        except (CardError, RuntimeUnavailable, OSError) as exc:
+            self.add("model and card", "FAIL", str(exc))
+            return
+        self.pipeline = Pipeline(self.cfg, self.scorer, card)
+        r = self.scorer.report
+        self.add("model and card", "PASS",
+                 f"{card.name} {card.version}, sha256 {sha256_file(r.model_file)[:12]}… matches {card.path.name}")
+        self.add("accelerator", "PASS", f"{r.accelerator} ({r.model_file.name})"
+                 + (f"; Edge TPU not used: {r.edgetpu_reason}" if r.edgetpu_reason else ""))
+
+    def check_state_dir(self) -> None:
+        d = Path(self.cfg.state.dir)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=d, prefix=".selftest-"):
+                pass
+            self.add("state folder writable", "PASS", str(d))
+        except OSError as exc:
+            self.add("state folder writable", "FAIL", f"{d}: {exc.strerror or exc}")
+
+    def check_export_dir(self) -> None:
+        d = self.cfg.watch.dir
+        if not d:
+            self.add("export folder readable", "SKIP", "no watch.dir configured")
+            return
+        p = Path(d)
+        if not p.is_dir():
+            self.add("export folder readable", "FAIL", f"{p} does not exist or is not a folder")
+        elif not os.access(p, os.R_OK | os.X_OK):
+            self.add("export folder readable", "FAIL", f"{p}: permission denied for this user")
+        else:
+            self.add("export folder readable", "PASS", str(p))
+
+    def _tolerance(self, ref: dict) -> tuple[float, str]:
+        r = self.scorer.report
+        if r.accelerator == "edgetpu":
+            return EDGETPU_TOLERANCE, f"Edge TPU: |dp| <= {EDGETPU_TOLERANCE}"
+        if r.runtime == ref.get("runtime"):
+            return 0.0, f"same CPU runtime as the reference ({r.runtime}): exact"
+        return QUANT_STEP, f"other CPU runtime ({r.runtime} vs {ref.get('runtime')}): |dp| <= 1/256"
+
+    def check_samples(self) -> None:
+        try:
+            ref = json.loads(self.reference.read_text())
+        except FileNotFoundError:
+            self.add("samples vs reference", "FAIL", f"reference {self.reference} not found")
+            return
+        except ValueError as exc:
+            self.add("samples vs reference", "FAIL", f"reference {self.reference} is not valid JSON ({exc})")
+            return
+        card = self.pipeline.card
+        if ref.get("model", {}).get("sha256") != card.tflite_sha256:
+            self.add("samples vs reference", "FAIL",
+                     f"the reference was made with model {ref.get('model', {}).get('name')} "
+                     f"{ref.get('model', {}).get('version')}, not this one ({card.name} {card.version})")
+            return
+        tol, how = self._tolerance(ref)
+        worst, bad = 0.0, []
+        for row in ref.get("samples", []):
+            f = self.samples / row["file"]
+            try:
+                msg = score_file(self.pipeline, f)
+            except ImageDecodeError as exc:
+                bad.append(f"{row['file']}: {exc}")
+                continue
+            dp = abs(msg.probability - row["probability"])
+            worst = max(worst, dp)
+            if msg.priority != row["priority"] or dp > tol + 1e-12:
+                bad.append(f"{row['file']}: {msg.priority} p={msg.probability:.4f}, reference "
+                           f"{row['priority']} p={row['probability']:.4f}")
+        n = len(ref.get("samples", []))
+        if not n:
+            self.add("samples vs reference", "FAIL", f"reference {self.reference} lists no samples")
+        elif bad:
+            self.add("samples vs reference", "FAIL", f"{len(bad)} of {n} differ ({how}): " + "; ".join(bad[:3]))
+        else:
+            self.add("samples vs reference", "PASS",
+                     f"{n} samples, every priority agrees, max |dp| {worst:.4f} ({how})")
+
+    def check_latency(self) -> None:
+        files = sample_files(self.samples)
+        if not files:
+            self.add("latency", "FAIL", f"no sample images in {self.samples}")
+            return
+        times = []
+        for _ in range(self.repeats):
+            for f in files:
+                t = time.perf_counter()
+                score_file(self.pipeline, f)
+                times.append((time.perf_counter() - t) * 1000.0)
+        p50, p95 = np.percentile(times, 50), np.percentile(times, 95)
+        status = "PASS" if p50 <= self.max_latency_ms else "FAIL"
+        self.add("latency (read+decode+score)", status,
+                 f"p50 {p50:.1f} ms, p95 {p95:.1f} ms over {len(times)} runs (limit p50 <= {self.max_latency_ms:g} ms)")
+
+    def check_broker(self) -> None:
+        from .publisher import make_client
+
+        host, port = self.cfg.broker_host_port
+        topic = self.cfg.topic("selftest")  # not under flags/: nobody gets paged by a self-test
+        token = str(uuid.uuid4())
+        got = threading.Event()
+        state: dict = {}
+        client = make_client(self.cfg, f"pneumoflag-selftest-{token[:8]}")
+
+        def on_connect(c, u, flags, rc, props=None):
+            if rc.is_failure:
+                state["error"] = f"broker refused the connection: {rc}"
+                got.set()
+                return
+            c.subscribe(topic, qos=1)
+
+        def on_subscribe(c, u, mid, rcs, props=None):
+            c.publish(topic, json.dumps({"selftest": token, "device": self.cfg.mqtt.device_id}), qos=1)
+            state["t0"] = time.perf_counter()
+
+        def on_message(c, u, m):
+            if token.encode() in m.payload:
+                state["rtt"] = (time.perf_counter() - state.get("t0", time.perf_counter())) * 1000.0
+                got.set()
+
+        client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+        try:
+            client.connect(host, port, keepalive=10)
+        except (OSError, ValueError) as exc:
+            self.add("broker round trip", "FAIL", f"cannot reach {host}:{port}: {exc}")
+            return
+        client.loop_start()
+        try:
+            ok = got.wait(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        if "error" in state:
+            self.add("broker round trip", "FAIL", state["error"])
+        elif not ok:
+            self.add("broker round trip", "FAIL", f"{host}:{port}: no echo of the test message within 10 s")
+        else:
+            self.add("broker round trip", "PASS", f"{host}:{port} {topic}: {state['rtt']:.1f} ms")
+
+    # ------------------------------------------------------------------ output
+    def table(self) -> str:
+        w = max(len(c.name) for c in self.checks)
+        lines = [f"pneumoflag self-test ({self.cfg.mqtt.device_id})", ""]
+        for c in self.checks:
+            lines.append(f"  {c.status:<4}  {c.name:<{w}}  {c.detail}")
+        n_fail = sum(c.status == "FAIL" for c in self.checks)
+        n_pass = sum(c.status == "PASS" for c in self.checks)
+        lines += ["", f"RESULT: {'PASS' if not n_fail else 'FAIL'} ({n_pass} passed, {n_fail} failed, "
+                      f"{sum(c.status in ('SKIP', 'INFO') for c in self.checks)} not applicable)"]
+        return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Sample radiographs and their reference probabilities for `pneumoflag selftest` (package data)."""
