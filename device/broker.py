@@ -138,7 +138,7 @@ class EmbeddedBroker:
                 from amqtt.broker import Broker  # noqa: F401  (import check only; used in the thread)
             except ImportError as exc:
                 raise BrokerStartError(
-                    f"the embedded MQTT broker needs amqtt ({exc}): pip install 'pneumoflag[broker]'"
+                    f"the embedded MQTT broker needs amqtt ({exc}): pip install amqtt"
                 ) from exc
             _quiet_amqtt()
 

@@ -13,6 +13,7 @@ log = logging.getLogger("pneumoflag")
 
 EPILOG = """\
 device (the appliance):
+  demo       the whole flow in one command, on the bundled samples
   watch      the main job: export folder -> score -> MQTT flags
   alerts     print flags as they arrive (nursing-station terminal)
   score      score files now, print the results
@@ -408,6 +409,34 @@ def _cmd_selftest(args) -> int:
     return 0 if st.passed else 1
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole flow in one command: daemon + embedded broker + sample images, alerts printed",
+        description="Start the daemon on a fresh export folder (embedded MQTT broker unless --broker), drop "
+        "the bundled sample radiographs in like a scanner export, print each alert as it arrives over MQTT, "
+        "and exit when all are scored.",
+    )
+    p.add_argument("--samples", type=Path, help="images to drop in (default: the bundled sample set)")
+    p.add_argument("--export-dir", type=Path, help="export folder to use (default: a temporary one)")
+    p.add_argument("--interval", type=float, default=0.3, help="seconds between drops (default 0.3)")
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .daemon import StartupError
+    from .demo import quiet_logging, run_demo
+    from .selftest import default_samples_dir
+
+    quiet_logging(args.verbose)
+    cfg = _config(args)
+    try:
+        return run_demo(cfg, args.samples or default_samples_dir(), args.export_dir, args.interval)
+    except (StartupError, ConnectionError) as exc:
+        raise CliError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumoflag",
@@ -425,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS: list[Callable] = [_add_watch, _add_alerts, _add_score, _add_config, _add_selftest, _add_bench,
+SUBCOMMANDS: list[Callable] = [_add_demo, _add_watch, _add_alerts, _add_score, _add_config, _add_selftest, _add_bench,
                                _add_train, _add_convert, _add_evaluate]
 
 

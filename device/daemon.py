@@ -304,8 +304,7 @@ class Daemon:
         self.stats.by_priority[msg.priority] += 1
         self.stats.latencies.append((time.perf_counter() - t_start) * 1000.0)
         self.close_times[msg.event_id] = t_start
-        log.log(logging.WARNING if msg.priority == "urgent" else logging.INFO,
-                "%s: %s (p=%.3f, %.1f ms)", rel, msg.priority.upper(), msg.probability, msg.timings_ms.total)
+        log.info("%s: %s (p=%.3f, %.1f ms)", rel, msg.priority.upper(), msg.probability, msg.timings_ms.total)
         self._archive(path, rel)
 
     def _maybe_growing(self, path: Path, st: os.stat_result) -> bool:

@@ -148,7 +148,7 @@ def test_username_from_env_password_from_file_delivers_and_never_leaks(auth_brok
     assert [f["file"] for f in flags] == ["auth.jpeg"]
     assert flags[0]["device"] == "test"
     # the broker saw the daemon log in as "nurse"
-    wait_until(lambda: f"as pneumoflag-test" in auth_broker.log_text(), 5, "broker log of the daemon's connect")
+    wait_until(lambda: "as pneumoflag-test" in auth_broker.log_text(), 5, "broker log of the daemon's connect")
     connects = [ln for ln in auth_broker.log_text().splitlines() if "as pneumoflag-test" in ln]
     assert any(f"u'{DAEMON_USER}'" in ln for ln in connects), connects
     assert d.terminate() == 0

@@ -1,0 +1,51 @@
+"""The README's first two commands, as a newcomer runs them on a fresh clone."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from pneumoflag.device.broker import port_in_use
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```sh\n(.*?)```", text, re.S)
+    assert block and text.index(block.group(0)) < 200, "the README must open with the two commands"
+    lines = [ln for ln in block.group(1).splitlines() if ln.strip()]
+    assert len(lines) == 2
+    return lines
+
+
+def test_ci_runs_the_readme_test_command_unchanged():
+    _, test_cmd = readme_commands()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert test_cmd in ci.splitlines()
+
+
+@pytest.mark.slow
+def test_first_command_runs_the_demo_from_a_clean_clone(tmp_path):
+    """Clone the committed tree, run the first command exactly; it must stop by itself."""
+    if not (REPO / ".git").exists():
+        pytest.fail("not a git checkout: cannot make a clean clone")
+    if port_in_use("127.0.0.1", 1883):
+        pytest.fail("127.0.0.1:1883 is taken; the demo's embedded broker needs it")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], check=True)
+    demo_cmd, _ = readme_commands()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PNEUMOFLAG_", "VIRTUAL_ENV", "PYTHON"))}
+    env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if ".venv" not in p)
+    proc = subprocess.run(["bash", "-c", demo_cmd], cwd=clone, capture_output=True, text=True, env=env,
+                          timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    samples = len(list((REPO / "tests" / "data" / "samples").rglob("*.jpeg")))
+    assert f"{samples} of {samples} scored and delivered over MQTT" in out
+    assert len([ln for ln in out.splitlines() if re.search(r"\b(URGENT|FLAG|ROUTINE)\b +p=", ln)]) == samples
+    assert "not a diagnostic device" in out
+    shutil.rmtree(clone / ".venv", ignore_errors=True)
