@@ -24,10 +24,23 @@ log = logging.getLogger(__name__)
 MAX_INFLIGHT = 20
 
 
+class _Client(mqtt.Client):
+    """paho swallows the exception of a failed (re)connect; keep it so it can be logged."""
+
+    last_connect_error: Optional[BaseException] = None
+
+    def reconnect(self):
+        try:
+            return super().reconnect()
+        except OSError as exc:  # refused, unreachable, TLS handshake failure
+            self.last_connect_error = exc
+            raise
+
+
 def make_client(cfg: Config, client_id: str, will_topic: Optional[str] = None) -> mqtt.Client:
     """A paho 2.x client with the configured protocol, credentials and TLS (shared with `alerts`)."""
     v5 = cfg.mqtt.protocol == "5"
-    client = mqtt.Client(
+    client = _Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -74,6 +87,9 @@ class Publisher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_connect_fail = self._on_connect_fail
+        self._logged_problems: set[str] = set()
+        self._last_reminder = 0.0
         self.connected = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -134,22 +150,36 @@ class Publisher:
     # ------------------------------------------------------------------ paho callbacks
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
-            self.last_error = f"broker refused the connection: {reason_code}"
-            log.error("MQTT: %s", self.last_error)
+            self._problem(f"broker refused the connection: {reason_code}")
             return
         self.last_error = None
+        self._logged_problems.clear()
         log.info("MQTT connected to %s", self.cfg.mqtt.broker)
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self.connected.set()
         self._wake.set()
 
+    def _problem(self, text: str) -> None:
+        """Log each connection problem once per outage (not at every retry), and a reminder a minute."""
+        self.last_error = text
+        now = time.monotonic()
+        if text not in self._logged_problems or now - self._last_reminder > 60:
+            self._logged_problems.add(text)
+            self._last_reminder = now
+            waiting = self.store.outbox_depth()
+            log.warning("MQTT %s: %s; retrying with backoff, %d results wait in the outbox",
+                        self.cfg.mqtt.broker, text, waiting)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        exc = getattr(client, "last_connect_error", None)
+        self._problem(f"cannot connect ({exc})" if exc else "cannot connect")
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         was = self.connected.is_set()
         self.connected.clear()
         if not self._stop.is_set():
-            self.last_error = f"disconnected: {reason_code}"
-            if was:
-                log.warning("MQTT disconnected (%s); reconnecting with backoff, results wait in the outbox", reason_code)
+            self._problem(f"disconnected ({reason_code})" if was else
+                          f"connection closed before the broker accepted it ({reason_code}; TLS client certificate?)")
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         # Called by paho's network thread while it holds its own lock: hand the ack

@@ -182,7 +182,8 @@ def test_wrong_password_keeps_running_keeps_the_flag_then_delivers_it(auth_broke
     event_id = _wait_queued(state, "while-refused.jpeg")
     time.sleep(3)  # several reconnect attempts (reconnect_max = 1 s), all refused
     assert bad.proc.poll() is None, f"daemon died:\n{bad.output()}"
-    assert bad.output().count("broker refused the connection") >= 2  # it kept trying
+    # it kept trying (the daemon logs a problem once per outage; the broker sees every attempt)
+    assert auth_broker.log_text().count("disconnected, not authorised") >= 2
     assert [e for e, _ in _outbox(state)] == [event_id]
     assert sub.flags() == []
     assert "not-the-password" not in bad.output()
@@ -339,8 +340,6 @@ def test_tls_server_cert_from_another_ca_is_refused_and_daemon_keeps_running(tls
     assert d.terminate() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: TLS/socket connect failures are retried by paho silently; "
-                   "Publisher sets no on_connect_fail/logger, so 'certificate verify failed' is never logged")
 def test_tls_handshake_failure_is_logged(tls_broker, pki, dirs, daemons, tmp_path):
     d = _start_with_rogue_ca(tls_broker, pki, dirs, daemons, tmp_path)
     wait_until(lambda: "certificate verify failed" in d.output().lower(), 8, "the TLS failure in the log")

@@ -301,3 +301,15 @@ def test_edgetpu_compiler_is_run_and_its_outputs_kept(tiny_run, mini_data, tmp_p
     assert card["edgetpu"]["compiler_version"] == "16.0.384591198"
     assert (tmp_path / "m_edgetpu.log").read_text().startswith("Edge TPU Compiler")
     ModelCard.load(out.with_suffix(".json")).verify_file(tmp_path / "m_edgetpu.tflite")
+
+
+def test_training_is_deterministic_with_a_seed(tmp_path, mini_data):
+    import keras
+
+    weights = []
+    for run in ("a", "b"):
+        out = tmp_path / f"{run}.keras"
+        assert run_cli("train", "--data", mini_data, "--out", out, "--size", "32", "--epochs", "1",
+                       "--val-fraction", "0.3", "--seed", "11") == 0
+        weights.append(keras.models.load_model(out, compile=False).get_weights())
+    assert all(np.array_equal(x, y) for x, y in zip(*weights))
