@@ -16,7 +16,7 @@ import numpy as np
 
 from ..device.card import CardError, ModelCard, Thresholds, card_path_for
 from ..device.preprocess import PreprocessSpec, to_float_input
-from .dataset import LABELS, LoadedSet, load_samples, require_both_classes, scan_folder
+from .dataset import LABELS, DataError, LoadedSet, load_samples, require_both_classes, scan_folder
 from .metrics import choose_operating_points, evaluate_scores, roc_curve
 from .progress import Progress
 
@@ -32,6 +32,7 @@ class EvaluateConfig:
     card: Optional[Path] = None
     accelerator: str = "cpu"
     workers: int = 4
+    split: Optional[Path] = None  # a *.train.json: evaluate only its validation files
 
 
 def _scores_tflite(cfg: EvaluateConfig) -> tuple[LoadedSet, np.ndarray, ModelCard, str]:
@@ -50,6 +51,15 @@ def _scores_tflite(cfg: EvaluateConfig) -> tuple[LoadedSet, np.ndarray, ModelCar
 
 def _load(cfg: EvaluateConfig, spec: PreprocessSpec) -> LoadedSet:
     samples = scan_folder(cfg.data, "evaluation folder")
+    if cfg.split:
+        try:
+            wanted = set(json.loads(cfg.split.read_text())["split"]["val_files"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"--split {cfg.split}: not a training record with a validation split ({exc})") from None
+        samples = [s for s in samples if f"{LABELS[s.label]}/{s.path.name}" in wanted]
+        if len(samples) != len(wanted):
+            raise DataError(f"--split {cfg.split}: {len(wanted) - len(samples)} of its {len(wanted)} validation "
+                            f"files are not under {cfg.data}")
     ds = load_samples(samples, spec, cfg.workers, Progress("decoding", len(samples)))
     require_both_classes(ds, f"evaluation folder {cfg.data}")
     return ds
@@ -92,7 +102,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     result = evaluate_scores(ds.y, p, thresholds)
     result.update({
         "model": str(cfg.model),
-        "data": str(cfg.data),
+        "data": str(cfg.data) + (f" (validation split of {cfg.split.name})" if cfg.split else ""),
         "runner": runner,
         "thresholds_from": source,
         "skipped_files": [[str(a), b] for a, b in ds.skipped],

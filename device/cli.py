@@ -166,13 +166,16 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--plots", type=Path, help="write roc.png, confusion.png, misclassified.png here")
     p.add_argument("--card", type=Path, help="model card for thresholds (default: beside a .tflite)")
     p.add_argument("--accelerator", choices=("auto", "edgetpu", "cpu"), default="cpu")
+    p.add_argument("--split", type=Path, metavar="TRAIN_JSON",
+                   help="only the validation files recorded in this *.train.json (from `pneumoflag train`)")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> int:
     from ..convert.evaluate import EvaluateConfig, evaluate, format_summary
 
-    res = evaluate(EvaluateConfig(args.model, args.data, args.json_out, args.plots, args.card, args.accelerator))
+    res = evaluate(EvaluateConfig(args.model, args.data, args.json_out, args.plots, args.card, args.accelerator,
+                                  split=args.split))
     print(format_summary(res))
     if args.json_out:
         print(f"wrote {args.json_out}")

@@ -315,3 +315,98 @@ def test_missing_or_unreadable_export_folder(tmp_path, capsys):
 
     rc = run_cli("watch", tmp_path / "nope", "--state-dir", tmp_path / "s", "--broker", "127.0.0.1:1")
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_dicom_chest_radiograph_is_flagged_with_its_ids(broker, dirs, daemons):
+    import numpy as np
+    from test_dicom import write_test_dicom
+
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    _daemon(daemons, watch, state, broker.address).start()
+    pixels = (np.asarray(Image.open(SAMPLE_FILES[-1]).convert("L"), np.uint16) * 16)
+    staging = dirs[1].parent / "dcm"
+    staging.mkdir()
+    write_test_dicom(staging / "cr.dcm", pixels, Modality="CR", BodyPartExamined="CHEST",
+                     StudyInstanceUID="1.2.826.0.1.3680043.2.1125.1", SOPInstanceUID="1.2.826.0.1.3680043.2.1125.2",
+                     AccessionNumber="ACC-778", PatientName="Doe^Jane", PatientID="P-1234")
+    drop(staging / "cr.dcm", watch)
+    flag = sub.wait_flags(1)[0]
+    assert flag["file"] == "cr.dcm" and flag["priority"] in ("urgent", "flag", "routine")
+    assert flag["study_instance_uid"] == "1.2.826.0.1.3680043.2.1125.1"
+    assert flag["sop_instance_uid"] == "1.2.826.0.1.3680043.2.1125.2"
+    assert flag["accession_number"] == "ACC-778"
+    assert "patient_name" not in flag and "patient_id" not in flag  # identifiers off by default
+
+
+def test_polling_recursive_and_archive(broker, dirs, daemons, tmp_path):
+    """Network-share mode: no inotify, files settle by size/mtime; subfolders; scored files moved away."""
+    watch, state = dirs
+    archive = tmp_path / "archive"
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    _daemon(daemons, watch, state, broker.address, args=("--polling", "--recursive"),
+            env={"PNEUMOFLAG_WATCH_POLL_INTERVAL": "0.3", "PNEUMOFLAG_WATCH_ARCHIVE_DIR": str(archive)}).start()
+    (watch / "2026" / "11").mkdir(parents=True)
+    drop(SAMPLE_FILES[0], watch / "2026" / "11", "deep.jpeg")
+    flag = sub.wait_flags(1)[0]
+    assert flag["file"] == "2026/11/deep.jpeg"
+    wait_until(lambda: (archive / "2026" / "11" / "deep.jpeg").exists(), 10, "the file in the archive")
+    assert not (watch / "2026" / "11" / "deep.jpeg").exists()
+
+
+def test_systemd_notify_ready_watchdog_stopping(broker, dirs, daemons, tmp_path):
+    import socket as _socket
+
+    watch, state = dirs
+    sock_path = Path(__import__("tempfile").mkdtemp()) / "notify.sock"
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    srv.bind(str(sock_path))
+    srv.settimeout(15)
+    d = _daemon(daemons, watch, state, broker.address,
+                env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}).start(wait=False)
+    seen: list[str] = []
+    try:
+        while not any("READY=1" in m for m in seen) or sum("WATCHDOG=1" in m for m in seen) < 2:
+            seen.append(srv.recv(4096).decode())
+        assert d.terminate() == 0
+        while not any("STOPPING=1" in m for m in seen):
+            seen.append(srv.recv(4096).decode())
+    finally:
+        srv.close()
+    ready = next(m for m in seen if "READY=1" in m)
+    assert "STATUS=watching" in ready
+
+
+def test_disk_errors_keep_the_file_for_later(tmp_path, monkeypatch):
+    """A failing state database (disk full, I/O error) must not lose or reject the image."""
+    from pneumoflag.device.daemon import Daemon
+    from pneumoflag.device.ingest import Ready
+    from pneumoflag.device.store import Store, StoreError
+
+    watch, state = tmp_path / "w", tmp_path / "s"
+    watch.mkdir()
+    cfg = load_config(env={}, overrides={"watch.dir": str(watch), "state.dir": str(state),
+                                         "model.path": str(SHIPPED_MODEL), "mqtt.broker": "127.0.0.1:1"})
+    d = Daemon(cfg)
+    d._start()
+    try:
+        f = drop(SAMPLE_FILES[0], watch)
+        real = Store.record
+        calls = {"n": 0}
+
+        def failing(self, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise StoreError("database or disk is full")
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(Store, "record", failing)
+        retried = []
+        monkeypatch.setattr(d.ingest, "retry_later", lambda p, delay: retried.append(p))
+        d._handle(Ready(f, "closed"))
+        assert retried == [f] and d.store.outbox_depth() == 0 and d.store.journal() == []
+        d._handle(Ready(f, "closed"))  # the disk is back
+        assert d.store.outbox_depth() == 1 and [r.path for r in d.store.journal()] == [f.name]
+    finally:
+        d.publisher.stop(timeout=0.5)
+        d.store.close()

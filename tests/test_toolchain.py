@@ -313,3 +313,16 @@ def test_training_is_deterministic_with_a_seed(tmp_path, mini_data):
                        "--val-fraction", "0.3", "--seed", "11") == 0
         weights.append(keras.models.load_model(out, compile=False).get_weights())
     assert all(np.array_equal(x, y) for x, y in zip(*weights))
+
+
+def test_evaluate_on_the_recorded_validation_split(tiny_run, tmp_path):
+    meta = tiny_run["keras"].with_name("tiny.train.json")
+    out = tmp_path / "v.json"
+    assert run_cli("evaluate", "--model", tiny_run["tflite"], "--data", tiny_run["data"], "--split", meta,
+                   "--json", out) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == json.loads(meta.read_text())["split"]["val_images"]
+    # the card's int8 validation figures were computed on the very same images
+    card = json.loads(tiny_run["card"].read_text())
+    assert r["auroc"] == pytest.approx(card["validation"]["int8"]["auroc"])
+    assert r["operating_points"]["flag"]["tp"] == card["validation"]["int8"]["operating_points"]["flag"]["tp"]
