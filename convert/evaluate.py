@@ -14,10 +14,10 @@ from typing import Optional
 
 import numpy as np
 
-from ..device.card import CardError, ModelCard, Thresholds, card_path_for
+from ..device.card import CardError, ModelCard, card_path_for
 from ..device.preprocess import PreprocessSpec, to_float_input
 from .dataset import LABELS, DataError, LoadedSet, load_samples, require_both_classes, scan_folder
-from .metrics import choose_operating_points, evaluate_scores, roc_curve
+from .metrics import choose_operating_points, evaluate_scores
 from .progress import Progress
 
 log = logging.getLogger(__name__)

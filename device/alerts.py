@@ -10,8 +10,6 @@ import time
 from datetime import datetime
 from typing import Optional, TextIO
 
-import paho.mqtt.client as mqtt
-
 from .config import Config
 from .publisher import make_client
 

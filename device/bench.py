@@ -28,7 +28,6 @@ from typing import Optional
 import numpy as np
 
 from .config import load_config
-from .pipeline import Pipeline
 from .preprocess import decode, prepare
 from .scorer import load_scorer
 

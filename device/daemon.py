@@ -24,7 +24,7 @@ from . import __version__
 from .card import CardError
 from .config import Config, ConfigError
 from .ingest import Ingest, IngestError, Ready
-from .messages import ErrorMessage, FlagMessage, encode, utc_now
+from .messages import ErrorMessage, encode, utc_now
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher

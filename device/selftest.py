@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from .card import CardError, ModelCard, card_path_for, sha256_file
+from .card import CardError, sha256_file
 from .config import Config
 from .pipeline import Pipeline, score_file
 from .preprocess import ImageDecodeError

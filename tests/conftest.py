@@ -44,3 +44,55 @@ def tiny_run(tmp_path_factory) -> dict:
                    "--num-calibration", "12", "--max-auroc-drop", "1.0") == 0
     return {"root": root, "data": data, "keras": keras_path, "tflite": tflite,
             "card": tflite.with_suffix(".json")}
+
+
+# ----------------------------------------------------------------------------- daemon tests
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """An export folder and a state folder."""
+    watch, state = tmp_path / "export", tmp_path / "state"
+    watch.mkdir()
+    state.mkdir()
+    return watch, state
+
+
+@pytest.fixture
+def daemons():
+    """Daemon processes started by a test (via mqtt_helpers.new_daemon), killed afterwards."""
+    started: list = []
+    yield started
+    for d in started:
+        d.close()
+
+
+@pytest.fixture
+def subscribers():
+    started: list = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def brokers():
+    """Start Mosquitto instances with extra config; all stopped afterwards."""
+    from mqtt_helpers import Mosquitto
+
+    started: list = []
+
+    def start(workdir: Path, extra: str = "") -> "Mosquitto":
+        b = Mosquitto(workdir, extra=extra)
+        started.append(b)
+        return b.start()
+
+    yield start
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def broker(tmp_path, brokers):
+    """A plain anonymous Mosquitto on a free loopback port."""
+    return brokers(tmp_path / "broker")

@@ -216,3 +216,10 @@ def drop(src: Path, dst_dir: Path, name: Optional[str] = None) -> Path:
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
     return dst
+
+
+def new_daemon(registry: list, *args, **kwargs) -> DaemonProc:
+    """A DaemonProc that the ``daemons`` fixture cleans up."""
+    d = DaemonProc(*args, **kwargs)
+    registry.append(d)
+    return d

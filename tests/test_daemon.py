@@ -11,10 +11,9 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from mqtt_helpers import SHIPPED_MODEL, DaemonProc, Mosquitto, Subscriber, drop, wait_until
+from mqtt_helpers import SHIPPED_MODEL, Subscriber, drop, new_daemon, wait_until
 from pneumoflag.device.card import ModelCard
 from pneumoflag.device.config import load_config
 from pneumoflag.device.pipeline import Pipeline, score_file
@@ -22,35 +21,6 @@ from pneumoflag.device.scorer import load_scorer
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
 SAMPLE_FILES = sorted(SAMPLES.rglob("*.jpeg"))
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Mosquitto(tmp_path / "broker").start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture
-def dirs(tmp_path):
-    watch, state = tmp_path / "export", tmp_path / "state"
-    watch.mkdir()
-    state.mkdir()
-    return watch, state
-
-
-@pytest.fixture
-def daemons():
-    started: list[DaemonProc] = []
-    yield started
-    for d in started:
-        d.close()
-
-
-def _daemon(daemons, *a, **kw) -> DaemonProc:
-    d = DaemonProc(*a, **kw)
-    daemons.append(d)
-    return d
 
 
 def _journal(state: Path) -> list[tuple]:
@@ -68,7 +38,7 @@ def _reference_scores() -> dict[str, dict]:
 def test_drop_folder_to_mqtt_end_to_end(broker, dirs, daemons):
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
-    d = _daemon(daemons, watch, state, broker.address).start()
+    d = new_daemon(daemons, watch, state, broker.address).start()
     for f in SAMPLE_FILES:
         drop(f, watch)
     flags = sub.wait_flags(len(SAMPLE_FILES))
@@ -112,7 +82,7 @@ def test_drop_folder_to_mqtt_end_to_end(broker, dirs, daemons):
 def test_file_written_in_chunks_is_scored_once_after_complete(broker, dirs, daemons):
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
-    _daemon(daemons, watch, state, broker.address).start()
+    new_daemon(daemons, watch, state, broker.address).start()
     def chunks(data: bytes) -> list[bytes]:
         n = len(data) // 8 + 1
         return [data[i: i + n] for i in range(0, len(data), n)]
@@ -140,7 +110,7 @@ def test_file_written_in_chunks_is_scored_once_after_complete(broker, dirs, daem
 def test_temp_then_rename_and_temp_names_ignored(broker, dirs, daemons):
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
-    _daemon(daemons, watch, state, broker.address).start()
+    new_daemon(daemons, watch, state, broker.address).start()
     shutil.copyfile(SAMPLE_FILES[1], watch / "scan.jpeg.part")
     shutil.copyfile(SAMPLE_FILES[2], watch / "~lock.jpeg")
     shutil.copyfile(SAMPLE_FILES[3], watch / ".hidden.jpeg")
@@ -157,7 +127,7 @@ def test_temp_then_rename_and_temp_names_ignored(broker, dirs, daemons):
 def test_broker_outage_delivers_everything_once_in_order(broker, dirs, daemons):
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/+/flags/#", client_id="nurse-station-1")
-    d = _daemon(daemons, watch, state, broker.address).start()
+    d = new_daemon(daemons, watch, state, broker.address).start()
     drop(SAMPLE_FILES[0], watch, "before.jpeg")
     sub.wait_flags(1)
     broker.stop()
@@ -191,12 +161,12 @@ def test_killed_mid_backlog_restart_skips_nothing_and_realerts_nothing(broker, d
         os.utime(dst, (time.time() - 100 + i, time.time() - 100 + i))
         names.append(dst.name)
     sub = Subscriber(broker.address, "pneumoflag/+/flags/#", client_id="nurse-station-2")
-    d1 = _daemon(daemons, watch, state, broker.address).start(wait=False)
+    d1 = new_daemon(daemons, watch, state, broker.address).start(wait=False)
     wait_until(lambda: len(sub.flags()) >= 4, 30, "a few flags before the kill")
     d1.kill()  # SIGKILL: no clean shutdown
     n_before = len(sub.flags())
     assert n_before < 16, "the backlog finished before the kill; the test proves nothing"
-    d2 = _daemon(daemons, watch, state, broker.address).start()
+    d2 = new_daemon(daemons, watch, state, broker.address).start()
     wait_until(lambda: {f["file"] for f in sub.flags()} == set(names), 40, "every backlog file flagged")
     time.sleep(1.5)
     flags = sub.flags()
@@ -220,7 +190,7 @@ def test_bad_input_is_reported_and_the_daemon_goes_on(broker, dirs, daemons, tmp
 
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
-    _daemon(daemons, watch, state, broker.address,
+    new_daemon(daemons, watch, state, broker.address,
             env={"PNEUMOFLAG_WATCH_MAX_FILE_MB": "1.5", "PNEUMOFLAG_WATCH_MAX_PIXELS": "50000000"}).start()
     good = SAMPLE_FILES[0].read_bytes()
     staging = tmp_path / "staging"
@@ -259,7 +229,7 @@ def test_unreadable_file_is_reported(broker, dirs, daemons):
         assert setpriv, "setpriv (util-linux) is needed to drop root's file-permission override"
         wrapper = (setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--")
     sub = Subscriber(broker.address, "pneumoflag/#")
-    _daemon(daemons, watch, state, broker.address, wrapper=wrapper).start()
+    new_daemon(daemons, watch, state, broker.address, wrapper=wrapper).start()
     secret = watch / "locked.jpeg"
     shutil.copyfile(SAMPLE_FILES[0], secret)
     secret.chmod(0o000)
@@ -273,7 +243,7 @@ def test_unreadable_file_is_reported(broker, dirs, daemons):
 def test_duplicate_content_is_recognised_not_realerted(broker, dirs, daemons):
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
-    _daemon(daemons, watch, state, broker.address).start()
+    new_daemon(daemons, watch, state, broker.address).start()
     drop(SAMPLE_FILES[0], watch, "first.jpeg")
     sub.wait_flags(1)
     drop(SAMPLE_FILES[0], watch, "resent-copy.jpeg")
@@ -323,7 +293,7 @@ def test_dicom_chest_radiograph_is_flagged_with_its_ids(broker, dirs, daemons):
 
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
-    _daemon(daemons, watch, state, broker.address).start()
+    new_daemon(daemons, watch, state, broker.address).start()
     pixels = (np.asarray(Image.open(SAMPLE_FILES[-1]).convert("L"), np.uint16) * 16)
     staging = dirs[1].parent / "dcm"
     staging.mkdir()
@@ -344,7 +314,7 @@ def test_polling_recursive_and_archive(broker, dirs, daemons, tmp_path):
     watch, state = dirs
     archive = tmp_path / "archive"
     sub = Subscriber(broker.address, "pneumoflag/#")
-    _daemon(daemons, watch, state, broker.address, args=("--polling", "--recursive"),
+    new_daemon(daemons, watch, state, broker.address, args=("--polling", "--recursive"),
             env={"PNEUMOFLAG_WATCH_POLL_INTERVAL": "0.3", "PNEUMOFLAG_WATCH_ARCHIVE_DIR": str(archive)}).start()
     (watch / "2026" / "11").mkdir(parents=True)
     drop(SAMPLE_FILES[0], watch / "2026" / "11", "deep.jpeg")
@@ -362,7 +332,7 @@ def test_systemd_notify_ready_watchdog_stopping(broker, dirs, daemons, tmp_path)
     srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
     srv.bind(str(sock_path))
     srv.settimeout(15)
-    d = _daemon(daemons, watch, state, broker.address,
+    d = new_daemon(daemons, watch, state, broker.address,
                 env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}).start(wait=False)
     seen: list[str] = []
     try:

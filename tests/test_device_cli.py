@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 from mqtt_helpers import SHIPPED_MODEL, Mosquitto, drop, wait_until
 from pneumoflag.device.broker import port_in_use
 from pneumoflag.device.card import ModelCard

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_helpers import REPO, DaemonProc, Mosquitto, Subscriber, drop, wait_until
+from mqtt_helpers import REPO, DaemonProc, Mosquitto, Subscriber, drop, new_daemon, wait_until
 from pneumoflag.device.config import REDACTED, ConfigError, load_config
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
@@ -22,50 +22,6 @@ STATION_USER, STATION_PASSWORD = "station", "st4tion-pw-81"
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def dirs(tmp_path):
-    watch, state = tmp_path / "export", tmp_path / "state"
-    watch.mkdir()
-    state.mkdir()
-    return watch, state
-
-
-@pytest.fixture
-def daemons():
-    started: list[DaemonProc] = []
-    yield started
-    for d in started:
-        d.close()
-
-
-@pytest.fixture
-def subscribers():
-    started: list[Subscriber] = []
-    yield started
-    for s in started:
-        s.stop()
-
-
-@pytest.fixture
-def brokers():
-    started: list[Mosquitto] = []
-
-    def start(workdir: Path, extra: str) -> Mosquitto:
-        b = Mosquitto(workdir, extra=extra)
-        started.append(b)
-        return b.start()
-
-    yield start
-    for b in started:
-        b.stop()
-
-
-def _daemon(daemons, *a, **kw) -> DaemonProc:
-    d = DaemonProc(*a, **kw)
-    daemons.append(d)
-    return d
 
 
 def _sub(subscribers, *a, **kw) -> Subscriber:
@@ -141,7 +97,7 @@ def test_username_from_env_password_from_file_delivers_and_never_leaks(auth_brok
     secret.write_text(DAEMON_PASSWORD + "\n")  # trailing newline, as `echo pw > file` leaves it
     secret.chmod(0o600)
     sub = _station(subscribers, auth_broker)
-    d = _daemon(daemons, watch, state, auth_broker.address,
+    d = new_daemon(daemons, watch, state, auth_broker.address,
                 env={"PNEUMOFLAG_MQTT_USERNAME": DAEMON_USER, "PNEUMOFLAG_MQTT_PASSWORD_FILE": str(secret)}).start()
     drop(SAMPLE_FILES[0], watch, "auth.jpeg")
     flags = sub.wait_flags(1, timeout=30)
@@ -174,7 +130,7 @@ def test_wrong_password_keeps_running_keeps_the_flag_then_delivers_it(auth_broke
     watch, state = dirs
     sub = _station(subscribers, auth_broker)
     creds = {"PNEUMOFLAG_MQTT_USERNAME": DAEMON_USER}
-    bad = _daemon(daemons, watch, state, auth_broker.address,
+    bad = new_daemon(daemons, watch, state, auth_broker.address,
                   env={**creds, "PNEUMOFLAG_MQTT_PASSWORD": "not-the-password"}).start()
     wait_until(lambda: "broker refused the connection" in bad.output(), 15, "the refusal in the daemon log")
     assert "not authori" in bad.output().lower()
@@ -190,7 +146,7 @@ def test_wrong_password_keeps_running_keeps_the_flag_then_delivers_it(auth_broke
     assert bad.terminate() == 0
     assert [e for e, _ in _outbox(state)] == [event_id]  # still there after a clean stop
     # the right password: the waiting flag goes out, once
-    good = _daemon(daemons, watch, state, auth_broker.address, env={**creds, "PNEUMOFLAG_MQTT_PASSWORD": DAEMON_PASSWORD})
+    good = new_daemon(daemons, watch, state, auth_broker.address, env={**creds, "PNEUMOFLAG_MQTT_PASSWORD": DAEMON_PASSWORD})
     good.start()
     flags = sub.wait_flags(1, timeout=30)
     assert [(f["file"], f["event_id"]) for f in flags] == [("while-refused.jpeg", event_id)]
@@ -287,7 +243,7 @@ def test_tls_with_client_certificate_from_config_file(tls_broker, pki, dirs, dae
     sub = _tls_station(subscribers, tls_broker, pki)
     conf = _toml_config(tmp_path / "pneumoflag.toml", tls_broker.address, ca_file=pki["ca"],
                         cert_file=pki["client_crt"], key_file=pki["client_key"])
-    d = _daemon(daemons, watch, state, "", args=("--config", str(conf))).start()
+    d = new_daemon(daemons, watch, state, "", args=("--config", str(conf))).start()
     drop(SAMPLE_FILES[2], watch, "tls.jpeg")
     flags = sub.wait_flags(1, timeout=30)
     assert [f["file"] for f in flags] == ["tls.jpeg"]
@@ -301,7 +257,7 @@ def test_tls_without_client_certificate_cannot_connect_and_keeps_the_flag(tls_br
     watch, state = dirs
     sub = _tls_station(subscribers, tls_broker, pki)
     conf = _toml_config(tmp_path / "pneumoflag.toml", tls_broker.address, ca_file=pki["ca"])
-    d = _daemon(daemons, watch, state, "", args=("--config", str(conf))).start()
+    d = new_daemon(daemons, watch, state, "", args=("--config", str(conf))).start()
     drop(SAMPLE_FILES[3], watch, "no-client-cert.jpeg")
     event_id = _wait_queued(state, "no-client-cert.jpeg")
     time.sleep(3)  # reconnect attempts, all cut off by the broker
@@ -320,7 +276,7 @@ def _start_with_rogue_ca(tls_broker, pki, dirs, daemons, tmp_path) -> DaemonProc
     watch, state = dirs
     conf = _toml_config(tmp_path / "pneumoflag.toml", tls_broker.address, ca_file=pki["rogue_ca"],
                         cert_file=pki["client_crt"], key_file=pki["client_key"])
-    return _daemon(daemons, watch, state, "", args=("--config", str(conf))).start()
+    return new_daemon(daemons, watch, state, "", args=("--config", str(conf))).start()
 
 
 def test_tls_server_cert_from_another_ca_is_refused_and_daemon_keeps_running(tls_broker, pki, dirs, daemons,
@@ -374,7 +330,7 @@ def test_mqtt5_daemon_delivers(tmp_path, brokers, dirs, daemons, subscribers):
     watch, state = dirs
     broker = brokers(tmp_path / "broker", "allow_anonymous true\n")
     sub = _sub(subscribers, broker.address, "pneumoflag/#")
-    d = _daemon(daemons, watch, state, broker.address, env={"PNEUMOFLAG_MQTT_PROTOCOL": "5"}).start()
+    d = new_daemon(daemons, watch, state, broker.address, env={"PNEUMOFLAG_MQTT_PROTOCOL": "5"}).start()
     drop(SAMPLE_FILES[5], watch, "v5.jpeg")
     flags = sub.wait_flags(1, timeout=30)
     assert [f["file"] for f in flags] == ["v5.jpeg"]

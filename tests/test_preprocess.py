@@ -1,7 +1,6 @@
 """The one preprocessing function: formats, errors, and agreement between toolchain and device."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
