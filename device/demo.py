@@ -57,8 +57,12 @@ def run_demo(cfg: Config, samples: Path, export_dir: Optional[Path] = None, inte
     card, rep = daemon.card, daemon.scorer.report
     p = lambda s="": print(s, file=out, flush=True)  # noqa: E731
     p(f"pneumoflag demo — model {card.name} {card.version} on {rep.accelerator} ({rep.runtime})")
-    p(f"  thresholds: urgent p >= {card.thresholds.urgent:.3f}, flag p >= {card.thresholds.flag:.3f}, "
-      "below: routine")
+    th = card.thresholds
+    if th.urgent == th.flag:
+        p(f"  thresholds: urgent p >= {th.urgent:.3f}, below: routine (this model's card puts flag and urgent "
+          "at the same point)")
+    else:
+        p(f"  thresholds: urgent p >= {th.urgent:.3f}, flag p >= {th.flag:.3f}, below: routine")
     p(f"  export folder: {export}")
     p(f"  MQTT broker:   {cfg.mqtt.broker}"
       + (" (embedded)" if daemon.broker is not None else ""))
