@@ -85,3 +85,16 @@ def test_config_command_fails_on_bad_key(tmp_path, capsys):
 def test_bad_flag_value_is_rejected(capsys):
     assert run_cli("config", "--broker", "localhost") == 2
     assert "mqtt.broker" in capsys.readouterr().err
+
+
+def test_example_config_is_valid(tmp_path):
+    """The annotated example in systemd/ must load once its files exist."""
+    from conftest import REPO
+
+    text = (REPO / "systemd" / "pneumoflag.toml.example").read_text()
+    for name in ("mqtt-password", "ca.crt"):
+        (tmp_path / name).write_text("x\n")
+        text = text.replace(f"/etc/pneumoflag/{name}", str(tmp_path / name))
+    cfg = load_config(_write(tmp_path, text), env={})
+    assert cfg.mqtt.tls and cfg.mqtt.username == "pneumoflag" and cfg.watch.dir == "/srv/xray-export"
+    assert cfg.mqtt_password() == "x"
