@@ -101,12 +101,12 @@ def make_interpreter(
     try:
         interp = rt.interpreter_cls(**kwargs)
         interp.allocate_tensors()
-    except (AttributeError, TypeError) as exc:
-        if rt.name == "tflite-runtime" and np.__version__.startswith("2"):
+    except (AttributeError, TypeError, SystemError) as exc:  # SystemError: "_ARRAY_API not found"
+        if rt.name == "tflite-runtime" and int(np.__version__.split(".")[0]) >= 2:
             raise RuntimeUnavailable(
-                f"tflite-runtime {rt.version} cannot run under numpy {np.__version__} ({exc}); "
-                "install ai-edge-litert instead, or numpy<2"
-            ) from exc
+                f"tflite-runtime {rt.version} was built for numpy 1 and cannot build an Interpreter under numpy "
+                f"{np.__version__}: install ai-edge-litert (the same Interpreter API), or pin numpy<2"
+            ) from None
         raise
     except ValueError as exc:
         raise RuntimeUnavailable(f"{model_path}: not a valid TFLite model ({exc})") from exc
