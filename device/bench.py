@@ -320,15 +320,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         broker = _BenchBroker(cfg.broker, work)
         try:
             res = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "broker": broker.kind}
-            print(f"stages on {len(files)} images x {cfg.repeats}...", file=sys.stderr)
+            log.info("stages on %d images x %d...", len(files), cfg.repeats)
             res["stages"] = bench_stages(cfg, files, broker.address)
-            print(f"daemon: {cfg.e2e_rounds * len(files)} single drops, burst of {cfg.burst}, "
-                  f"{cfg.idle_seconds:g} s idle...", file=sys.stderr)
+            log.info("daemon: %d single drops, burst of %d, %g s idle...",
+                     cfg.e2e_rounds * len(files), cfg.burst, cfg.idle_seconds)
             res["daemon"] = bench_daemon(cfg, files, broker.address, work)
         finally:
             broker.stop()
     if cfg.source:
-        print("source notebook path (Keras float)...", file=sys.stderr)
+        log.info("source notebook path (Keras float)...")
         res["source_path"] = bench_source_path(cfg, files, res["stages"]["score_ms"]["p50"])
     return res
 

@@ -101,7 +101,7 @@ def make_interpreter(
     try:
         interp = rt.interpreter_cls(**kwargs)
         interp.allocate_tensors()
-    except (AttributeError, TypeError, SystemError) as exc:  # SystemError: "_ARRAY_API not found"
+    except (AttributeError, TypeError, SystemError):  # SystemError: "_ARRAY_API not found"
         if rt.name == "tflite-runtime" and int(np.__version__.split(".")[0]) >= 2:
             raise RuntimeUnavailable(
                 f"tflite-runtime {rt.version} was built for numpy 1 and cannot build an Interpreter under numpy "
