@@ -91,7 +91,6 @@ class Daemon:
         self.processed = 0
         self.broker = None
         self.root = Path(cfg.watch.dir).resolve() if cfg.watch.dir else None
-        self.close_times: dict[str, float] = {}
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
@@ -303,7 +302,6 @@ class Daemon:
         self.processed += 1
         self.stats.by_priority[msg.priority] += 1
         self.stats.latencies.append((time.perf_counter() - t_start) * 1000.0)
-        self.close_times[msg.event_id] = t_start
         log.info("%s: %s (p=%.3f, %.1f ms)", rel, msg.priority.upper(), msg.probability, msg.timings_ms.total)
         self._archive(path, rel)
 

@@ -93,14 +93,12 @@ class Publisher:
         self.connected = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._acks: "queue.Queue[tuple[int, float]]" = queue.Queue()
+        self._acks: "queue.Queue[int]" = queue.Queue()
         self._inflight: dict[int, int] = {}  # mid -> outbox seq; pump thread only
         self._handed_up_to = 0  # highest outbox seq handed to paho in this process
         self._thread: Optional[threading.Thread] = None
         self.last_error: Optional[str] = None
         self.acked = 0
-        self.ack_times: dict[str, float] = {}  # event_id -> monotonic ack time (benchmarks)
-        self._seq_event: dict[int, str] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -184,13 +182,13 @@ class Publisher:
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         # Called by paho's network thread while it holds its own lock: hand the ack
         # over to the pump thread (which owns mid -> seq) instead of taking ours.
-        self._acks.put((mid, time.monotonic()))
+        self._acks.put(mid)
         self._wake.set()
 
     def _process_acks(self) -> None:
         while True:
             try:
-                mid, t = self._acks.get_nowait()
+                mid = self._acks.get_nowait()
             except queue.Empty:
                 return
             seq = self._inflight.pop(mid, None)
@@ -201,11 +199,6 @@ class Publisher:
             except StoreError as exc:  # re-sent after a restart: at-least-once
                 log.error("could not remove acknowledged message %d from the outbox: %s", seq, exc)
             self.acked += 1
-            ev = self._seq_event.pop(seq, None)
-            if ev is not None:
-                self.ack_times[ev] = t
-                if len(self.ack_times) > 10_000:
-                    self.ack_times.clear()
 
     # ------------------------------------------------------------------ the pump
     def _pump(self) -> None:
@@ -229,7 +222,6 @@ class Publisher:
                     break
                 self._handed_up_to = row.seq
                 self._inflight[info.mid] = row.seq
-                self._seq_event[row.seq] = row.event_id
             if len(rows) == MAX_INFLIGHT * 2:
                 self._wake.set()
             self._process_acks()
