@@ -67,14 +67,14 @@ def _load(cfg: EvaluateConfig, spec: PreprocessSpec) -> LoadedSet:
 
 def _scores_float(cfg: EvaluateConfig) -> tuple[LoadedSet, np.ndarray, Optional[ModelCard], PreprocessSpec]:
     from .float_model import load_float_model
-    from .quantize import ConvertConfig, _training_meta, resolve_spec
+    from .quantize import _training_meta, resolve_spec
 
     fm = load_float_model(cfg.model)
     card = ModelCard.load(cfg.card) if cfg.card else None
     if card:
         spec = card.preprocessing
     else:
-        spec = resolve_spec(fm, _training_meta(cfg.model), ConvertConfig(cfg.model, cfg.data, Path("x.tflite")))
+        spec = resolve_spec(fm, _training_meta(cfg.model))
     ds = _load(cfg, spec)
     p = fm.predict(to_float_input(ds.x, spec))
     return ds, p, card, spec

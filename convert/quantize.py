@@ -87,11 +87,13 @@ def _training_meta(model_path: Path) -> Optional[dict]:
     return None
 
 
-def resolve_spec(fm: FloatModel, meta: Optional[dict], cfg: ConvertConfig) -> PreprocessSpec:
+def resolve_spec(fm: FloatModel, meta: Optional[dict], equalize: Optional[bool] = None,
+                 input_scale: Optional[float] = None) -> PreprocessSpec:
+    """As trained (the training record) unless overridden; foreign models: no equalisation, 1/255."""
     h, w, c = fm.input_shape
     base = PreprocessSpec.from_dict(meta["preprocessing"]) if meta else None
-    equalize = cfg.equalize if cfg.equalize is not None else (base.equalize if base else False)
-    scale = cfg.input_scale if cfg.input_scale is not None else (base.scale if base else 1.0 / 255.0)
+    equalize = equalize if equalize is not None else (base.equalize if base else False)
+    scale = input_scale if input_scale is not None else (base.scale if base else 1.0 / 255.0)
     return PreprocessSpec(h, w, c, equalize=equalize, scale=scale)
 
 
@@ -186,7 +188,7 @@ def convert(cfg: ConvertConfig) -> dict:
     except ModelLoadError as exc:
         raise ConvertError(str(exc)) from None
     meta = _training_meta(cfg.model)
-    spec = resolve_spec(fm, meta, cfg)
+    spec = resolve_spec(fm, meta, cfg.equalize, cfg.input_scale)
     log.info("model %s (%s), input %s, preprocessing %s", cfg.model, fm.kind, fm.input_shape,
              spec.to_dict()["description"])
 
@@ -246,8 +248,7 @@ def convert(cfg: ConvertConfig) -> dict:
         if tmp.exists():
             tmp.unlink()
 
-    in_d = scorer._in
-    out_d = scorer._out
+    in_d, out_d = scorer.io_details
     card = {
         "schema": CARD_SCHEMA,
         "name": name,

@@ -30,6 +30,7 @@ import numpy as np
 from .config import load_config
 from .preprocess import decode, prepare
 from .scorer import load_scorer
+from .selftest import sample_files
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ def bench_source_path(cfg: BenchConfig, files: list[Path], our_score_p50: float)
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    files = sorted(p for p in Path(cfg.images).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = [p for p in sample_files(Path(cfg.images)) if p.suffix.lower() != ".dcm"]
     if not files:
         raise FileNotFoundError(f"no JPEG/PNG images under {cfg.images}")
     with tempfile.TemporaryDirectory(prefix="pneumoflag-bench-") as tmp:

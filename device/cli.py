@@ -111,10 +111,11 @@ def _add_alerts(sub) -> None:
 
 def _cmd_alerts(args) -> int:
     from .alerts import run_alerts
+    from .config import EMBEDDED_BROKER
 
     cfg = _config(args)
     if not cfg.mqtt.broker:
-        cfg.mqtt.broker = "127.0.0.1:1883"
+        cfg.mqtt.broker = EMBEDDED_BROKER
     try:
         return run_alerts(cfg, args.priority, args.json, args.count, args.timeout, args.errors)
     except ConnectionError as exc:

@@ -20,6 +20,8 @@ else:  # pragma: no cover
 
 DEFAULT_CONFIG = Path("/etc/pneumoflag/pneumoflag.toml")
 ENV_PREFIX = "PNEUMOFLAG_"
+#: where `watch` starts its embedded broker when none is configured (and where `alerts` looks then)
+EMBEDDED_BROKER = "127.0.0.1:1883"
 SECRET_KEYS = {("mqtt", "password")}
 REDACTED = "********"
 

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 from collections import Counter, deque
@@ -22,7 +23,7 @@ import numpy as np
 
 from . import __version__
 from .card import CardError
-from .config import Config, ConfigError
+from .config import EMBEDDED_BROKER, Config, ConfigError
 from .ingest import Ingest, IngestError, Ready
 from .messages import ErrorMessage, encode, utc_now
 from .pipeline import Pipeline, sha256_bytes
@@ -130,8 +131,8 @@ class Daemon:
     def _start_embedded_broker(self) -> None:
         from .broker import BrokerStartError, EmbeddedBroker, port_in_use
 
-        host, port = "127.0.0.1", 1883
-        self.cfg.mqtt.broker = f"{host}:{port}"
+        self.cfg.mqtt.broker = EMBEDDED_BROKER
+        host, port = self.cfg.broker_host_port
         if self.cfg.mqtt.protocol == "5":
             log.warning("the embedded broker speaks MQTT 3.1.1 only: using 3.1.1")
             self.cfg.mqtt.protocol = "3.1.1"
@@ -241,7 +242,7 @@ class Daemon:
         except PermissionError:
             self._reject(rel, None, 0, 0, "permission-denied", f"{rel}: permission denied")
             return
-        if not path.is_file():
+        if not stat.S_ISREG(st.st_mode):
             return
         try:
             if self.store.seen(rel, st.st_size, st.st_mtime_ns):

@@ -139,6 +139,12 @@ def _check_decodable(ds: Any, name: str) -> None:
         )
 
 
+def _require(value: Optional[str], accepted: Sequence[str], reason: str, message: str) -> None:
+    """A tag that is present must be one of ``accepted`` (case-insensitive); absent passes."""
+    if value is not None and value.strip().upper() not in {a.strip().upper() for a in accepted}:
+        raise ImageDecodeError(reason, f"{message} (accepted: {', '.join(accepted)})")
+
+
 def read_dicom(
     source: DicomSource,
     *,
@@ -182,20 +188,8 @@ def read_dicom(
         info.patient_id = _text(ds, "PatientID")
 
     # Refuse what the model was not trained on, cheapest checks first.
-    accepted = {m.strip().upper() for m in accept_modalities}
-    if modality is not None and modality.upper() not in accepted:
-        raise ImageDecodeError(
-            "dicom-modality",
-            f"{name}: modality {modality} is not a radiograph "
-            f"(accepted: {', '.join(accept_modalities)})",
-        )
-    parts = {p.strip().upper() for p in accept_body_parts}
-    if body_part is not None and body_part.upper() not in parts:
-        raise ImageDecodeError(
-            "dicom-body-part",
-            f"{name}: body part {body_part} is not accepted "
-            f"(accepted: {', '.join(accept_body_parts)})",
-        )
+    _require(modality, accept_modalities, "dicom-modality", f"{name}: modality {modality} is not a radiograph")
+    _require(body_part, accept_body_parts, "dicom-body-part", f"{name}: body part {body_part} is not accepted")
     if "PixelData" not in ds:
         raise ImageDecodeError("dicom-no-pixels", f"{name}: DICOM file has no pixel data")
     frames = _int(ds, "NumberOfFrames", 1) or 1

@@ -16,6 +16,7 @@ import numpy as np
 
 from .card import ModelCard
 from .config import Config
+from .dicom import is_dicom, read_dicom
 from .messages import FlagMessage, ModelRef, Timings
 from .preprocess import ImageDecodeError, decode, prepare
 from .scorer import Scorer
@@ -45,12 +46,8 @@ class Pipeline:
     def decode(self, data: bytes, name: str) -> Decoded:
         """JPEG/PNG through the shared preprocessing; DICOM through pydicom, then the same ``prepare``."""
         t0 = time.perf_counter()
-        from .dicom import is_dicom
-
         ids = None
         if is_dicom(data[:132]):
-            from .dicom import read_dicom
-
             gray, info = read_dicom(
                 data,
                 name=name,

@@ -97,8 +97,6 @@ class Publisher:
         self._inflight: dict[int, int] = {}  # mid -> outbox seq; pump thread only
         self._handed_up_to = 0  # highest outbox seq handed to paho in this process
         self._thread: Optional[threading.Thread] = None
-        self.last_error: Optional[str] = None
-        self.acked = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -150,7 +148,6 @@ class Publisher:
         if reason_code.is_failure:
             self._problem(f"broker refused the connection: {reason_code}")
             return
-        self.last_error = None
         self._logged_problems.clear()
         log.info("MQTT connected to %s", self.cfg.mqtt.broker)
         client.publish(self.status_topic, "online", qos=1, retain=True)
@@ -159,7 +156,6 @@ class Publisher:
 
     def _problem(self, text: str) -> None:
         """Log each connection problem once per outage (not at every retry), and a reminder a minute."""
-        self.last_error = text
         now = time.monotonic()
         if text not in self._logged_problems or now - self._last_reminder > 60:
             self._logged_problems.add(text)
@@ -186,19 +182,21 @@ class Publisher:
         self._wake.set()
 
     def _process_acks(self) -> None:
+        seqs = []
         while True:
             try:
                 mid = self._acks.get_nowait()
             except queue.Empty:
-                return
+                break
             seq = self._inflight.pop(mid, None)
-            if seq is None:  # a status or stats publish
-                continue
-            try:
-                self.store.ack(seq)
-            except StoreError as exc:  # re-sent after a restart: at-least-once
-                log.error("could not remove acknowledged message %d from the outbox: %s", seq, exc)
-            self.acked += 1
+            if seq is not None:  # None: a status or stats publish
+                seqs.append(seq)
+        if not seqs:
+            return
+        try:
+            self.store.ack(seqs)
+        except StoreError as exc:  # re-sent after a restart: at-least-once
+            log.error("could not remove %d acknowledged messages from the outbox: %s", len(seqs), exc)
 
     # ------------------------------------------------------------------ the pump
     def _pump(self) -> None:
@@ -225,7 +223,3 @@ class Publisher:
             if len(rows) == MAX_INFLIGHT * 2:
                 self._wake.set()
             self._process_acks()
-
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)

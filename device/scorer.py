@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -79,13 +78,10 @@ class Scorer:
             return float((int(q) - self._out_zp) * self._out_scale)
         return float(q)
 
-    def score_many(self, batch: np.ndarray) -> np.ndarray:
-        return np.array([self.score(x) for x in batch], dtype=np.float64)
-
-    def timed_score(self, pixels: np.ndarray) -> tuple[float, float]:
-        t = time.perf_counter()
-        p = self.score(pixels)
-        return p, (time.perf_counter() - t) * 1000.0
+    @property
+    def io_details(self) -> tuple[dict, dict]:
+        """The interpreter's input and output details (shape, dtype, quantization) for the model card."""
+        return self._in, self._out
 
 
 def load_scorer(

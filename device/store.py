@@ -160,9 +160,9 @@ class Store:
             ).fetchall()
         return [OutboxRow(*r) for r in rows]
 
-    def ack(self, seq: int) -> None:
-        """The broker acknowledged it: only now does it leave the outbox."""
-        self._write(lambda db: db.execute("DELETE FROM outbox WHERE seq=?", (seq,)))
+    def ack(self, seqs: list[int]) -> None:
+        """The broker acknowledged them: only now do they leave the outbox (one transaction)."""
+        self._write(lambda db: db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs]))
 
     def outbox_depth(self) -> int:
         with self._lock:
