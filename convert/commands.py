@@ -6,6 +6,13 @@ the device CLI starts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
+
+from ..device.preprocess import CONTRASTS
+from ..device.vocab import ACCELERATORS
+from .augment import AUGMENTATIONS
+from .metrics import FLAG_MIN_SENSITIVITY, URGENT_MIN_SPECIFICITY
+from .model import ARCHITECTURES
 
 
 def add_train(sub) -> None:
@@ -18,19 +25,34 @@ def add_train(sub) -> None:
     )
     p.add_argument("--data", required=True, type=Path, help="folder with NORMAL/ and PNEUMONIA/")
     p.add_argument("--out", required=True, type=Path, help="where to write the model (.keras)")
-    p.add_argument("--size", type=int, default=128, help="input height and width in px (default 128)")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="input channels (default 1)")
-    p.add_argument("--no-equalize", dest="equalize", action="store_false",
-                   help="skip histogram equalisation in preprocessing")
+    p.add_argument("--arch", choices=tuple(ARCHITECTURES), default="reduced-node",
+                   help="network: reduced-node (default, the shipped family), rgb64 or small-cnn "
+                   "(the source notebooks' other small CNNs)")
+    p.add_argument("--size", type=int, help="input height and width in px (default: 128; rgb64: 64)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="input channels (default: 1; rgb64: 3)")
+    p.add_argument("--contrast", choices=CONTRASTS, default="equalize",
+                   help="contrast step of the preprocessing: global histogram equalisation (default), "
+                   "CLAHE, or none")
+    p.add_argument("--no-equalize", dest="contrast", action="store_const", const="none",
+                   help="same as --contrast none")
+    p.add_argument("--crop", type=float, default=0.0,
+                   help="cut this share of each side before resizing (0-0.25; default 0)")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default="geometric",
+                   help="geometric: rotation/zoom/shift (default); scanner: also gamma, window, haze, blur, "
+                   "noise, JPEG re-compression and other downscaling; none")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
+    p.add_argument("--flip", action="store_true", help="also flip left-right at random")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="binary cross-entropy label smoothing")
+    p.add_argument("--dropout", type=float, default=0.3, help="dropout before the dense head (default 0.3)")
     p.add_argument("--epochs", type=int, default=30, help="maximum epochs (early stopping on val loss)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation")
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false",
                    help="do not weight classes by inverse frequency")
     p.add_argument("--seed", type=int, default=42, help="seed for split, init, shuffling, augmentation")
+    p.add_argument("--workers", type=int, default=2, help="threads that decode and augment (default 2)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -38,11 +60,12 @@ def _cmd_train(args) -> int:
     from ..convert.train import TrainConfig, train
 
     cfg = TrainConfig(
-        data=args.data, out=args.out, size=args.size, channels=args.channels,
-        equalize=args.equalize, epochs=args.epochs, batch_size=args.batch_size,
+        data=args.data, out=args.out, arch=args.arch, size=args.size, channels=args.channels,
+        contrast=args.contrast, crop=args.crop, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, val_fraction=args.val_fraction,
-        patience=args.patience, augment=args.augment, class_weights=args.class_weights,
-        seed=args.seed,
+        patience=args.patience, augment=args.augment, flip=args.flip,
+        label_smoothing=args.label_smoothing, dropout=args.dropout, class_weights=args.class_weights,
+        seed=args.seed, workers=args.workers,
     )
     meta = train(cfg)
     print(
@@ -57,34 +80,63 @@ def add_convert(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="quantize a model to full-int8 TFLite and write its model card",
-        description="Quantize MODEL (.keras, Keras-2 .h5 or SavedModel folder) to a full-int8 TFLite "
-        "file (uint8 input: the device feeds raw pixels) calibrated on real images, verify it against "
-        "the float model on validation data, choose the operating points and write the model card "
-        "OUT.json. Nothing is written unless every check passes.",
+        description="Quantize MODEL (.keras, Keras-2 .h5 or SavedModel folder; several .keras files make an "
+        "ensemble that averages their logits) to a full-int8 TFLite file calibrated on real images. The int8 "
+        "graph ends at the logit (the device applies the sigmoid in float), its input is uint8 (the device feeds "
+        "raw pixels). It is verified against the float model on the validation split and on --check-data, the "
+        "operating points are chosen and the model card OUT.json is written. Nothing is written unless every "
+        "check passes.",
     )
-    p.add_argument("model", type=Path, help="float model: .keras, .h5 or SavedModel folder")
+    p.add_argument("model", type=Path, nargs="+", help="float model(s): .keras, .h5 or SavedModel folder")
     p.add_argument("--calibration", required=True, type=Path,
                    help="folder with NORMAL/ and PNEUMONIA/ images for calibration")
     p.add_argument("--out", required=True, type=Path, help="output .tflite, e.g. models/NAME.tflite")
     p.add_argument("--validation", type=Path,
                    help="folder with NORMAL/ and PNEUMONIA/ for verification and operating points "
                    "(default: the validation split recorded by `pneumoflag train`)")
+    p.add_argument("--check-data", type=Path,
+                   help="a second labelled folder (e.g. the site's images) on which float and int8 must also "
+                   "agree; never used for calibration or operating points")
     p.add_argument("--num-calibration", type=int, default=200, help="calibration images (default 200)")
-    p.add_argument("--max-auroc-drop", type=float, default=0.01,
-                   help="fail when int8 AUROC is this much below float (default 0.01)")
+    p.add_argument("--max-auroc-drop", type=float, default=0.005,
+                   help="fail when int8 AUROC is this much below float on either set (default 0.005)")
     p.add_argument("--edgetpu", action="store_true", help="also compile NAME_edgetpu.tflite with edgetpu_compiler")
     p.add_argument("--name", help="model name in the card (default: OUT's stem)")
     p.add_argument("--model-version", default="1.0.0", help="model version in the card")
-    eq = p.add_mutually_exclusive_group()
-    eq.add_argument("--equalize", dest="equalize", action="store_true", default=None,
-                    help="histogram-equalise inputs (default: as trained; off for foreign models)")
-    eq.add_argument("--no-equalize", dest="equalize", action="store_false")
+    p.add_argument("--contrast", choices=CONTRASTS,
+                   help="contrast step of the preprocessing (default: as trained; none for foreign models)")
     p.add_argument("--input-scale", type=float,
                    help="float model input = pixels * SCALE (default: as trained, else 1/255)")
-    p.add_argument("--min-sensitivity", type=float, default=0.97, help="flag operating point target")
-    p.add_argument("--min-specificity", type=float, default=0.95, help="urgent operating point target")
+    p.add_argument("--min-sensitivity", type=float, default=FLAG_MIN_SENSITIVITY,
+                   help=f"flag: highest threshold with at least this sensitivity (default {FLAG_MIN_SENSITIVITY})")
+    p.add_argument("--min-specificity", "--urgent-min-specificity", dest="min_specificity", type=float,
+                   default=URGENT_MIN_SPECIFICITY,
+                   help=f"urgent: lowest threshold with at least this specificity (default {URGENT_MIN_SPECIFICITY})")
+    p.add_argument("--single-tier", action="store_true",
+                   help="when the data cannot put urgent above flag, write a card without an urgent tier "
+                   "instead of stopping")
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration sample")
     p.set_defaults(func=_cmd_convert)
+
+
+def _fmt_ci(v: Optional[float], ci: Optional[list]) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def format_points(figures: dict) -> list[str]:
+    """One line per operating point: threshold, sensitivity and specificity with their intervals."""
+    lines = []
+    for name, m in figures["operating_points"].items():
+        line = (f"  {name:<7} p >= {m['threshold']:.4f}  sensitivity {_fmt_ci(m['sensitivity'], m.get('sensitivity_ci95'))}"
+                f"  specificity {_fmt_ci(m['specificity'], m.get('specificity_ci95'))}")
+        prev = m.get("at_prevalence")
+        if prev:
+            line += (f"  flagged {prev['share_flagged']:.1%}, PPV {_fmt_ci(prev['ppv'], None)} "
+                     f"at prevalence {prev['prevalence']:.1%}")
+        lines.append(line)
+    return lines
 
 
 def _cmd_convert(args) -> int:
@@ -92,9 +144,10 @@ def _cmd_convert(args) -> int:
 
     cfg = ConvertConfig(
         model=args.model, calibration=args.calibration, out=args.out, validation=args.validation,
-        num_calibration=args.num_calibration, max_auroc_drop=args.max_auroc_drop, edgetpu=args.edgetpu,
-        name=args.name, version=args.model_version, equalize=args.equalize, input_scale=args.input_scale,
-        min_sensitivity=args.min_sensitivity, min_specificity=args.min_specificity, seed=args.seed,
+        check_data=args.check_data, num_calibration=args.num_calibration, max_auroc_drop=args.max_auroc_drop,
+        edgetpu=args.edgetpu, name=args.name, version=args.model_version, contrast=args.contrast,
+        input_scale=args.input_scale, min_sensitivity=args.min_sensitivity, min_specificity=args.min_specificity,
+        single_tier=args.single_tier, seed=args.seed,
     )
     if cfg.num_calibration < 1:
         raise _cli_error("--num-calibration must be at least 1")
@@ -103,20 +156,23 @@ def _cmd_convert(args) -> int:
     except ConvertError as exc:
         raise _cli_error(str(exc)) from None
     card = res["card"]
-    ag = card["quantization"]["agreement"]
-    ops = card["operating_points"]
     print(res["report"])
-    print(
-        f"float vs int8 on {ag['n']} validation images: priority agreement {ag['priority_agreement']:.3f}, "
-        f"flag agreement {ag['flag_agreement']:.3f}, max |dp| {ag['max_abs_diff']:.4f}, "
-        f"AUROC {ag['auroc_float']:.4f} -> {ag['auroc_int8']:.4f} (drop {ag['auroc_drop']:+.4f})"
-    )
-    v = card["validation"]["int8"]["operating_points"]
-    print(
-        f"operating points: flag p>={ops['flag']['threshold']:.4f} (sens {v['flag']['sensitivity']:.3f}, "
-        f"spec {v['flag']['specificity']:.3f}); urgent p>={ops['urgent']['threshold']:.4f} "
-        f"(sens {v['urgent']['sensitivity']:.3f}, spec {v['urgent']['specificity']:.3f})"
-    )
+    print(f"int8 output: {card['tflite']['output']['kind']} ({card['tflite']['output']['note']})")
+    for set_name, ag in card["quantization"]["agreement"].items():
+        extra = ""
+        if "priority_agreement" in ag:
+            extra = f", priority agreement {ag['priority_agreement']:.3f}"
+        print(
+            f"float vs int8 on {ag['n']} {set_name} images: AUROC {ag['auroc_float']:.4f} -> {ag['auroc_int8']:.4f} "
+            f"(drop {ag['auroc_drop']:+.4f}), max |dp| {ag['max_abs_diff']:.4f}{extra}; "
+            f"{ag['distinct_outputs']} distinct outputs, {ag['share_at_lowest_level']:.1%} at the lowest and "
+            f"{ag['share_at_highest_level']:.1%} at the highest level"
+        )
+    print("operating points (validation data):")
+    print("\n".join(format_points(card["validation"]["int8"])))
+    if card.get("check_data"):
+        print("the same points on --check-data:")
+        print("\n".join(format_points(card["check_data"]["int8"])))
     print(f"wrote {args.out} ({card['tflite']['bytes']:,} bytes) and {res['card_path']}")
     if "edgetpu_error" in res:
         raise _cli_error(res["edgetpu_error"])
@@ -125,22 +181,67 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="set the operating points on a site's own labelled images",
+        description="Score a site's labelled images (DATA with NORMAL/ and PNEUMONIA/, at least 50 of each) with "
+        "MODEL and set the operating points there, as a hospital does before go-live: flag = the highest "
+        "threshold with sensitivity >= --min-sensitivity, urgent = the lowest with specificity >= "
+        "--urgent-min-specificity, strictly above flag. Prints both with bootstrap 95%% intervals, the share of "
+        "images flagged and the PPV at the site's prevalence, then writes a new revision of the model card "
+        "(version bumped, the data recorded as counts and a digest, the old points kept). The .tflite is not "
+        "touched; the daemon picks the new card up on restart. No TensorFlow needed.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="the .tflite model (its card beside it)")
+    p.add_argument("--data", required=True, type=Path, help="the site's labelled images: NORMAL/ and PNEUMONIA/")
+    p.add_argument("--card", type=Path, help="the model's card (default: NAME.json beside the model)")
+    p.add_argument("--out", type=Path, help="write the new card here (default: replace the card, a new revision)")
+    p.add_argument("--min-sensitivity", type=float, default=FLAG_MIN_SENSITIVITY,
+                   help=f"flag target (default {FLAG_MIN_SENSITIVITY})")
+    p.add_argument("--urgent-min-specificity", type=float, default=URGENT_MIN_SPECIFICITY,
+                   help=f"urgent target (default {URGENT_MIN_SPECIFICITY})")
+    p.add_argument("--prevalence", type=float,
+                   help="share of pneumonia among the site's radiographs, for PPV and the flagged share "
+                   "(default: the data's own)")
+    p.add_argument("--single-tier", action="store_true",
+                   help="when urgent cannot lie above flag, write a card without an urgent tier instead of stopping")
+    p.add_argument("--model-version", help="version of the new card (default: the minor version bumped)")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args) -> int:
+    from ..convert.calibrate import CalibrateConfig, CalibrateError, calibrate, summary
+
+    try:
+        res = calibrate(CalibrateConfig(
+            model=args.model, data=args.data, card=args.card, out=args.out, min_sensitivity=args.min_sensitivity,
+            urgent_min_specificity=args.urgent_min_specificity, prevalence=args.prevalence,
+            single_tier=args.single_tier, version=args.model_version,
+        ))
+    except CalibrateError as exc:
+        raise _cli_error(str(exc)) from None
+    print(summary(res))
+    return 0
+
+
 def add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="AUROC and operating-point figures on a labelled folder",
         description="Score every image of DATA (NORMAL/ and PNEUMONIA/ subfolders) and report AUROC and, "
-        "at each operating point of the model card, sensitivity, specificity, PPV, NPV, accuracy and the "
-        "confusion matrix. A .tflite runs on the device runtime (no TensorFlow needed).",
+        "at each operating point of the model card, sensitivity and specificity with bootstrap 95% intervals, "
+        "PPV, NPV, accuracy and the confusion matrix. A .tflite runs on the device runtime (no TensorFlow needed).",
     )
     p.add_argument("--model", required=True, type=Path, help=".tflite (with its card) or a Keras/SavedModel model")
     p.add_argument("--data", required=True, type=Path, help="folder with NORMAL/ and PNEUMONIA/")
     p.add_argument("--json", dest="json_out", type=Path, help="write the figures as JSON here")
     p.add_argument("--plots", type=Path, help="write roc.png, confusion.png, misclassified.png here")
     p.add_argument("--card", type=Path, help="model card for thresholds (default: beside a .tflite)")
-    p.add_argument("--accelerator", choices=("auto", "edgetpu", "cpu"), default="cpu")
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu")
     p.add_argument("--split", type=Path, metavar="TRAIN_JSON",
                    help="only the validation files recorded in this *.train.json (from `pneumoflag train`)")
+    p.add_argument("--prevalence", type=float, help="also report the flagged share and PPV at this prevalence")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -148,7 +249,7 @@ def _cmd_evaluate(args) -> int:
     from ..convert.evaluate import EvaluateConfig, evaluate, format_summary
 
     res = evaluate(EvaluateConfig(args.model, args.data, args.json_out, args.plots, args.card, args.accelerator,
-                                  split=args.split))
+                                  split=args.split, prevalence=args.prevalence))
     print(format_summary(res))
     if args.json_out:
         print(f"wrote {args.json_out}")
@@ -156,6 +257,25 @@ def _cmd_evaluate(args) -> int:
         print(f"wrote {pth}")
     return 0
 
+
+EPILOG = """model toolchain (train/convert need the 'convert' extra: pip install 'pneumoflag[convert]'):
+  train      train a compact CNN on a NORMAL/ PNEUMONIA/ folder
+  convert    quantize a Keras/SavedModel model to full-int8 TFLite + model card
+  calibrate  set the operating points on a site's own labelled images
+  evaluate   AUROC and operating-point figures of a model on a labelled folder
+
+"""
+
+
+def register(sub) -> dict:
+    """Entry point (group ``pneumoflag.commands``): add the toolchain's subcommands to the CLI."""
+    from .calibrate import CalibrateError
+    from .dataset import DataError
+    from .quantize import ConvertError
+
+    for add in (add_train, add_convert, add_calibrate, add_evaluate):
+        add(sub)
+    return {"epilog": EPILOG, "errors": (DataError, ConvertError, CalibrateError)}
 
 
 def _cli_error(message: str) -> Exception:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -159,15 +160,23 @@ def load_samples(
     return LoadedSet(x, np.asarray(ys, np.int64), paths, skipped)
 
 
-def require_both_classes(ds: LoadedSet, what: str) -> None:
-    counts = np.bincount(ds.y, minlength=2)
-    if len(ds) == 0:
-        raise DataError(f"{what}: no readable images ({len(ds.skipped)} skipped as unreadable)")
+def require_both_classes(y: np.ndarray, what: str, skipped: int = 0) -> None:
+    counts = np.bincount(y, minlength=2)
+    if len(y) == 0:
+        raise DataError(f"{what}: no readable images ({skipped} skipped as unreadable)")
     if counts.min() == 0:
         raise DataError(
             f"{what}: needs images of both classes, found "
             + ", ".join(f"{LABELS[i]}={counts[i]}" for i in range(2))
         )
+
+
+def portable_path(path: Path | str, base: Path | str | None = None) -> str:
+    """``path`` relative to ``base`` (default: the current folder), for records that travel.
+
+    Model cards and training records never name a folder of the build machine.
+    """
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(base or os.curdir))
 
 
 def split_fingerprint(samples: Iterable[Sample]) -> str:

@@ -33,6 +33,7 @@ class EvaluateConfig:
     accelerator: str = "cpu"
     workers: int = 4
     split: Optional[Path] = None  # a *.train.json: evaluate only its validation files
+    prevalence: Optional[float] = None
 
 
 def _scores_tflite(cfg: EvaluateConfig) -> tuple[LoadedSet, np.ndarray, ModelCard, str]:
@@ -61,7 +62,7 @@ def _load(cfg: EvaluateConfig, spec: PreprocessSpec) -> LoadedSet:
             raise DataError(f"--split {cfg.split}: {len(wanted) - len(samples)} of its {len(wanted)} validation "
                             f"files are not under {cfg.data}")
     ds = load_samples(samples, spec, cfg.workers, Progress("decoding", len(samples)))
-    require_both_classes(ds, f"evaluation folder {cfg.data}")
+    require_both_classes(ds.y, f"evaluation folder {cfg.data}", len(ds.skipped))
     return ds
 
 
@@ -96,10 +97,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if card:
             thresholds, source = card.thresholds.as_dict(), f"model card {card.path}"
         else:
-            ops = choose_operating_points(ds.y, p)
+            ops = choose_operating_points(ds.y, p, single_tier=True)
             thresholds = {k: ops[k]["threshold"] for k in ("flag", "urgent")}
             source = "chosen on this data (no --card given): optimistic"
-    result = evaluate_scores(ds.y, p, thresholds)
+    result = evaluate_scores(ds.y, p, thresholds, intervals=True, prevalence=cfg.prevalence)
     result.update({
         "model": str(cfg.model),
         "data": str(cfg.data) + (f" (validation split of {cfg.split.name})" if cfg.split else ""),
@@ -119,10 +120,17 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def format_summary(r: dict) -> str:
+    from .commands import format_points
+
+    lo, hi = r.get("auroc_ci95", [float("nan")] * 2)
+    s95 = r.get("specificity_at_sensitivity", {})
     lines = [
         f"{r['model']} on {r['data']} ({r['runner']})",
-        f"n={r['n']} (PNEUMONIA {r['n_positive']}, NORMAL {r['n_negative']})  AUROC {r['auroc']:.4f}",
-        f"thresholds from {r['thresholds_from']}",
+        f"n={r['n']} (PNEUMONIA {r['n_positive']}, NORMAL {r['n_negative']})  AUROC {r['auroc']:.4f} "
+        f"[{lo:.4f}, {hi:.4f}]",
+        "specificity at sensitivity " + ", ".join(f"{k}: {v:.3f}" for k, v in s95.items()),
+        f"thresholds from {r['thresholds_from']} (bootstrap 95% intervals)",
+        *format_points(r),
         f"{'point':<8}{'thr':>8}{'sens':>8}{'spec':>8}{'ppv':>8}{'npv':>8}{'acc':>8}   tp   fp   tn   fn",
     ]
     fmt = lambda v: f"{v:8.3f}" if v is not None else f"{'n/a':>8}"  # noqa: E731

@@ -21,17 +21,25 @@ class FloatModel:
     path: Path
     kind: str  # "keras", "h5", "savedmodel"
     input_shape: tuple[int, int, int]  # H, W, C
-    call: Callable[[Any], Any]  # float32 batch -> probabilities (TF tensor or array)
+    call: Callable[[Any], Any]  # float32 batch -> probabilities, or logits when output == "logit"
     keras_model: Any = None
     summary: list[str] = field(default_factory=list)
     parameters: Optional[int] = None
+    #: "probability" (ends in a sigmoid/softmax) or "logit" (the score before it)
+    output: str = "probability"
 
-    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def raw(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The model's output as it is (logits for a logit model)."""
         out = []
         for i in range(0, len(x), batch_size):
             y = self.call(x[i : i + batch_size])
             out.append(np.asarray(y, dtype=np.float64).reshape(len(x[i : i + batch_size]), -1)[:, -1])
         return np.concatenate(out) if out else np.zeros(0)
+
+    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Probabilities of pneumonia."""
+        r = self.raw(x, batch_size)
+        return sigmoid(r) if self.output == "logit" else r
 
     def frozen_function(self):
         """A batch-1 concrete function with variables folded in (what the TFLite converter wants)."""
@@ -41,6 +49,89 @@ class FloatModel:
         spec = tf.TensorSpec([1, *self.input_shape], tf.float32, name="image")
         fn = tf.function(lambda x: self.call(x), input_signature=[spec], autograph=False)
         return convert_variables_to_constants_v2(fn.get_concrete_function())
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def _logit_tensor(model):
+    """The pre-activation score of a Keras model that ends in a sigmoid or a 2-way softmax.
+
+    Returns a Keras tensor, or None when the output is not one we can undo exactly.
+    An int8 sigmoid has 256 output levels of 1/256 and saturates: images above
+    p = 0.996 all tie, and their order is lost. The logit keeps it.
+    """
+    import keras
+
+    last = model.layers[-1]
+    act = getattr(last, "activation", None)
+    act_name = getattr(act, "__name__", str(act))
+    if isinstance(last, keras.layers.Activation) and act_name == "sigmoid":
+        return last.input
+    if isinstance(last, keras.layers.Dense) and act_name in ("sigmoid", "softmax"):
+        w, *b = last.get_weights()
+        b = b[0] if b else np.zeros(w.shape[1], w.dtype)
+        if act_name == "sigmoid" and w.shape[1] == 1:
+            w1, b1 = w, b
+        elif act_name == "softmax" and w.shape[1] == 2:  # p1 = sigmoid(z1 - z0)
+            w1, b1 = (w[:, 1] - w[:, 0])[:, None], np.array([b[1] - b[0]], w.dtype)
+        else:
+            return None
+        dense = keras.layers.Dense(1, name="logit_of_" + last.name)
+        out = dense(last.input)
+        dense.set_weights([w1, b1])
+        return out
+    return None
+
+
+def logit_model(fm: "FloatModel") -> "FloatModel":
+    """The same Keras model cut before its final sigmoid/softmax, so int8 ends at the logit.
+
+    A model whose output cannot be undone exactly (a SavedModel, another head)
+    is returned as it is; the conversion checks then show whether its
+    probability output saturates.
+    """
+    if fm.keras_model is None or fm.output == "logit":
+        return fm
+    import keras
+
+    t = _logit_tensor(fm.keras_model)
+    if t is None:
+        log.warning("%s: the output is not a sigmoid or 2-way softmax we can cut; converting it as it is", fm.path)
+        return fm
+    m = keras.Model(fm.keras_model.inputs[0], t, name=fm.keras_model.name + "_logit")
+    return FloatModel(path=fm.path, kind=fm.kind, input_shape=fm.input_shape,
+                      call=lambda x: m(x, training=False), keras_model=m, summary=fm.summary,
+                      parameters=fm.parameters, output="logit")
+
+
+def ensemble(models: "list[FloatModel]") -> "FloatModel":
+    """One graph that averages the logits of several models on the same input.
+
+    Shipped as one int8 file: one invoke, one card, and the Edge TPU maps the
+    average (ADD, MUL) like the rest.
+    """
+    import keras
+
+    members = [logit_model(fm) for fm in models]
+    shapes = {fm.input_shape for fm in members}
+    if len(shapes) != 1:
+        raise ModelLoadError(f"ensemble members take different inputs: {sorted(shapes)}")
+    if any(fm.output != "logit" or fm.keras_model is None for fm in members):
+        raise ModelLoadError("an ensemble needs Keras models that end in a sigmoid (their logits are averaged)")
+    inp = keras.Input(shape=members[0].input_shape, name="image")
+    outs = []
+    for i, fm in enumerate(members):
+        sub = fm.keras_model
+        sub.name = f"member{i}"
+        outs.append(sub(inp))
+    avg = keras.layers.Average(name="logit")(outs)
+    m = keras.Model(inp, avg, name="ensemble")
+    return FloatModel(path=members[0].path, kind="ensemble", input_shape=members[0].input_shape,
+                      call=lambda x: m(x, training=False), keras_model=m,
+                      summary=[f"average of the logits of {len(members)} members"] + members[0].summary,
+                      parameters=int(m.count_params()), output="logit")
 
 
 def _shape_from(shape, path: Path) -> tuple[int, int, int]:

@@ -24,23 +24,20 @@ def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
+def _ranks(p: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
+
+
 def auroc(y, p) -> float:
     """Area under the ROC curve (Mann-Whitney U; ties count one half)."""
     y, p = _check(y, p)
     npos, nneg = int(y.sum()), int((1 - y).sum())
     if npos == 0 or nneg == 0:
         return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(len(p), np.float64)
-    sp = p[order]
-    i = 0
-    while i < len(sp):  # average ranks over ties
-        j = i
-        while j + 1 < len(sp) and sp[j + 1] == sp[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    u = ranks[y == 1].sum() - npos * (npos + 1) / 2.0
+    u = _ranks(p)[y == 1].sum() - npos * (npos + 1) / 2.0
     return float(u / (npos * nneg))
 
 
@@ -116,39 +113,129 @@ def urgent_threshold(y, p, min_specificity: float = URGENT_MIN_SPECIFICITY) -> f
     return float(above.min()) if above.size else float(np.nextafter(cut, np.inf))
 
 
+class TierError(ValueError):
+    """The data cannot set an urgent point strictly above the flag point."""
+
+
 def choose_operating_points(
     y,
     p,
     min_sensitivity: float = FLAG_MIN_SENSITIVITY,
     min_specificity: float = URGENT_MIN_SPECIFICITY,
+    single_tier: bool = False,
 ) -> dict:
-    """``flag`` and ``urgent`` thresholds with how they were chosen (for the model card)."""
+    """``flag`` and ``urgent`` thresholds with how they were chosen (for the model card).
+
+    ``urgent`` must lie strictly above ``flag``, or the tiers mean nothing. When
+    the data put the specificity target at or below the flag point, this raises
+    :class:`TierError`, unless ``single_tier``: then the card has no urgent point.
+    """
     flag = flag_threshold(y, p, min_sensitivity)
-    urgent = urgent_threshold(y, p, min_specificity)
-    note = None
-    if urgent < flag:
-        note = (
-            f"the specificity target was already met below the flag threshold "
-            f"({urgent:.4f} < {flag:.4f}); urgent raised to the flag threshold"
-        )
-        urgent = flag
+    urgent: Optional[float] = urgent_threshold(y, p, min_specificity)
     out = {
-        "flag": {"threshold": flag, "rule": f"highest threshold with sensitivity >= {min_sensitivity}"},
-        "urgent": {"threshold": urgent, "rule": f"lowest threshold with specificity >= {min_specificity}"},
+        "flag": {"threshold": flag, "rule": f"highest threshold with sensitivity >= {min_sensitivity}",
+                 "min_sensitivity": min_sensitivity},
+        "urgent": {"threshold": urgent, "rule": f"lowest threshold with specificity >= {min_specificity}",
+                   "min_specificity": min_specificity},
         "rule": "probability >= urgent: urgent; >= flag: flag; below flag: routine",
     }
-    if note:
-        out["urgent"]["note"] = note
+    assert urgent is not None
+    if urgent <= flag:
+        why = (
+            f"the data cannot support distinct tiers: specificity >= {min_specificity} is already reached at "
+            f"p >= {urgent:.4f}, not above the flag point p >= {flag:.4f} (sensitivity >= {min_sensitivity})"
+        )
+        if not single_tier:
+            raise TierError(why + "; use data nearer the site's (calibrate on site images), other targets, "
+                            "or --single-tier to flag without an urgent tier")
+        out["urgent"].update(threshold=None, note=why + "; single tier: nothing is urgent")
+        out["rule"] = "probability >= flag: flag; below: routine (single tier)"
     return out
 
 
-def evaluate_scores(y, p, thresholds: dict[str, float]) -> dict:
-    """The evaluate JSON body: n, auroc and each operating point's figures."""
+def specificity_at_sensitivity(y, p, min_sensitivity: float) -> float:
+    """Specificity at the highest threshold that keeps sensitivity >= ``min_sensitivity``."""
     y, p = _check(y, p)
+    t = flag_threshold(y, p, min_sensitivity)
+    neg = p[y == 0]
+    return float((neg < t).mean()) if neg.size else float("nan")
+
+
+def bootstrap_intervals(y, p, threshold: float, n_boot: int = 2000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of sensitivity and specificity at a fixed threshold.
+
+    Positives and negatives are resampled separately (stratified), so every
+    resample has the data's own class counts. The threshold is held fixed:
+    the interval is for the point as set, not for setting it again.
+    """
+    y, p = _check(y, p)
+    rng = np.random.default_rng(seed)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out: dict[str, list[float]] = {}
+    for name, cls, hit in (("sensitivity", 1, lambda v: v >= threshold), ("specificity", 0, lambda v: v < threshold)):
+        v = hit(p[y == cls]).astype(np.float64)
+        if v.size == 0:
+            out[name] = [float("nan"), float("nan")]
+            continue
+        means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+        out[name] = [float(np.percentile(means, lo)), float(np.percentile(means, hi))]
+    return out
+
+
+def auroc_interval(y, p, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the AUROC (stratified resampling)."""
+    y, p = _check(y, p)
+    rng = np.random.default_rng(seed)
+    pos, neg = p[y == 1], p[y == 0]
+    if pos.size == 0 or neg.size == 0:
+        return [float("nan"), float("nan")]
+    yy = np.r_[np.ones(pos.size), np.zeros(neg.size)]
+    vals = [auroc(yy, np.r_[pos[rng.integers(0, pos.size, pos.size)], neg[rng.integers(0, neg.size, neg.size)]])
+            for _ in range(n_boot)]
+    return [float(np.percentile(vals, (1 - level) / 2 * 100)), float(np.percentile(vals, (1 + level) / 2 * 100))]
+
+
+def at_prevalence(sensitivity: float, specificity: float, prevalence: float) -> dict[str, Optional[float]]:
+    """Share of images flagged and PPV/NPV at a site's prevalence (Bayes)."""
+    flagged = prevalence * sensitivity + (1 - prevalence) * (1 - specificity)
+    negative = 1 - flagged
     return {
+        "prevalence": prevalence,
+        "share_flagged": flagged,
+        "ppv": prevalence * sensitivity / flagged if flagged > 0 else None,
+        "npv": (1 - prevalence) * specificity / negative if negative > 0 else None,
+    }
+
+
+def evaluate_scores(y, p, thresholds: dict[str, Optional[float]], intervals: bool = False,
+                    prevalence: Optional[float] = None) -> dict:
+    """The evaluate JSON body: n, auroc and each operating point's figures.
+
+    With ``intervals``, bootstrap 95% intervals of AUROC, sensitivity and
+    specificity; with ``prevalence``, the share flagged and PPV/NPV there.
+    """
+    y, p = _check(y, p)
+    out: dict = {
         "n": int(y.size),
         "n_positive": int(y.sum()),
         "n_negative": int((1 - y).sum()),
         "auroc": auroc(y, p),
-        "operating_points": {k: Confusion.at(y, p, t).report() for k, t in thresholds.items()},
+        "specificity_at_sensitivity": {
+            f"{s:.2f}": specificity_at_sensitivity(y, p, s) for s in (0.95, 0.97) if y.sum()
+        },
+        "operating_points": {},
     }
+    if intervals:
+        out["auroc_ci95"] = auroc_interval(y, p)
+    for k, t in thresholds.items():
+        if t is None:  # a single-tier card has no urgent point
+            continue
+        r = Confusion.at(y, p, t).report()
+        if intervals:
+            ci = bootstrap_intervals(y, p, t)
+            r["sensitivity_ci95"], r["specificity_ci95"] = ci["sensitivity"], ci["specificity"]
+        if prevalence is not None and r["sensitivity"] is not None and r["specificity"] is not None:
+            r["at_prevalence"] = at_prevalence(r["sensitivity"], r["specificity"], prevalence)
+        out["operating_points"][k] = r
+    return out

@@ -1,10 +1,21 @@
-"""The compact "reduced-node" CNN of the source work, with the changes that make it generalise.
+"""The compact CNNs ``pneumoflag train --arch`` builds.
 
-Source: Conv2D 50/40/35/32 (3x3, same, ReLU) each + 2x2 max-pool; Flatten;
-Dense 32/16/5 (ReLU, L2 0.005); Dense 1 sigmoid. Added here: batch norm after
-each conv (folded into the conv weights by the int8 converter, so it costs
-nothing on the device) and dropout before the dense head. Every layer maps to
-an int8 TFLite builtin that the Edge TPU runs.
+``reduced-node`` (the default) is the source work's model: Conv2D 50/40/35/32
+(3x3, same, ReLU) each + 2x2 max-pool; Flatten; Dense 32/16/5 (ReLU, L2
+0.005); Dense 1 sigmoid. Added here: batch norm after each conv (folded into
+the conv weights by the int8 converter, so it costs nothing on the device) and
+dropout before the dense head.
+
+``rgb64`` and ``small-cnn`` are the source notebooks' other small CNNs: a
+64x64 RGB network (three conv blocks 32/64/128, dense 128) and a plain
+two-block network the notebooks ran at 50 and 128 px. They are here so the
+study can compare them and so ``convert`` and the daemon are exercised with
+3-channel and other-size models.
+
+Every model ends in a linear ``logit`` layer followed by a separate
+``pneumonia`` sigmoid: ``convert`` cuts the graph at the logit, so the int8
+model never quantizes a saturating output (see ``float_model.logit_model``).
+Every layer maps to an int8 TFLite builtin that the Edge TPU runs.
 """
 from __future__ import annotations
 
@@ -13,6 +24,39 @@ from typing import Sequence
 MAX_PARAMS = 500_000
 CONV_FILTERS = (50, 40, 35, 32)
 DENSE_UNITS = (32, 16, 5)
+#: --arch name -> (default input size, default channels, one-line description)
+ARCHITECTURES = {
+    "reduced-node": (128, 1, "reduced-node CNN (conv 50/40/35/32 + BN, dense 32/16/5, sigmoid)"),
+    "rgb64": (64, 3, "64x64 RGB CNN of the source notebooks (conv 32/64/128 + BN, dense 128, sigmoid)"),
+    "small-cnn": (128, 1, "the notebooks' plain CNN (conv 32/64 + BN, dense 64, sigmoid), run at 50 or 128 px"),
+}
+
+
+def _head(x, dense_units: Sequence[int], l2: float, dropout: float):
+    import keras
+    from keras import layers, regularizers
+
+    x = layers.Flatten(name="flatten")(x)
+    if dropout:
+        x = layers.Dropout(dropout, name="dropout")(x)
+    for i, u in enumerate(dense_units, 1):
+        x = layers.Dense(
+            u, activation="relu", kernel_regularizer=regularizers.l2(l2) if l2 else None, name=f"dense{i}"
+        )(x)
+    logit = layers.Dense(1, name="logit")(x)
+    return logit, layers.Activation("sigmoid", name="pneumonia", dtype=keras.config.floatx())(logit)
+
+
+def _conv_blocks(x, filters: Sequence[int], batch_norm: bool = True):
+    from keras import layers
+
+    for i, f in enumerate(filters, 1):
+        x = layers.Conv2D(f, 3, padding="same", use_bias=not batch_norm, name=f"conv{i}")(x)
+        if batch_norm:
+            x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    return x
 
 
 def build_reduced_node_cnn(
@@ -24,25 +68,34 @@ def build_reduced_node_cnn(
     dense_units: Sequence[int] = DENSE_UNITS,
 ):
     import keras
-    from keras import layers, regularizers
 
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = inputs
-    for i, f in enumerate(conv_filters, 1):
-        x = layers.Conv2D(f, 3, padding="same", use_bias=not batch_norm, name=f"conv{i}")(x)
-        if batch_norm:
-            x = layers.BatchNormalization(name=f"bn{i}")(x)
-        x = layers.ReLU(name=f"relu{i}")(x)
-        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
-    x = layers.Flatten(name="flatten")(x)
-    if dropout:
-        x = layers.Dropout(dropout, name="dropout")(x)
-    for i, u in enumerate(dense_units, 1):
-        x = layers.Dense(
-            u, activation="relu", kernel_regularizer=regularizers.l2(l2), name=f"dense{i}"
-        )(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="pneumonia")(x)
-    model = keras.Model(inputs, outputs, name="reduced_node_cnn")
+    x = _conv_blocks(inputs, conv_filters, batch_norm)
+    _, outputs = _head(x, dense_units, l2, dropout)
+    return _checked(keras.Model(inputs, outputs, name="reduced_node_cnn"))
+
+
+def build_model(arch: str, input_shape: Sequence[int], dropout: float = 0.3):
+    """The network named ``arch`` for ``input_shape`` (H, W, C)."""
+    import keras
+
+    if arch == "reduced-node":
+        return build_reduced_node_cnn(input_shape, dropout=dropout)
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    if arch == "rgb64":
+        x = _conv_blocks(inputs, (32, 64, 128))
+        _, outputs = _head(x, (128,), 0.0, max(dropout, 0.5))
+    elif arch == "small-cnn":
+        x = _conv_blocks(inputs, (32, 64))
+        # shrink the flatten so a 128 px input stays within the parameter budget
+        x = keras.layers.MaxPooling2D(4 if min(input_shape[:2]) >= 96 else 1, name="pool_head")(x)
+        _, outputs = _head(x, (64,), 0.0, max(dropout, 0.5))
+    else:
+        raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
+    return _checked(keras.Model(inputs, outputs, name=arch.replace("-", "_")))
+
+
+def _checked(model):
     if model.count_params() > MAX_PARAMS:
         raise ValueError(
             f"model has {model.count_params():,} parameters, over the {MAX_PARAMS:,} budget"

@@ -1,10 +1,18 @@
 """``pneumoflag convert``: full-int8 TFLite with real calibration images, verified, with a model card.
 
-Flow: load float model -> preprocessing spec -> stratified calibration set ->
-int8 conversion (uint8 input: the device feeds raw pixels) -> every op must be
-int8 -> Edge TPU compatibility report -> float vs int8 on the validation set
-(fails when AUROC drops too much) -> operating points -> .tflite + card,
-written under temporary names and renamed only when everything passed.
+Flow: load float model(s), cut at the logit (an ensemble averages its members'
+logits) -> preprocessing spec -> stratified calibration set -> int8 conversion
+(uint8 input: the device feeds raw pixels) -> every op must be int8 -> Edge TPU
+compatibility report -> float vs int8 on the validation split and on a second
+labelled folder (``--check-data``, site images), failing when AUROC drops too
+much on either -> operating points (urgent strictly above flag) -> .tflite +
+card, written under temporary names and renamed only when everything passed.
+
+Why the logit: an int8 LOGISTIC op has 256 output levels of 1/256, and every
+image above p = 0.996 shares the top one; on shifted site data most pneumonia
+cases and some normals land there and their order is lost (1.0.0 lost 0.028
+AUROC that way). The int8 graph ends at the logit and the device applies the
+sigmoid in float.
 """
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -32,11 +40,19 @@ from .dataset import (
     load_samples,
     require_both_classes,
     scan_folder,
+    split_fingerprint,
     stratified_subset,
 )
 from .edgetpu import EdgeTpuError, check_ops, compile_edgetpu, format_report, non_int8_ops, report_dict
-from .float_model import FloatModel, ModelLoadError, load_float_model
-from .metrics import auroc, choose_operating_points, evaluate_scores
+from .float_model import FloatModel, ModelLoadError, ensemble, load_float_model, logit_model
+from .metrics import (
+    FLAG_MIN_SENSITIVITY,
+    URGENT_MIN_SPECIFICITY,
+    TierError,
+    auroc,
+    choose_operating_points,
+    evaluate_scores,
+)
 from .progress import Progress
 from .train import check_writable, sidecar_paths
 
@@ -63,21 +79,27 @@ class QuantizationError(ConvertError):
 
 @dataclass
 class ConvertConfig:
-    model: Path
+    model: Path | list[Path]  # several: an ensemble averaging their logits
     calibration: Path
     out: Path
     validation: Optional[Path] = None
+    check_data: Optional[Path] = None
     num_calibration: int = 200
-    max_auroc_drop: float = 0.01
+    max_auroc_drop: float = 0.005
     edgetpu: bool = False
     name: Optional[str] = None
     version: str = "1.0.0"
-    equalize: Optional[bool] = None  # None: from the training sidecar, else False
+    contrast: Optional[str] = None  # None: from the training record, else none
     input_scale: Optional[float] = None
-    min_sensitivity: float = 0.97
-    min_specificity: float = 0.95
+    min_sensitivity: float = FLAG_MIN_SENSITIVITY
+    min_specificity: float = URGENT_MIN_SPECIFICITY
+    single_tier: bool = False
     seed: int = 0
     workers: int = 4
+
+    @property
+    def models(self) -> list[Path]:
+        return list(self.model) if isinstance(self.model, (list, tuple)) else [self.model]
 
 
 def _training_meta(model_path: Path) -> Optional[dict]:
@@ -87,21 +109,39 @@ def _training_meta(model_path: Path) -> Optional[dict]:
     return None
 
 
-def resolve_spec(fm: FloatModel, meta: Optional[dict], equalize: Optional[bool] = None,
+def training_data_root(model_path: Path, meta: dict) -> Path:
+    """The training folder a record names (relative to the model's folder; old records: absolute)."""
+    root = Path(meta["data"])
+    return root if root.is_absolute() else (model_path.parent / root)
+
+
+def resolve_spec(fm: FloatModel, meta: Optional[dict], contrast: Optional[str] = None,
                  input_scale: Optional[float] = None) -> PreprocessSpec:
-    """As trained (the training record) unless overridden; foreign models: no equalisation, 1/255."""
+    """As trained (the training record) unless overridden; foreign models: no contrast step, 1/255."""
     h, w, c = fm.input_shape
-    base = PreprocessSpec.from_dict(meta["preprocessing"]) if meta else None
-    equalize = equalize if equalize is not None else (base.equalize if base else False)
-    scale = input_scale if input_scale is not None else (base.scale if base else 1.0 / 255.0)
-    return PreprocessSpec(h, w, c, equalize=equalize, scale=scale)
+    base = PreprocessSpec.from_dict(meta["preprocessing"]) if meta else PreprocessSpec(h, w, c, contrast="none")
+    return replace(
+        base, height=h, width=w, channels=c,
+        contrast=contrast if contrast is not None else base.contrast,
+        scale=input_scale if input_scale is not None else base.scale,
+    )
 
 
-def _validation_samples(cfg: ConvertConfig, meta: Optional[dict]) -> tuple[list[Sample], str]:
+def data_record(samples: list[Sample], root: Path | str) -> dict:
+    """What a card says about a labelled folder: its name, counts per class and a digest of the file list.
+
+    Never an absolute path: a card travels to other machines.
+    """
+    counts = {lab: sum(s.label == i for s in samples) for i, lab in enumerate(LABELS)}
+    return {"folder": Path(root).name, "images": counts, "files_sha256": split_fingerprint(samples)}
+
+
+def _validation_samples(cfg: ConvertConfig, meta: Optional[dict]) -> tuple[list[Sample], dict]:
     if cfg.validation:
-        return scan_folder(cfg.validation, "validation folder"), str(cfg.validation)
+        samples = scan_folder(cfg.validation, "validation folder")
+        return samples, {"kind": "folder", **data_record(samples, cfg.validation)}
     if meta and meta.get("split", {}).get("val_files"):
-        root = Path(meta["data"])
+        root = training_data_root(cfg.models[0], meta)
         samples = []
         for rel in meta["split"]["val_files"]:
             label, name = rel.split("/", 1)
@@ -112,7 +152,8 @@ def _validation_samples(cfg: ConvertConfig, meta: Optional[dict]) -> tuple[list[
                 f"the training run's validation split lives under {root}, but {len(missing)} of its "
                 f"files are missing (e.g. {missing[0].path}); give --validation DIR"
             )
-        return samples, f"patient-level validation split of {root} (seed {meta['split']['seed']})"
+        return samples, {"kind": f"patient-level validation split of the training data (seed {meta['split']['seed']})",
+                         **data_record(samples, root)}
     raise DataError("no validation data: give --validation DIR (NORMAL/ and PNEUMONIA/ subfolders)")
 
 
@@ -120,8 +161,16 @@ def _calibration_samples(cfg: ConvertConfig, exclude: set[Path]) -> list[Sample]
     samples = scan_folder(cfg.calibration, "calibration folder")
     kept = [s for s in samples if s.path.resolve() not in exclude]
     if len(kept) < len(samples):
-        log.info("calibration: %d validation images left out of the pool", len(samples) - len(kept))
+        log.info("calibration: %d validation/check images left out of the pool", len(samples) - len(kept))
     return stratified_subset(kept or samples, cfg.num_calibration, cfg.seed)
+
+
+def _load_float(cfg: ConvertConfig) -> FloatModel:
+    try:
+        models = [load_float_model(m) for m in cfg.models]
+        return ensemble(models) if len(models) > 1 else logit_model(models[0])
+    except ModelLoadError as exc:
+        raise ConvertError(str(exc)) from None
 
 
 def quantize_int8(fm: FloatModel, calib: LoadedSet, spec: PreprocessSpec) -> bytes:
@@ -152,15 +201,68 @@ def quantize_int8(fm: FloatModel, calib: LoadedSet, spec: PreprocessSpec) -> byt
         ) from None
 
 
-def _int8_scorer(path: Path, spec: PreprocessSpec) -> Scorer:
+def _refuse_float_ops(checks: list) -> None:
+    float_ops = non_int8_ops(checks)
+    if float_ops:
+        culprits = [c for c in float_ops if c.op not in ("QUANTIZE", "DEQUANTIZE")] or float_ops
+        named = list(dict.fromkeys(f"{c.op} in layer {c.layer!r}" for c in culprits))
+        raise QuantizationError(
+            "cannot quantize to int8: " + "; ".join(named)
+            + " has no int8 kernel and would run in float32; replace that layer"
+        )
+
+
+def _int8_scorer(path: Path, spec: PreprocessSpec, output_kind: str) -> Scorer:
     rt = find_runtime()
-    return Scorer(make_interpreter(path, rt), spec, LoadReport("cpu", path, f"{rt.name} {rt.version}", None))
+    report = LoadReport("cpu", path, f"{rt.name} {rt.version}", None)
+    return Scorer(make_interpreter(path, rt), spec, report, output_kind)
 
 
 def _priority_agreement(p_float, p_int8, th: Thresholds) -> float:
     a = [th.priority(v) for v in p_float]
     b = [th.priority(v) for v in p_int8]
     return float(np.mean([x == y for x, y in zip(a, b)])) if a else float("nan")
+
+
+@dataclass
+class CheckSet:
+    """One labelled set scored by the float and the int8 model."""
+
+    name: str  # "validation" or "check"
+    record: dict
+    data: LoadedSet
+    p_float: np.ndarray
+    p_int8: np.ndarray
+    levels: np.ndarray  # the int8 model's output as quantized levels
+
+    def agreement(self, max_drop: float, level_range: tuple[int, int]) -> dict:
+        auc_f, auc_q = auroc(self.data.y, self.p_float), auroc(self.data.y, self.p_int8)
+        lo, hi = level_range
+        return {
+            "n": len(self.data),
+            "data": self.record,
+            "auroc_float": auc_f,
+            "auroc_int8": auc_q,
+            "auroc_drop": auc_f - auc_q,
+            "max_auroc_drop": max_drop,
+            "max_abs_diff": float(np.max(np.abs(self.p_float - self.p_int8))),
+            "mean_abs_diff": float(np.mean(np.abs(self.p_float - self.p_int8))),
+            "distinct_outputs": int(np.unique(self.levels).size),
+            "share_at_lowest_level": float(np.mean(self.levels == lo)),
+            "share_at_highest_level": float(np.mean(self.levels == hi)),
+        }
+
+
+def _score_set(name: str, record: dict, data: LoadedSet, fm: FloatModel, scorer: Scorer,
+               spec: PreprocessSpec) -> CheckSet:
+    prog = Progress(f"float vs int8 ({name})", len(data))
+    levels = np.empty(len(data))
+    p_int8 = np.empty(len(data))
+    for i, x in enumerate(data.x):
+        levels[i] = scorer.raw(x)[0]
+        p_int8[i] = scorer.score(x)
+        prog(i + 1)
+    return CheckSet(name, record, data, fm.predict(to_float_input(data.x, spec)), p_int8, levels)
 
 
 def _tool_versions() -> dict:
@@ -183,124 +285,62 @@ def convert(cfg: ConvertConfig) -> dict:
     name = cfg.name or out.stem
     card_path = out.with_suffix(".json")
 
-    try:
-        fm = load_float_model(cfg.model)
-    except ModelLoadError as exc:
-        raise ConvertError(str(exc)) from None
-    meta = _training_meta(cfg.model)
-    spec = resolve_spec(fm, meta, cfg.equalize, cfg.input_scale)
-    log.info("model %s (%s), input %s, preprocessing %s", cfg.model, fm.kind, fm.input_shape,
-             spec.to_dict()["description"])
+    fm = _load_float(cfg)
+    meta = _training_meta(cfg.models[0])
+    spec = resolve_spec(fm, meta, cfg.contrast, cfg.input_scale)
+    log.info("model %s (%s, output %s), input %s, preprocessing %s", ", ".join(map(str, cfg.models)), fm.kind,
+             fm.output, fm.input_shape, spec.to_dict()["description"])
 
-    val_samples, val_source = _validation_samples(cfg, meta)
-    exclude = {s.path.resolve() for s in val_samples}
+    val_samples, val_record = _validation_samples(cfg, meta)
+    sets = [("validation", val_record, val_samples)]
+    if cfg.check_data:
+        check_samples = scan_folder(cfg.check_data, "--check-data folder")
+        sets.append(("check", {"kind": "--check-data folder", **data_record(check_samples, cfg.check_data)},
+                     check_samples))
+    exclude = {s.path.resolve() for _, _, samples in sets for s in samples}
     calib_samples = _calibration_samples(cfg, exclude)
     calib = load_samples(calib_samples, spec, cfg.workers, Progress("calibration images", len(calib_samples)))
     if len(calib) == 0:
         raise DataError(f"calibration folder {cfg.calibration}: no readable images "
                         f"({len(calib.skipped)} skipped as unreadable)")
-    val = load_samples(val_samples, spec, cfg.workers, Progress("validation images", len(val_samples)))
-    require_both_classes(val, "validation data")
+    loaded = []
+    for set_name, record, samples in sets:
+        data = load_samples(samples, spec, cfg.workers, Progress(f"{set_name} images", len(samples)))
+        require_both_classes(data.y, f"{set_name} data", len(data.skipped))
+        loaded.append((set_name, record, data))
 
     tflite_bytes = quantize_int8(fm, calib, spec)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         tmp.write_bytes(tflite_bytes)
         checks = check_ops(tmp)
-        float_ops = non_int8_ops(checks)
-        if float_ops:
-            culprits = [c for c in float_ops if c.op not in ("QUANTIZE", "DEQUANTIZE")] or float_ops
-            named = list(dict.fromkeys(f"{c.op} in layer {c.layer!r}" for c in culprits))
-            raise QuantizationError(
-                "cannot quantize to int8: " + "; ".join(named)
-                + " has no int8 kernel and would run in float32; replace that layer"
-            )
-        report_text = format_report(checks)
-
-        scorer = _int8_scorer(tmp, spec)
-        prog = Progress("float vs int8", len(val))
-        p_int8 = np.empty(len(val))
-        for i, x in enumerate(val.x):
-            p_int8[i] = scorer.score(x)
-            prog(i + 1)
-        p_float = fm.predict(to_float_input(val.x, spec))
-        ops = choose_operating_points(val.y, p_int8, cfg.min_sensitivity, cfg.min_specificity)
+        _refuse_float_ops(checks)
+        scorer = _int8_scorer(tmp, spec, fm.output)
+        scored = [_score_set(n, r, d, fm, scorer, spec) for n, r, d in loaded]
+        out_dtype = np.dtype(scorer.io_details[1]["dtype"])
+        level_range = (int(np.iinfo(out_dtype).min), int(np.iinfo(out_dtype).max)) if out_dtype.kind in "iu" else (0, 0)
+        agreement = {c.name: c.agreement(cfg.max_auroc_drop, level_range) for c in scored}
+        _refuse_auroc_drop(agreement, cfg.max_auroc_drop)
+        val = scored[0]
+        try:
+            ops = choose_operating_points(val.data.y, val.p_int8, cfg.min_sensitivity, cfg.min_specificity,
+                                          cfg.single_tier)
+        except TierError as exc:
+            raise ConvertError(f"operating points on the validation data: {exc}") from None
+        ops["source"] = {"set": "validation", **val_record}
         th = Thresholds(ops["flag"]["threshold"], ops["urgent"]["threshold"])
-        auc_f, auc_q = auroc(val.y, p_float), auroc(val.y, p_int8)
-        agreement = {
-            "n": len(val),
-            "priority_agreement": _priority_agreement(p_float, p_int8, th),
-            "flag_agreement": float(np.mean((p_float >= th.flag) == (p_int8 >= th.flag))),
-            "max_abs_diff": float(np.max(np.abs(p_float - p_int8))),
-            "mean_abs_diff": float(np.mean(np.abs(p_float - p_int8))),
-            "auroc_float": auc_f,
-            "auroc_int8": auc_q,
-            "auroc_drop": auc_f - auc_q,
-            "max_auroc_drop": cfg.max_auroc_drop,
-        }
-        if auc_f - auc_q > cfg.max_auroc_drop:
-            raise ConvertError(
-                f"int8 AUROC {auc_q:.4f} is {auc_f - auc_q:.4f} below float {auc_f:.4f}, more than the allowed "
-                f"{cfg.max_auroc_drop} (--max-auroc-drop); try more calibration images (--num-calibration)"
-            )
+        agreement["validation"].update(
+            priority_agreement=_priority_agreement(val.p_float, val.p_int8, th),
+            flag_agreement=float(np.mean((val.p_float >= th.flag) == (val.p_int8 >= th.flag))),
+        )
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
 
-    in_d, out_d = scorer.io_details
-    card = {
-        "schema": CARD_SCHEMA,
-        "name": name,
-        "version": cfg.version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "intended_use": INTENDED_USE,
-        "not_a_diagnostic_device": True,
-        "source_model": {
-            "file": cfg.model.name,
-            "format": fm.kind,
-            "sha256": sha256_file(cfg.model) if cfg.model.is_file() else None,
-            "training": (meta or {}).get("training"),
-            "split": {k: v for k, v in (meta or {}).get("split", {}).items() if k != "val_files"} or None,
-        },
-        "architecture": {
-            "summary": fm.summary,
-            "parameters": fm.parameters,
-            "description": (meta or {}).get("architecture", "as loaded"),
-        },
-        "tflite": {
-            "file": out.name,
-            "sha256": sha256_file(out),
-            "bytes": out.stat().st_size,
-            "input": {"shape": [int(v) for v in in_d["shape"]], "dtype": np.dtype(in_d["dtype"]).name,
-                      "quantization": [float(in_d["quantization"][0]), int(in_d["quantization"][1])]},
-            "output": {"shape": [int(v) for v in out_d["shape"]], "dtype": np.dtype(out_d["dtype"]).name,
-                       "quantization": [float(out_d["quantization"][0]), int(out_d["quantization"][1])]},
-        },
-        "edgetpu": None,
-        "preprocessing": spec.to_dict(),
-        "labels": list(LABELS),
-        "positive_label": "PNEUMONIA",
-        "operating_points": ops,
-        "validation": {
-            "source": val_source,
-            "int8": evaluate_scores(val.y, p_int8, th.as_dict()),
-            "float": evaluate_scores(val.y, p_float, th.as_dict()),
-            "skipped_files": len(val.skipped),
-            "note": "validation figures are optimistic: this data set shifts between its train and test splits",
-        },
-        "quantization": {
-            "type": "full integer (int8 internals, uint8 input and output)",
-            "calibration": {"source": str(cfg.calibration), "images": len(calib), "requested": cfg.num_calibration,
-                            "stratified": True, "seed": cfg.seed, "skipped_files": len(calib.skipped)},
-            "agreement": agreement,
-        },
-        "edgetpu_compatibility": report_dict(checks),
-        "data_credit": DATA_CREDIT,
-        "tools": _tool_versions(),
-    }
-    _write_card(card, card_path)
-    result = {"card": card, "card_path": card_path, "report": report_text}
+    card = _card(cfg, name, fm, meta, spec, scorer, out, ops, th, scored, agreement, calib, checks)
+    write_card(card, card_path)
+    result = {"card": card, "card_path": card_path, "report": format_report(checks)}
     if cfg.edgetpu:
         try:
             compiled = compile_edgetpu(out)
@@ -309,12 +349,99 @@ def convert(cfg: ConvertConfig) -> dict:
             return result
         compiled["sha256"] = sha256_file(out.parent / compiled["file"])
         card["edgetpu"] = compiled
-        _write_card(card, card_path)
+        write_card(card, card_path)
     ModelCard.load(card_path).verify_file(out)  # the card we wrote must describe the file we wrote
     return result
 
 
-def _write_card(card: dict, path: Path) -> None:
+def _refuse_auroc_drop(agreement: dict, max_drop: float) -> None:
+    for set_name, ag in agreement.items():
+        if ag["auroc_drop"] > max_drop:
+            raise ConvertError(
+                f"int8 AUROC {ag['auroc_int8']:.4f} on the {set_name} data is {ag['auroc_drop']:.4f} below float "
+                f"{ag['auroc_float']:.4f}, more than the allowed {max_drop} (--max-auroc-drop); "
+                f"{ag['distinct_outputs']} distinct outputs, {ag['share_at_highest_level']:.0%} at the highest level: "
+                "try more calibration images (--num-calibration)"
+            )
+
+
+def _card(cfg: ConvertConfig, name: str, fm: FloatModel, meta: Optional[dict], spec: PreprocessSpec,
+          scorer: Scorer, out: Path, ops: dict, th: Thresholds, scored: list[CheckSet], agreement: dict,
+          calib: LoadedSet, checks: list) -> dict:
+    in_d, out_d = scorer.io_details
+    val = scored[0]
+    sources = [
+        {"file": m.name, "format": fm.kind if len(cfg.models) == 1 else "keras",
+         "sha256": sha256_file(m) if m.is_file() else None}
+        for m in cfg.models
+    ]
+    card = {
+        "schema": CARD_SCHEMA,
+        "name": name,
+        "version": cfg.version,
+        "revision": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "intended_use": INTENDED_USE,
+        "not_a_diagnostic_device": True,
+        "source_model": {
+            **sources[0],
+            "members": sources if len(sources) > 1 else None,
+            "training": (meta or {}).get("training"),
+            "split": {k: v for k, v in (meta or {}).get("split", {}).items() if k != "val_files"} or None,
+        },
+        "architecture": {
+            "summary": fm.summary,
+            "parameters": fm.parameters,
+            "description": (meta or {}).get("architecture", "as loaded")
+            + (f"; ensemble of {len(cfg.models)}, logits averaged" if len(cfg.models) > 1 else ""),
+        },
+        "tflite": {
+            "file": out.name,
+            "sha256": sha256_file(out),
+            "bytes": out.stat().st_size,
+            "input": {"shape": [int(v) for v in in_d["shape"]], "dtype": np.dtype(in_d["dtype"]).name,
+                      "quantization": [float(in_d["quantization"][0]), int(in_d["quantization"][1])]},
+            "output": {"shape": [int(v) for v in out_d["shape"]], "dtype": np.dtype(out_d["dtype"]).name,
+                       "quantization": [float(out_d["quantization"][0]), int(out_d["quantization"][1])],
+                       "kind": fm.output,
+                       "note": "the int8 graph ends at the logit; the device computes p = 1 / (1 + exp(-logit)) "
+                               "in float" if fm.output == "logit" else "the model's own probability output"},
+        },
+        "edgetpu": None,
+        "preprocessing": spec.to_dict(),
+        "labels": list(LABELS),
+        "positive_label": "PNEUMONIA",
+        "operating_points": ops,
+        "validation": {
+            "source": val.record,
+            "int8": evaluate_scores(val.data.y, val.p_int8, th.as_dict(), intervals=True),
+            "float": evaluate_scores(val.data.y, val.p_float, th.as_dict()),
+            "skipped_files": len(val.data.skipped),
+            "note": "validation figures are optimistic: this data set shifts between its train and test splits",
+        },
+        "quantization": {
+            "type": "full integer (int8 internals, uint8 input and output)",
+            "calibration": {"data": data_record([Sample(p, int(y)) for p, y in zip(calib.paths, calib.y)],
+                                                cfg.calibration),
+                            "images": len(calib), "requested": cfg.num_calibration,
+                            "stratified": True, "seed": cfg.seed, "skipped_files": len(calib.skipped)},
+            "agreement": agreement,
+        },
+        "edgetpu_compatibility": report_dict(checks),
+        "data_credit": DATA_CREDIT,
+        "tools": _tool_versions(),
+    }
+    for c in scored[1:]:
+        card["check_data"] = {
+            "source": c.record,
+            "int8": evaluate_scores(c.data.y, c.p_int8, th.as_dict(), intervals=True),
+            "note": "a second labelled folder (e.g. the site's own images), scored with the validation "
+                    "operating points",
+        }
+    return card
+
+
+def write_card(card: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     os.replace(tmp, path)

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..device.preprocess import PreprocessSpec, to_float_input
+from ..device.preprocess import ImageDecodeError, PreprocessSpec, decode, prepare, to_float_input
 from .dataset import (
     LABELS,
     DataError,
-    load_samples,
     patient_split,
+    portable_path,
     require_both_classes,
     scan_folder,
     split_fingerprint,
@@ -31,18 +33,32 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     data: Path
     out: Path
-    size: int = 128
-    channels: int = 1
-    equalize: bool = True
+    arch: str = "reduced-node"
+    size: Optional[int] = None  # None: the architecture's default
+    channels: Optional[int] = None
+    contrast: str = "equalize"
+    crop: float = 0.0
     epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 1e-3
     val_fraction: float = 0.2
     patience: int = 6
-    augment: bool = True
+    augment: str = "geometric"
+    flip: bool = False
+    label_smoothing: float = 0.0
+    dropout: float = 0.3
     class_weights: bool = True
     seed: int = 42
     workers: int = 4
+
+    def spec(self) -> PreprocessSpec:
+        from .model import ARCHITECTURES
+
+        if self.arch not in ARCHITECTURES:
+            raise DataError(f"unknown architecture {self.arch!r} (known: {', '.join(ARCHITECTURES)})")
+        size, channels, _ = ARCHITECTURES[self.arch]
+        return PreprocessSpec(self.size or size, self.size or size, self.channels or channels,
+                              contrast=self.contrast, crop=self.crop)
 
 
 def sidecar_paths(model_path: Path) -> dict[str, Path]:
@@ -66,27 +82,74 @@ def check_writable(path: Path) -> None:
         raise DataError(f"output folder {parent} is not writable")
 
 
-def make_augmenter(seed: int):
-    """Small geometric jitter: positioning varies between scanners and radiographers."""
-    import keras
-    from keras import layers
+class _Batches:
+    """Augmented, preprocessed training batches, built on worker threads while the model trains."""
 
-    return keras.Sequential(
-        [
-            layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
-            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 1),
-            layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 2),
-            layers.RandomContrast(0.15, seed=seed + 3),
-        ],
-        name="augment",
-    )
+    def __init__(self, sources: list[np.ndarray], y: np.ndarray, spec: PreprocessSpec, cfg: TrainConfig):
+        import keras
+
+        from .augment import make_augmenter
+
+        self.sources, self.y, self.spec, self.cfg = sources, y.astype(np.float32), spec, cfg
+        self.augment = make_augmenter(cfg.augment, min(spec.height, spec.width), cfg.flip)
+        self.epoch = 0
+        self.order = self._order()
+        outer = self
+
+        class Seq(keras.utils.PyDataset):
+            def __init__(self):
+                super().__init__(workers=max(1, cfg.workers), use_multiprocessing=False, max_queue_size=8)
+
+            def __len__(self):
+                return math.ceil(len(outer.y) / cfg.batch_size)
+
+            def __getitem__(self, i):
+                return outer.batch(i)
+
+            def on_epoch_end(self):
+                outer.epoch += 1
+                outer.order = outer._order()
+
+        self.dataset = Seq()
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.cfg.seed, self.epoch]).permutation(len(self.y))
+
+    def batch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.order[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, i])
+        x = np.stack([prepare(self.augment(self.sources[j], rng), self.spec) for j in idx])
+        return to_float_input(x, self.spec), self.y[idx]
+
+
+def decode_all(samples, spec: PreprocessSpec, workers: int, label: str) -> tuple[list, np.ndarray, list]:
+    """Decoded grayscale sources held in memory (augmentation starts from these), labels, skipped."""
+
+    def one(s):
+        try:
+            return decode(s.path, spec), ""
+        except ImageDecodeError as exc:
+            return None, str(exc)
+
+    sources, ys, skipped = [], [], []
+    prog = Progress(label, len(samples))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for i, (s, (g, err)) in enumerate(zip(samples, pool.map(one, samples)), 1):
+            if g is None:
+                log.warning("skipped %s: %s", s.path, err)
+                skipped.append((s.path, err))
+            else:
+                sources.append(g)
+                ys.append(s.label)
+            prog(i)
+    return sources, np.asarray(ys, np.int64), skipped
 
 
 def train(cfg: TrainConfig) -> dict:
     check_writable(cfg.out)
     if cfg.out.suffix != ".keras":
         raise DataError(f"output {cfg.out} must end in .keras")
-    spec = PreprocessSpec(cfg.size, cfg.size, cfg.channels, cfg.equalize)
+    spec = cfg.spec()
     samples = scan_folder(cfg.data, "training data folder")
     train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.seed)
     log.info(
@@ -94,40 +157,33 @@ def train(cfg: TrainConfig) -> dict:
         cfg.seed, len(train_s), len(val_s),
     )
     t0 = time.monotonic()
-    tr = load_samples(train_s, spec, cfg.workers, Progress("decode train", len(train_s)))
-    va = load_samples(val_s, spec, cfg.workers, Progress("decode val", len(val_s)))
-    require_both_classes(tr, "training split")
-    require_both_classes(va, "validation split")
-    log.info("decoded %d images in %.1f s", len(tr) + len(va), time.monotonic() - t0)
+    src_tr, y_tr, skip_tr = decode_all(train_s, spec, cfg.workers, "decode train")
+    src_va, y_va, skip_va = decode_all(val_s, spec, cfg.workers, "decode val")
+    require_both_classes(y_tr, "training split", len(skip_tr))
+    require_both_classes(y_va, "validation split", len(skip_va))
+    log.info("decoded %d images in %.1f s", len(y_tr) + len(y_va), time.monotonic() - t0)
 
     import keras
     import tensorflow as tf
 
-    from .model import architecture_summary, build_reduced_node_cnn
+    from .model import ARCHITECTURES, architecture_summary, build_model
 
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
 
-    model = build_reduced_node_cnn(spec.shape)
+    model = build_model(cfg.arch, spec.shape, cfg.dropout)
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
-        loss="binary_crossentropy",
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
     )
-    x_tr, y_tr = to_float_input(tr.x, spec), tr.y.astype(np.float32)
-    x_va, y_va = to_float_input(va.x, spec), va.y.astype(np.float32)
-    ds = tf.data.Dataset.from_tensor_slices((x_tr, y_tr))
-    ds = ds.shuffle(len(x_tr), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
-    if cfg.augment:
-        aug = make_augmenter(cfg.seed)
-        ds = ds.map(lambda x, y: (aug(x, training=True), y))
-    ds = ds.prefetch(2)
-    val_ds = tf.data.Dataset.from_tensor_slices((x_va, y_va)).batch(256)
+    batches = _Batches(src_tr, y_tr, spec, cfg)
+    x_va = to_float_input(np.stack([prepare(g, spec) for g in src_va]), spec)
 
     class_weight = None
     if cfg.class_weights:
-        counts = np.bincount(tr.y, minlength=2)
-        class_weight = {i: float(len(tr.y) / (2 * counts[i])) for i in range(2)}
+        counts = np.bincount(y_tr, minlength=2)
+        class_weight = {i: float(len(y_tr) / (2 * counts[i])) for i in range(2)}
         log.info("class weights %s", class_weight)
 
     paths = sidecar_paths(cfg.out)
@@ -141,8 +197,9 @@ def train(cfg: TrainConfig) -> dict:
     ]
     t1 = time.monotonic()
     hist = model.fit(
-        ds,
-        validation_data=val_ds,
+        batches.dataset,
+        validation_data=(x_va, y_va.astype(np.float32)),
+        validation_batch_size=256,
         epochs=cfg.epochs,
         class_weight=class_weight,
         callbacks=callbacks,
@@ -150,7 +207,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     train_s_elapsed = time.monotonic() - t1
     p_va = model.predict(x_va, batch_size=256, verbose=0).ravel()
-    val_auroc = auroc(va.y, p_va)
+    val_auroc = auroc(y_va, p_va)
     log.info("validation AUROC (float) %.4f", val_auroc)
 
     tmp = cfg.out.with_name(f".{cfg.out.stem}.tmp.keras")
@@ -160,18 +217,20 @@ def train(cfg: TrainConfig) -> dict:
 
     meta = {
         "model": cfg.out.name,
-        "architecture": "reduced-node CNN (conv 50/40/35/32 + BN, dense 32/16/5, sigmoid)",
+        "arch": cfg.arch,
+        "architecture": ARCHITECTURES[cfg.arch][2],
         "architecture_summary": architecture_summary(model),
         "parameters": int(model.count_params()),
         "labels": list(LABELS),
         "preprocessing": spec.to_dict(),
-        "data": str(Path(cfg.data).resolve()),
+        # relative to the repository (or the current folder), never an absolute path of the build machine
+        "data": portable_path(cfg.data, cfg.out.parent),
         "split": {
             "kind": "patient-level, stratified by class",
             "seed": cfg.seed,
             "val_fraction": cfg.val_fraction,
-            "train_images": len(tr),
-            "val_images": len(va),
+            "train_images": len(y_tr),
+            "val_images": len(y_va),
             "train_fingerprint": split_fingerprint(train_s),
             "val_fingerprint": split_fingerprint(val_s),
             "val_files": [f"{LABELS[s.label]}/{s.path.name}" for s in val_s],
@@ -182,13 +241,16 @@ def train(cfg: TrainConfig) -> dict:
             "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate,
             "augment": cfg.augment,
+            "flip": cfg.flip,
+            "label_smoothing": cfg.label_smoothing,
+            "dropout": cfg.dropout,
             "class_weights": class_weight,
             "seconds": round(train_s_elapsed, 1),
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
         },
         "validation": {"auroc_float": val_auroc},
-        "skipped_files": [[str(p), r] for p, r in tr.skipped + va.skipped],
+        "skipped_files": [[portable_path(p, cfg.data), r] for p, r in skip_tr + skip_va],
     }
     tmp_meta = paths["meta"].with_name("." + paths["meta"].name + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2))

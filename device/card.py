@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .preprocess import PreprocessSpec
+from .vocab import Priority
 
 CARD_SCHEMA = "pneumoflag.model-card/1"
-PRIORITIES = ("urgent", "flag", "routine")
+#: What the int8 model's one output is; the device turns a logit into a probability in float.
+OUTPUT_KINDS = ("logit", "probability")
 
 
 class CardError(ValueError):
@@ -37,26 +39,46 @@ def card_path_for(model_path: Path | str) -> Path:
 
 @dataclass(frozen=True)
 class Thresholds:
+    """Operating points: ``p >= urgent`` is urgent, ``p >= flag`` is flag, else routine.
+
+    ``urgent`` is None for a single-tier card (the data could not set a distinct
+    urgent point): then nothing is urgent.
+    """
+
     flag: float
-    urgent: float
+    urgent: Optional[float]
 
     def __post_init__(self) -> None:
         for name in ("flag", "urgent"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            if name == "urgent" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise CardError(f"operating point {name!r} must be a probability in [0, 1], not {v!r}")
-        if self.urgent < self.flag:
-            raise CardError(f"urgent threshold {self.urgent} is below the flag threshold {self.flag}")
+        if self.urgent is not None and self.urgent <= self.flag:
+            raise CardError(
+                f"urgent threshold {self.urgent} must lie above the flag threshold {self.flag} "
+                "(a card with one tier has urgent = null)"
+            )
+
+    @property
+    def single_tier(self) -> bool:
+        return self.urgent is None
 
     def priority(self, probability: float) -> str:
-        if probability >= self.urgent:
-            return "urgent"
+        if self.urgent is not None and probability >= self.urgent:
+            return Priority.URGENT.value
         if probability >= self.flag:
-            return "flag"
-        return "routine"
+            return Priority.FLAG.value
+        return Priority.ROUTINE.value
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Optional[float]]:
         return {"flag": self.flag, "urgent": self.urgent}
+
+    def describe(self) -> str:
+        if self.urgent is None:
+            return f"flag p >= {self.flag:.4f} (single tier: nothing is urgent), below: routine"
+        return f"urgent p >= {self.urgent:.4f}, flag p >= {self.flag:.4f}, below: routine"
 
 
 @dataclass
@@ -71,6 +93,8 @@ class ModelCard:
     preprocessing: PreprocessSpec
     thresholds: Thresholds
     labels: tuple[str, ...]
+    output_kind: str = "probability"
+    revision: int = 1
     edgetpu_file: Optional[str] = None
     edgetpu_sha256: Optional[str] = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -90,6 +114,10 @@ class ModelCard:
             t = d["tflite"]
             ops = d["operating_points"]
             et = d.get("edgetpu") or {}
+            output_kind = t["output"].get("kind", "probability")
+            if output_kind not in OUTPUT_KINDS:
+                raise CardError(f"model card {path}: output kind {output_kind!r} is not one of {OUTPUT_KINDS}")
+            urgent = ops["urgent"]["threshold"]
             return cls(
                 path=path,
                 name=d["name"],
@@ -99,8 +127,10 @@ class ModelCard:
                 input_shape=tuple(int(v) for v in t["input"]["shape"]),
                 input_dtype=t["input"]["dtype"],
                 preprocessing=PreprocessSpec.from_dict(d["preprocessing"]),
-                thresholds=Thresholds(float(ops["flag"]["threshold"]), float(ops["urgent"]["threshold"])),
+                thresholds=Thresholds(float(ops["flag"]["threshold"]), None if urgent is None else float(urgent)),
                 labels=tuple(d["labels"]),
+                output_kind=output_kind,
+                revision=int(d.get("revision", 1)),
                 edgetpu_file=et.get("file"),
                 edgetpu_sha256=et.get("sha256"),
                 raw=d,

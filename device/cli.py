@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..convert.commands import add_convert, add_evaluate, add_train
 from . import __version__
 
 log = logging.getLogger("pneumoflag")
@@ -22,11 +21,7 @@ device (the appliance):
   selftest   on-site check of hardware, model, samples, latency, broker
   bench      latency, throughput, memory and idle CPU figures
 
-model toolchain (needs the 'convert' extra: pip install 'pneumoflag[convert]'):
-  train      train the reduced-node CNN on a NORMAL/ PNEUMONIA/ folder
-  convert    quantize a Keras/SavedModel model to full-int8 TFLite + model card
-  evaluate   AUROC and operating-point figures of a model on a labelled folder
-
+{plugins}
 pneumoflag is a triage aid that orders the reading queue; it is not a
 diagnostic device. Every image still gets read by a clinician.
 """
@@ -293,12 +288,24 @@ def _cmd_demo(args) -> int:
         raise CliError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Other packages add subcommands (the model toolchain does) through this entry-point group;
+#: the device never imports them by name.
+PLUGIN_GROUP = "pneumoflag.commands"
+
+
+def _plugins() -> list:
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, tuple[type[BaseException], ...]]:
+    """The parser, and the exception types the plugin commands raise for their users."""
+    registered = []
     parser = argparse.ArgumentParser(
         prog="pneumoflag",
         description="Edge pneumonia triage for chest X-rays: score each new radiograph with an "
         "int8 CNN on the local accelerator and publish prioritised flags over MQTT.",
-        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"pneumoflag {__version__}")
@@ -307,11 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
-    return parser
+    errors: list[type[BaseException]] = []
+    for ep in _plugins():
+        try:
+            registered.append(ep.load()(sub))
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the device CLI down
+            log.warning("subcommands from %s not available: %s", ep.value, exc)
+    for reg in registered:
+        errors.extend(reg.get("errors", ()))
+    parser.epilog = EPILOG.format(plugins="".join(reg.get("epilog", "") for reg in registered))
+    return parser, tuple(errors)
 
 
-SUBCOMMANDS: list[Callable] = [_add_demo, _add_watch, _add_alerts, _add_score, _add_config, _add_selftest, _add_bench,
-                               add_train, add_convert, add_evaluate]
+SUBCOMMANDS: list[Callable] = [_add_demo, _add_watch, _add_alerts, _add_score, _add_config, _add_selftest, _add_bench]
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -324,13 +339,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    parser, plugin_errors = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
     _setup_logging(args.verbose, args.quiet)
-    from ..convert.dataset import DataError
     from .card import CardError
     from .config import ConfigError
     from .preprocess import ImageDecodeError
@@ -344,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "pip install 'pneumoflag[convert]'", file=sys.stderr)
             return 2
         raise
-    except (CliError, DataError, CardError, RuntimeUnavailable, ImageDecodeError, ConfigError) as exc:
+    except (CliError, CardError, RuntimeUnavailable, ImageDecodeError, ConfigError, *plugin_errors) as exc:
         print(f"pneumoflag {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unwritable output, full disk, unreadable input folder...

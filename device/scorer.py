@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .card import CardError, ModelCard, card_path_for
+from .card import OUTPUT_KINDS, CardError, ModelCard, card_path_for
 from .preprocess import PreprocessSpec
 from .runtime import Runtime, RuntimeUnavailable, find_runtime, load_edgetpu_delegate, make_interpreter
 
 log = logging.getLogger(__name__)
 
-ACCELERATORS = ("auto", "edgetpu", "cpu")
+from .vocab import ACCELERATORS
 
 
 @dataclass
@@ -30,10 +31,13 @@ class LoadReport:
 class Scorer:
     """Wraps one interpreter: uint8 pixels in, probability of pneumonia out."""
 
-    def __init__(self, interpreter, spec: PreprocessSpec, report: LoadReport):
+    def __init__(self, interpreter, spec: PreprocessSpec, report: LoadReport, output_kind: str = "probability"):
         self.interp = interpreter
         self.spec = spec
         self.report = report
+        if output_kind not in OUTPUT_KINDS:
+            raise CardError(f"output kind must be one of {OUTPUT_KINDS}, not {output_kind!r}")
+        self.output_kind = output_kind
         inp = interpreter.get_input_details()
         out = interpreter.get_output_details()
         if len(inp) != 1 or len(out) != 1:
@@ -69,14 +73,25 @@ class Scorer:
 
         return requantize
 
-    def score(self, pixels: np.ndarray) -> float:
-        """Probability of pneumonia for one preprocessed image (H, W, C) uint8."""
+    def raw(self, pixels: np.ndarray) -> tuple[int | float, float]:
+        """The output tensor's value as stored (a quantized level) and dequantized."""
         self.interp.set_tensor(self._in["index"], self._in_fn(pixels))
         self.interp.invoke()
         q = self.interp.get_tensor(self._out["index"]).reshape(-1)[0]
-        if self._out_scale:
-            return float((int(q) - self._out_zp) * self._out_scale)
-        return float(q)
+        if self._out_scale:  # widen before subtracting the zero point
+            return int(q), float((int(q) - self._out_zp) * self._out_scale)
+        return float(q), float(q)
+
+    def score(self, pixels: np.ndarray) -> float:
+        """Probability of pneumonia for one preprocessed image (H, W, C) uint8.
+
+        A logit model's output is mapped to a probability here, in float, so
+        the int8 graph never quantizes a saturating sigmoid.
+        """
+        value = self.raw(pixels)[1]
+        if self.output_kind == "logit":
+            return 1.0 / (1.0 + math.exp(-min(max(value, -500.0), 500.0)))
+        return value
 
     @property
     def io_details(self) -> tuple[dict, dict]:
@@ -123,7 +138,7 @@ def load_scorer(
         card.verify_file(chosen)
     interp = make_interpreter(chosen, rt, num_threads=num_threads, delegates=delegates)
     report = LoadReport("edgetpu" if delegates else "cpu", chosen, f"{rt.name} {rt.version}", reason)
-    scorer = Scorer(interp, card.preprocessing, report)
+    scorer = Scorer(interp, card.preprocessing, report, card.output_kind)
     card.verify_io(scorer.input_shape, scorer.input_dtype)
     if reason and accelerator == "auto":
         log.info("Edge TPU not used: %s", reason)

@@ -40,8 +40,8 @@ def tiny_run(tmp_path_factory) -> dict:
                    "--val-fraction", "0.3", "--seed", "7") == 0
     tflite = root / "models" / "tiny.tflite"
     tflite.parent.mkdir()
-    assert run_cli("convert", keras_path, "--calibration", data, "--out", tflite,
-                   "--num-calibration", "12", "--max-auroc-drop", "1.0") == 0
+    assert run_cli("convert", keras_path, "--calibration", data, "--out", tflite, "--check-data", MINI,
+                   "--num-calibration", "12", "--max-auroc-drop", "1.0", "--single-tier") == 0
     return {"root": root, "data": data, "keras": keras_path, "tflite": tflite,
             "card": tflite.with_suffix(".json")}
 

@@ -18,7 +18,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid  # noqa: E402
 
-SPEC = PreprocessSpec(64, 64, 1, equalize=True)
+SPEC = PreprocessSpec(64, 64, 1, contrast="equalize")
 JPEG = sorted((MINI / "PNEUMONIA").glob("*.jpeg"))[0]
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pneumoflag.convert.metrics import (
-    Confusion, auroc, choose_operating_points, evaluate_scores, flag_threshold, roc_curve, urgent_threshold,
+    Confusion, TierError, at_prevalence, auroc, bootstrap_intervals, choose_operating_points, evaluate_scores,
+    flag_threshold, roc_curve, urgent_threshold,
 )
 
 
@@ -57,14 +58,48 @@ def test_urgent_threshold_is_lowest_with_required_specificity():
     assert lower.size == 0 or spec(lower.max()) < 0.95
 
 
-def test_operating_points_keep_urgent_at_or_above_flag():
+def test_tiers_that_collapse_stop_unless_single_tier():
     y = np.array([1, 1, 1, 0, 0, 0])
     p = np.array([0.9, 0.8, 0.7, 0.1, 0.1, 0.1])
-    ops = choose_operating_points(y, p, 0.97, 0.95)
-    assert ops["urgent"]["threshold"] >= ops["flag"]["threshold"]
-    res = evaluate_scores(y, p, {"flag": ops["flag"]["threshold"], "urgent": ops["urgent"]["threshold"]})
-    assert res["operating_points"]["flag"]["sensitivity"] == 1.0
+    with pytest.raises(TierError, match="cannot support distinct tiers.*--single-tier"):
+        choose_operating_points(y, p, 0.97, 0.95)
+    ops = choose_operating_points(y, p, 0.97, 0.95, single_tier=True)
+    assert ops["urgent"]["threshold"] is None and "single tier" in ops["urgent"]["note"]
+    res = evaluate_scores(y, p, {"flag": ops["flag"]["threshold"], "urgent": None})
+    assert res["operating_points"]["flag"]["sensitivity"] == 1.0 and "urgent" not in res["operating_points"]
     assert res["n"] == 6 and res["auroc"] == 1.0
+
+
+def test_distinct_tiers_when_the_data_overlap():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(300, int), np.zeros(300, int)]
+    p = np.r_[rng.normal(1.5, 1, 300), rng.normal(0, 1, 300)]
+    ops = choose_operating_points(y, p, 0.97, 0.95)
+    assert ops["urgent"]["threshold"] > ops["flag"]["threshold"]
+    res = evaluate_scores(y, p, {k: ops[k]["threshold"] for k in ("flag", "urgent")}, intervals=True)
+    flag, urgent = res["operating_points"]["flag"], res["operating_points"]["urgent"]
+    assert flag["sensitivity"] >= 0.97 and urgent["specificity"] >= 0.95
+    for m in (flag, urgent):  # each interval holds its point estimate and is a real interval
+        for k in ("sensitivity", "specificity"):
+            lo, hi = m[f"{k}_ci95"]
+            assert lo <= m[k] <= hi and hi - lo > 0.005
+    lo, hi = res["auroc_ci95"]
+    assert lo < res["auroc"] < hi
+
+
+def test_bootstrap_interval_matches_the_binomial_width():
+    # 200 positives at sensitivity 0.9: the normal-approximation 95% half-width is 1.96*sqrt(.9*.1/200) = 0.042
+    y = np.r_[np.ones(200, int), np.zeros(200, int)]
+    p = np.r_[np.repeat([1.0, 0.0], [180, 20]), np.zeros(200)]
+    ci = bootstrap_intervals(y, p, 0.5, n_boot=4000)["sensitivity"]
+    assert ci[0] == pytest.approx(0.9 - 0.042, abs=0.012) and ci[1] == pytest.approx(0.9 + 0.042, abs=0.012)
+
+
+def test_prevalence_arithmetic():
+    r = at_prevalence(0.9, 0.8, 0.1)
+    assert r["share_flagged"] == pytest.approx(0.1 * 0.9 + 0.9 * 0.2)
+    assert r["ppv"] == pytest.approx(0.09 / 0.27)
+    assert r["npv"] == pytest.approx(0.72 / 0.73)
 
 
 def test_roc_curve_is_monotone():

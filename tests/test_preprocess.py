@@ -12,7 +12,7 @@ from pneumoflag.device.preprocess import (
     ImageDecodeError, PreprocessSpec, decode, equalize_histogram, preprocess, to_float_input,
 )
 
-SPEC = PreprocessSpec(128, 128, 1, equalize=True)
+SPEC = PreprocessSpec(128, 128, 1, contrast="equalize")
 JPEG = sorted((MINI / "PNEUMONIA").glob("*.jpeg"))[0]
 
 

@@ -55,22 +55,31 @@ def test_convert_writes_a_verified_int8_model_and_card(tiny_run):
     assert card["tflite"]["input"] == {"shape": [1, 32, 32, 1], "dtype": "uint8",
                                        "quantization": card["tflite"]["input"]["quantization"]}
     assert card["tflite"]["output"]["dtype"] == "uint8"
+    assert card["tflite"]["output"]["kind"] == "logit"  # the int8 graph ends before the sigmoid
     assert tfl.stat().st_size < 1_000_000
     for key in ("name", "version", "created", "source_model", "architecture", "preprocessing", "labels",
                 "operating_points", "validation", "quantization", "tools", "intended_use"):
         assert key in card, key
     assert "not a diagnostic device" in card["intended_use"].lower()
     ag = card["quantization"]["agreement"]
-    for key in ("priority_agreement", "flag_agreement", "max_abs_diff", "auroc_float", "auroc_int8", "auroc_drop"):
-        assert key in ag
-    assert 0.0 <= ag["flag_agreement"] <= 1.0
-    assert ag["auroc_drop"] == pytest.approx(ag["auroc_float"] - ag["auroc_int8"])
+    assert set(ag) == {"validation", "check"}  # the split from train and --check-data
+    for key in ("priority_agreement", "flag_agreement"):
+        assert key in ag["validation"]
+    for a in ag.values():
+        for key in ("max_abs_diff", "auroc_float", "auroc_int8", "auroc_drop", "distinct_outputs",
+                    "share_at_lowest_level", "share_at_highest_level"):
+            assert key in a, key
+        assert a["auroc_drop"] == pytest.approx(a["auroc_float"] - a["auroc_int8"])
+        assert 1 <= a["distinct_outputs"] <= a["n"]
+    assert 0.0 <= ag["validation"]["flag_agreement"] <= 1.0
+    assert ag["check"]["n"] == 32 and card["check_data"]["source"]["images"] == {"NORMAL": 16, "PNEUMONIA": 16}
     ops = card["operating_points"]
     assert 0 <= ops["flag"]["threshold"] <= ops["urgent"]["threshold"] <= 1
     # every op is int8 and each is listed in the compatibility report
     rep = card["edgetpu_compatibility"]
     assert rep["ops_total"] == len(rep["ops"]) > 5
-    assert {"CONV_2D", "MAX_POOL_2D", "FULLY_CONNECTED", "LOGISTIC"} <= {o["op"] for o in rep["ops"]}
+    assert {"CONV_2D", "MAX_POOL_2D", "FULLY_CONNECTED"} <= {o["op"] for o in rep["ops"]}
+    assert "LOGISTIC" not in {o["op"] for o in rep["ops"]}
     assert all("float" not in o["dtypes"] for o in rep["ops"])
     assert rep["all_mapped"] is True
     # calibration never used validation images
@@ -164,10 +173,10 @@ def test_convert_h5_with_rgb_input(tmp_path, mini_data):
     model.save(h5)
     tfl = tmp_path / "nb.tflite"
     assert run_cli("convert", h5, "--calibration", mini_data, "--validation", mini_data, "--out", tfl,
-                   "--num-calibration", "8", "--max-auroc-drop", "1.0") == 0
+                   "--num-calibration", "8", "--max-auroc-drop", "1.0", "--single-tier") == 0
     card = json.loads(tfl.with_suffix(".json").read_text())
     assert card["tflite"]["input"]["shape"] == [1, 40, 48, 3]
-    assert card["preprocessing"]["channels"] == 3 and card["preprocessing"]["equalize"] is False
+    assert card["preprocessing"]["channels"] == 3 and card["preprocessing"]["contrast"] == "none"
     assert card["source_model"]["format"] == "h5"
     scorer, _ = load_scorer(tfl, "cpu")
     assert 0.0 <= scorer.score(preprocess(next(mini_data.rglob("*.jpeg")), scorer.spec)) <= 1.0
@@ -181,7 +190,7 @@ def test_convert_savedmodel(tmp_path, mini_data, tiny_run):
     model.export(sm)
     tfl = tmp_path / "sm.tflite"
     assert run_cli("convert", sm, "--calibration", mini_data, "--validation", mini_data, "--out", tfl,
-                   "--num-calibration", "8", "--max-auroc-drop", "1.0") == 0
+                   "--num-calibration", "8", "--max-auroc-drop", "1.0", "--single-tier") == 0
     assert json.loads(tfl.with_suffix(".json").read_text())["source_model"]["format"] == "savedmodel"
 
 
@@ -212,7 +221,7 @@ def test_corrupt_files_are_skipped_counted_never_a_crash(tiny_run, mini_data, tm
     (mini_data / "PNEUMONIA" / "empty.png").write_bytes(b"")
     tfl = tmp_path / "c.tflite"
     assert run_cli("convert", tiny_run["keras"], "--calibration", mini_data, "--validation", mini_data,
-                   "--out", tfl, "--num-calibration", "100", "--max-auroc-drop", "1.0") == 0
+                   "--out", tfl, "--num-calibration", "100", "--max-auroc-drop", "1.0", "--single-tier") == 0
     card = json.loads(tfl.with_suffix(".json").read_text())
     assert card["quantization"]["calibration"]["skipped_files"] == 3
     assert card["validation"]["skipped_files"] == 3
@@ -270,7 +279,7 @@ def test_edgetpu_without_compiler_says_how_to_get_it(tiny_run, mini_data, tmp_pa
     out = tmp_path / "e.tflite"
     assert shutil.which("edgetpu_compiler") is None
     assert run_cli("convert", tiny_run["keras"], "--calibration", mini_data, "--validation", mini_data,
-                   "--out", out, "--num-calibration", "8", "--max-auroc-drop", "1.0", "--edgetpu") == 2
+                   "--out", out, "--num-calibration", "8", "--max-auroc-drop", "1.0", "--single-tier", "--edgetpu") == 2
     captured = capsys.readouterr()
     assert "Edge TPU compatibility" in captured.out  # the report comes before any compiler
     errors = [ln for ln in captured.err.splitlines() if "error:" in ln]
@@ -295,7 +304,7 @@ def test_edgetpu_compiler_is_run_and_its_outputs_kept(tiny_run, mini_data, tmp_p
     monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
     out = tmp_path / "m.tflite"
     assert run_cli("convert", tiny_run["keras"], "--calibration", mini_data, "--validation", mini_data,
-                   "--out", out, "--num-calibration", "8", "--max-auroc-drop", "1.0", "--edgetpu") == 0
+                   "--out", out, "--num-calibration", "8", "--max-auroc-drop", "1.0", "--single-tier", "--edgetpu") == 0
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["edgetpu"]["file"] == "m_edgetpu.tflite"
     assert card["edgetpu"]["compiler_version"] == "16.0.384591198"
