@@ -110,6 +110,25 @@ class LogConfig:
 
 
 @dataclass
+class AlertsConfig:
+    escalate_after: float = 300.0  # re-publish an urgent flag nobody acknowledged after this many seconds
+    max_escalations: int = 3  # at most this many times per flag (0: never escalate)
+
+
+@dataclass
+class StationConfig:
+    """The nursing-station console (``pneumoflag station``); it may run on another machine of the ward."""
+
+    listen: str = "127.0.0.1:8080"  # HOST:PORT of the web page; anything but loopback needs a password or insecure
+    station_id: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "station")
+    password_file: str = ""  # a file holding the console's password (or token)
+    insecure: bool = False  # allow a non-loopback listen address without a password
+    chime: bool = True  # sound a chime when an urgent flag arrives
+    db: str = ""  # the worklist database (default: STATE/station-<station_id>.db)
+    silent_after: float = 180.0  # a device whose stats stop for this long shows as silent
+
+
+@dataclass
 class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -117,6 +136,8 @@ class Config:
     dicom: DicomConfig = field(default_factory=DicomConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    station: StationConfig = field(default_factory=StationConfig)
     source: str = "defaults"
 
     # ------------------------------------------------------------------ helpers
@@ -156,12 +177,13 @@ class Config:
 
 
 SECTIONS = {"watch": WatchConfig, "model": ModelConfig, "mqtt": MqttConfig, "dicom": DicomConfig,
-            "state": StateConfig, "log": LogConfig}
+            "state": StateConfig, "log": LogConfig, "alerts": AlertsConfig, "station": StationConfig}
 CHOICES = {("model", "accelerator"): ("auto", "edgetpu", "cpu"), ("mqtt", "protocol"): ("3.1.1", "5"),
            ("log", "level"): ("debug", "info", "warning", "error")}
 POSITIVE = {("watch", "poll_interval"), ("watch", "max_file_mb"), ("watch", "max_pixels"), ("model", "threads"),
             ("mqtt", "keepalive"), ("mqtt", "stats_interval"), ("mqtt", "reconnect_min"), ("mqtt", "reconnect_max")}
-NON_NEGATIVE = {("watch", "settle_seconds"), ("watch", "incomplete_timeout")}
+NON_NEGATIVE = {("watch", "settle_seconds"), ("watch", "incomplete_timeout"), ("alerts", "max_escalations")}
+POSITIVE |= {("alerts", "escalate_after"), ("station", "silent_after")}
 
 
 def _toml_value(v: Any) -> str:
@@ -263,6 +285,9 @@ def _validate(cfg: Config) -> None:
         v = getattr(cfg.mqtt, key)
         if v and not Path(v).is_file():
             raise ConfigError(f"mqtt.{key}: {v} does not exist")
+    parse_host_port(cfg.station.listen, "station.listen")
+    if cfg.station.password_file and not Path(cfg.station.password_file).is_file():
+        raise ConfigError(f"station.password_file: {cfg.station.password_file} does not exist")
     if cfg.watch.archive_dir and cfg.watch.dir and Path(cfg.watch.archive_dir).resolve() == Path(cfg.watch.dir).resolve():
         raise ConfigError("watch.archive_dir must differ from watch.dir")
 

@@ -10,6 +10,8 @@ from typing import Any, Optional
 FLAG_SCHEMA = "pneumoflag.flag/1"
 ERROR_SCHEMA = "pneumoflag.error/1"
 STATS_SCHEMA = "pneumoflag.stats/1"
+ACK_SCHEMA = "pneumoflag.ack/1"
+ESCALATION_SCHEMA = "pneumoflag.escalation/1"
 
 
 def utc_now() -> str:
@@ -49,6 +51,10 @@ class FlagMessage:
     timings_ms: Timings
     event_id: str = field(default_factory=new_event_id)
     scored_at: str = field(default_factory=utc_now)
+    #: when the image was written (DICOM acquisition/content time when present, else the file's mtime)
+    written_at: Optional[str] = None
+    #: when the daemon first saw the file
+    seen_at: Optional[str] = None
     dicom: Optional[dict[str, str]] = None
     schema: str = FLAG_SCHEMA
 
@@ -82,6 +88,37 @@ class ErrorMessage:
 
     def topic_suffix(self) -> str:
         return "errors"
+
+
+@dataclass
+class AckMessage:
+    """A nurse acknowledged a flag. Stations publish it on ``{prefix}/{device}/acks``, QoS 1, not retained."""
+
+    event_id: str
+    station: str
+    by: str
+    at: str = field(default_factory=utc_now)
+    schema: str = ACK_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EscalationMessage:
+    """An urgent flag nobody acknowledged in time, published again on ``{prefix}/{device}/escalations``."""
+
+    event_id: str  # the flag's
+    device: str
+    escalation: int  # 1, 2, ... up to alerts.max_escalations
+    max_escalations: int
+    unacknowledged_s: float  # since the flag was delivered
+    flag: dict[str, Any]  # the flag message as first published
+    at: str = field(default_factory=utc_now)
+    schema: str = ESCALATION_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def encode(payload: dict[str, Any]) -> bytes:

@@ -6,7 +6,9 @@ so a radiograph becomes exactly the same tensor wherever it is scored.
 Steps, in order:
   1. decode to grayscale (JPEG via Pillow's draft mode, so a 2,000 px scan is
      decoded at 1/2..1/8 scale straight from the DCT; PNG 8/16-bit; arrays);
-  2. squash-resize to the model's input size (bilinear, antialiased);
+  2. squash-resize to the model's input size: first a box reduction by 2, 4
+     or 8 as JPEG draft decoding does (so PNG and DICOM sources match JPEG
+     ones), then bilinear, antialiased;
   3. map to 8 bits (16-bit and float sources: min-max to 0..255);
   4. contrast, one of (integer arithmetic, so bit-exact on every machine):
      ``equalize``, global histogram equalisation: invariant to monotonic
@@ -105,7 +107,8 @@ class PreprocessSpec:
         d["description"] = (
             "grayscale; "
             + (f"crop {self.crop:.0%} of each side; " if self.crop else "")
-            + "squash-resize (bilinear, antialiased) to height x width; 16-bit/float min-max to 8-bit; "
+            + "box-reduce by 2/4/8 as JPEG draft decoding does, then squash-resize (bilinear, antialiased) "
+            "to height x width; 16-bit/float min-max to 8-bit; "
             + contrast
             + "uint8 pixels (float model input = pixels * scale)"
         )
@@ -313,6 +316,19 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
     return np.round((f - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def reduce_factor(width: int, height: int, spec: PreprocessSpec) -> int:
+    """The largest of 8, 4, 2 that keeps the image at least the model's size, else 1.
+
+    JPEG draft decoding shrinks by exactly this factor inside the decoder (the
+    DCT's block average). Box-reducing a PNG or DICOM by the same factor before
+    the resize makes one radiograph give one tensor, whichever format it came in.
+    """
+    for k in (8, 4, 2):
+        if -(-width // k) >= spec.width and -(-height // k) >= spec.height:
+            return k
+    return 1
+
+
 def prepare(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Resize a decoded grayscale array and finish it as the model's uint8 input (H, W, C)."""
     size = (spec.width, spec.height)
@@ -321,13 +337,18 @@ def prepare(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         dy, dx = int(round(gh * spec.crop)), int(round(gw * spec.crop))
         if gh - 2 * dy >= 1 and gw - 2 * dx >= 1:
             gray = gray[dy : gh - dy, dx : gw - dx]
+    k = reduce_factor(gray.shape[1], gray.shape[0], spec)
     if gray.dtype == np.uint8:
         img = Image.fromarray(gray, "L")
+        if k > 1:
+            img = img.reduce(k)
         if img.size != size:
             img = img.resize(size, Image.Resampling.BILINEAR)
         out = np.asarray(img, dtype=np.uint8)
     else:
         img = Image.fromarray(gray.astype(np.float32), "F")
+        if k > 1:
+            img = img.reduce(k)
         if img.size != size:
             img = img.resize(size, Image.Resampling.BILINEAR)
         out = to_uint8(np.asarray(img, dtype=np.float32))
