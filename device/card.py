@@ -118,6 +118,8 @@ class ModelCard:
             if output_kind not in OUTPUT_KINDS:
                 raise CardError(f"model card {path}: output kind {output_kind!r} is not one of {OUTPUT_KINDS}")
             urgent = ops["urgent"]["threshold"]
+            if urgent is not None and urgent == ops["flag"]["threshold"]:
+                urgent = None  # cards before schema revision 2 spelt "one tier" as urgent == flag
             return cls(
                 path=path,
                 name=d["name"],

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import __version__
+from .safe_text import EscapingFilter
+from .vocab import ACCELERATORS, PRIORITIES
 
 log = logging.getLogger("pneumoflag")
 
@@ -43,7 +45,7 @@ def _add_config_flags(p, daemon: bool = True) -> None:
     if daemon:
         g.add_argument("--state-dir", help="where the outbox and journal live")
         g.add_argument("--model", help="int8 .tflite model with its card NAME.json beside it")
-        g.add_argument("--accelerator", choices=("auto", "edgetpu", "cpu"), help="where the model runs")
+        g.add_argument("--accelerator", choices=ACCELERATORS, help="where the model runs")
 
 
 def _overrides(args) -> dict:
@@ -81,6 +83,8 @@ def _cmd_watch(args) -> int:
     from .daemon import Daemon, StartupError
 
     cfg = _config(args)
+    if not args.verbose and not args.quiet:  # -v/-q win over [log] level
+        logging.getLogger().setLevel(cfg.log.level.upper())
     try:
         return Daemon(cfg, exit_after=args.exit_after, once=args.once).run()
     except StartupError as exc:
@@ -94,7 +98,7 @@ def _add_alerts(sub) -> None:
         description="Subscribe to the flags of every appliance under the topic prefix and print them: "
         "time, priority (highlighted), probability, file.",
     )
-    p.add_argument("--priority", choices=("routine", "flag", "urgent"), default="routine",
+    p.add_argument("--priority", choices=PRIORITIES[::-1], default="routine",
                    help="lowest priority to show (default: all)")
     p.add_argument("--errors", action="store_true", help="also show rejected files")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -333,6 +337,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # a file name cannot forge a log line or a terminal escape
+        handler.addFilter(EscapingFilter())
     if verbose < 2:
         for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

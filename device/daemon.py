@@ -1,9 +1,21 @@
 """``pneumoflag watch``: the main job. Wires watcher -> pipeline -> outbox -> MQTT and keeps it running.
 
-Guarantees: a file's result is journaled and queued in one transaction before
-it is published; bad input becomes an error message and a journal record,
-never a crash; SIGTERM finishes the image in hand, publishes ``offline`` and
-exits 0.
+Guarantees:
+- a file's result is journaled and queued in one transaction before it is
+  published; bad input becomes an error message and a journal record, never a
+  crash;
+- every file ends in a flag or an error within ``watch.incomplete_timeout`` of
+  its first failed decode, whatever its clock says;
+- one path, one current result: a later version of the same path (completed,
+  made readable, new content) is scored again and its message names the event
+  it ``supersedes``; a copy of content already seen elsewhere gets a
+  ``duplicate-of`` message naming the first event, never a second alert;
+- nothing outside the export folder is read (see ``reader``);
+- a worker thread that dies, or a watcher that stops, ends the process with
+  status 1 (systemd restarts it): it never sits ``online`` and deaf; a replaced
+  export folder is watched again;
+- a full state disk is reported once per episode and retried with backoff;
+- SIGTERM finishes the image in hand, publishes ``offline`` and exits 0.
 """
 from __future__ import annotations
 
@@ -23,20 +35,26 @@ import numpy as np
 
 from . import __version__
 from .card import CardError
-from .config import EMBEDDED_BROKER, Config, ConfigError
+from .config import EMBEDDED_BROKER, Config
 from .ingest import Ingest, IngestError, Ready
-from .messages import ErrorMessage, encode, utc_now
+from .messages import ErrorMessage, encode, utc_iso, utc_now
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
+from .reader import lstat_sig, read_export_file
+from .safe_text import path_text, printable
 from .scorer import load_scorer
 from .sdnotify import Notifier
-from .store import Store, StoreError
+from .store import FileSig, JournalRow, Store, StoreError
+from .vocab import PRIORITIES, Reason
 
 log = logging.getLogger(__name__)
 
 #: decode failures that a file still being written produces
-INCOMPLETE_REASONS = {"truncated", "corrupt", "empty-file", "unsupported-format", "dicom-invalid", "unreadable"}
+INCOMPLETE_REASONS = {Reason.TRUNCATED, Reason.CORRUPT, Reason.EMPTY_FILE, Reason.UNSUPPORTED_FORMAT,
+                      Reason.DICOM_INVALID, Reason.UNREADABLE}
+#: how often the main loop checks that the watcher runs and the export folder is the same one
+HEALTH_INTERVAL = 2.0
 
 
 class StartupError(RuntimeError):
@@ -51,14 +69,15 @@ class Stats:
     duplicates: int = 0
     latencies: deque = field(default_factory=lambda: deque(maxlen=1000))
 
-    def snapshot(self, cfg: Config, queue_depth: int, outbox: int, accelerator: str, model: str) -> dict:
+    def snapshot(self, cfg: Config, queue_depth: int, outbox: int, accelerator: str, model: str,
+                 health: dict) -> dict:
         lat = np.array(self.latencies) if self.latencies else None
         return {
             "schema": "pneumoflag.stats/1",
             "device": cfg.mqtt.device_id,
             "at": utc_now(),
             "uptime_s": round(time.monotonic() - self.started, 1),
-            "scored": {k: self.by_priority.get(k, 0) for k in ("urgent", "flag", "routine")},
+            "scored": {k: self.by_priority.get(k, 0) for k in PRIORITIES},
             "errors": self.errors,
             "duplicates": self.duplicates,
             "queue_depth": queue_depth,
@@ -71,6 +90,7 @@ class Stats:
             "accelerator": accelerator,
             "model": model,
             "version": __version__,
+            **health,
         }
 
 
@@ -92,6 +112,11 @@ class Daemon:
         self.processed = 0
         self.broker = None
         self.root = Path(cfg.watch.dir).resolve() if cfg.watch.dir else None
+        self._arriving: dict[str, tuple[FileSig, float]] = {}  # rel -> (sig, monotonic time it last changed)
+        self._fatal: Optional[str] = None  # set by a dying worker thread: the main loop exits 1
+        self._disk_full_since: Optional[float] = None
+        self._store_backoff = 5.0
+        self._folder_state = "ok"
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
@@ -121,11 +146,13 @@ class Daemon:
             self._start_embedded_broker()
         self.publisher = Publisher(cfg, self.store)
         self.publisher.start()
+        points = self.card.raw.get("operating_points", {}).get("source", {})
         log.info(
-            "pneumoflag %s: model %s %s on %s (%s); thresholds flag>=%.4f urgent>=%.4f; publishing to %s under %s",
-            __version__, self.card.name, self.card.version, self.scorer.report.accelerator,
-            self.scorer.report.runtime, self.card.thresholds.flag, self.card.thresholds.urgent,
-            cfg.mqtt.broker, cfg.topic(""),
+            "pneumoflag %s: model %s %s (card revision %d, operating points from %s) on %s (%s); %s; "
+            "publishing to %s under %s",
+            __version__, self.card.name, self.card.version, self.card.revision,
+            points.get("folder", "its validation data"), self.scorer.report.accelerator,
+            self.scorer.report.runtime, self.card.thresholds.describe(), cfg.mqtt.broker, cfg.topic(""),
         )
 
     def _start_embedded_broker(self) -> None:
@@ -150,26 +177,30 @@ class Daemon:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
+        """Watch until stopped; 0 on a clean stop, 1 when a worker died (systemd restarts us)."""
         self._start()
         self._install_signals()
         self.ingest.start()  # events first, so nothing arriving during the backlog scan is missed
         if self.cfg.watch.backlog:
-            backlog = self.ingest.backlog()
-            if backlog:
-                log.info("backlog: %d files arrived while the daemon was down (oldest first)", len(backlog))
-            self.ingest.enqueue_backlog(backlog)
+            self._enqueue_backlog("arrived while the daemon was down")
         self.notifier.ready(f"watching {self.root}")
         if self.on_ready:
             self.on_ready(self)
         wd = self.notifier.watchdog_interval()
-        next_wd = time.monotonic()
+        next_wd = next_health = time.monotonic()
         next_stats = time.monotonic() + min(5.0, self.cfg.mqtt.stats_interval)
+        status = 0
         try:
             while not self.stop_event.is_set():
                 item = self.ingest.get(timeout=0.5)
                 if item is not None:
                     self._handle(item)
                 now = time.monotonic()
+                if now >= next_health:
+                    next_health = now + HEALTH_INTERVAL
+                    if not self._healthy():
+                        status = 1
+                        break
                 if wd and now >= next_wd:
                     self.notifier.watchdog()
                     next_wd = now + wd
@@ -180,7 +211,55 @@ class Daemon:
                     break
         finally:
             self._shutdown()
-        return 0
+        return status
+
+    def _enqueue_backlog(self, why: str) -> None:
+        backlog = [p for p in self.ingest.backlog() if not self._already_seen(p)]
+        if backlog:
+            log.info("backlog: %d files %s (oldest first)", len(backlog), why)
+        self.ingest.enqueue_backlog(backlog)
+
+    def _already_seen(self, path: Path) -> bool:
+        sig = self._sig(path)
+        try:
+            return sig is not None and self.store.seen(self._rel(path), sig)
+        except StoreError:
+            return False
+
+    def _healthy(self) -> bool:
+        """False when the process must exit non-zero: a worker thread died or the watcher stopped."""
+        if self._fatal:
+            log.critical("%s; exiting with status 1 so the service manager restarts pneumoflag", self._fatal)
+            return False
+        state = self.ingest.folder_state()
+        if state != self._folder_state:
+            if state == "missing":
+                log.error("export folder %s is gone: waiting for it to come back (no file is seen meanwhile)",
+                          self.root)
+            elif state == "replaced":
+                log.warning("export folder %s was replaced (removed and made again, or another folder moved in): "
+                            "watching the new one", self.root)
+            self._folder_state = state
+        if state == "replaced":
+            try:
+                self.ingest.restart()
+            except IngestError as exc:
+                log.error("cannot watch the new export folder: %s", exc)
+                return True
+            self._folder_state = "ok"
+            self._enqueue_backlog("in the new export folder")
+        elif state == "ok" and not self.ingest.alive():
+            log.critical("the folder watcher stopped; exiting with status 1 so the service manager restarts "
+                         "pneumoflag")
+            return False
+        return True
+
+    def _thread_died(self, args: threading.ExceptHookArgs) -> None:
+        """threading.excepthook: a worker thread ended with an exception."""
+        name = args.thread.name if args.thread else "?"
+        log.critical("thread %s died: %s: %s", name, args.exc_type.__name__, args.exc_value,
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        self._fatal = f"thread {name} died ({args.exc_type.__name__}: {args.exc_value})"
 
     def _done(self) -> bool:
         if self.exit_after is not None and self.processed >= self.exit_after:
@@ -192,6 +271,7 @@ class Daemon:
         return False
 
     def _install_signals(self) -> None:
+        threading.excepthook = self._thread_died
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -220,130 +300,172 @@ class Daemon:
             outbox = self.store.outbox_depth()
         except StoreError:
             outbox = -1
+        health = {"export_folder": self._folder_state, "state_disk_full": self._disk_full_since is not None}
         snap = self.stats.snapshot(self.cfg, self.ingest.depth(), outbox, self.scorer.report.accelerator,
-                                   f"{self.card.name} {self.card.version}")
+                                   f"{self.card.name} {self.card.version}", health)
         self.publisher.publish_now(self.cfg.topic("stats"), encode(snap), qos=0, retain=True)
 
     # ------------------------------------------------------------------ one file
     def _rel(self, path: Path) -> str:
+        """The path relative to the export folder as safe UTF-8 text (the journal key and the message's file)."""
         try:
-            return path.relative_to(self.root).as_posix()
+            return path_text(path.relative_to(self.root))
         except ValueError:
-            return path.name
+            return path_text(path.name)
+
+    @staticmethod
+    def _sig(path: Path) -> Optional[FileSig]:
+        try:
+            st = path.stat()
+        except OSError:  # a link to nothing, a loop: judge the link itself
+            return lstat_sig(path)
+        return FileSig(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _handle(self, item: Ready) -> None:
+        """One file: read it safely, apply the journal's rules, score it, journal and queue the result."""
         t_start = time.perf_counter()
         path = item.path
         rel = self._rel(path)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
+        label = printable(rel)
+        sig = self._sig(path)
+        if sig is None:
             return  # gone before we got to it (moved away or deleted)
-        except PermissionError:
-            self._reject(rel, None, 0, 0, "permission-denied", f"{rel}: permission denied")
-            return
-        if not stat.S_ISREG(st.st_mode):
-            return
         try:
-            if self.store.seen(rel, st.st_size, st.st_mtime_ns):
-                return  # already processed (restart, repeated event)
+            if self.store.seen(rel, sig):
+                return  # this version was already processed (restart, repeated event)
         except StoreError as exc:
             return self._store_failed(path, exc)
-        limit = int(self.cfg.watch.max_file_mb * 1024 * 1024)
-        if st.st_size > limit:
-            self._reject(rel, None, st.st_size, st.st_mtime_ns, "too-large",
-                         f"{rel}: {st.st_size / 1e6:.1f} MB exceeds watch.max_file_mb = {self.cfg.watch.max_file_mb:g}")
-            return
+        roots = [self.root] + ([Path(self.cfg.watch.archive_dir)] if self.cfg.watch.archive_dir else [])
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            fr = read_export_file(path, roots, int(self.cfg.watch.max_file_mb * 1024 * 1024), label)
+        except ImageDecodeError as exc:
+            if exc.reason != Reason.NOT_FOUND:
+                self._finish_error(path, rel, None, sig, exc.reason, str(exc))
             return
-        except PermissionError:
-            self._reject(rel, None, st.st_size, st.st_mtime_ns, "permission-denied",
-                         f"{rel}: permission denied (the daemon's user needs read access)")
-            return
-        except OSError as exc:
-            self._reject(rel, None, st.st_size, st.st_mtime_ns, "unreadable", f"{rel}: {exc.strerror}")
-            return
-        sha = sha256_bytes(data)
+        sha = sha256_bytes(fr.data)
         try:
+            prev = self.store.last_for_path(rel)
             first = self.store.by_hash(sha)
         except StoreError as exc:
             return self._store_failed(path, exc)
-        if first is not None:
-            status = "duplicate" if first.path != rel else first.status
-            try:
-                self.store.record(rel, sha, st.st_size, st.st_mtime_ns, status,
-                                  reason=f"same content as {first.path}", event_id=first.event_id)
-            except StoreError as exc:
-                return self._store_failed(path, exc)
-            if first.path != rel:
-                self.stats.duplicates += 1
-                log.info("%s: same content as %s (already %s): not alerted again", rel, first.path, first.status)
+        if prev is not None and prev.sha256 == sha:
+            # same bytes as the last result for this path: a chmod, touch or re-export; nothing new to say
+            self._record(path, rel, sha, fr.sig, "unchanged", event_id=prev.event_id)
             return
+        if first is not None and first.path != rel:
+            self._duplicate(path, rel, sha, fr.sig, first)
+            return
+        supersedes = prev.event_id if prev is not None else None
         try:
-            msg = self.pipeline.score(data, rel, sha)
+            msg = self.pipeline.score(fr.data, rel, sha)
         except ImageDecodeError as exc:
-            if exc.reason in INCOMPLETE_REASONS and self._maybe_growing(path, st):
-                log.debug("%s: %s; still being written? retrying", rel, exc.reason)
+            if exc.reason in INCOMPLETE_REASONS and self._still_arriving(rel, fr.sig):
+                log.debug("%s: %s; still being written? retrying", label, exc.reason)
                 self.ingest.retry_later(path, max(self.cfg.watch.settle_seconds, 0.2))
                 return
-            self._reject(rel, sha, st.st_size, st.st_mtime_ns, exc.reason, str(exc))
+            self._finish_error(path, rel, sha, fr.sig, exc.reason, str(exc), supersedes)
             return
         except Exception as exc:  # noqa: BLE001 - the daemon must survive an interpreter failure
-            log.exception("%s: scoring failed", rel)
-            self._reject(rel, sha, st.st_size, st.st_mtime_ns, "internal-error", f"{rel}: {type(exc).__name__}: {exc}")
+            log.exception("%s: scoring failed", label)
+            self._finish_error(path, rel, sha, fr.sig, Reason.INTERNAL_ERROR, f"{rel}: {type(exc).__name__}: {exc}",
+                               supersedes)
             return
-        try:
-            self.store.record(rel, sha, st.st_size, st.st_mtime_ns, msg.priority, event_id=msg.event_id,
-                              message=(self.cfg.topic(msg.topic_suffix()), encode(msg.to_dict()), 1))
-        except StoreError as exc:
-            return self._store_failed(path, exc)
-        self.publisher.wake()
+        msg.written_at = utc_iso(fr.sig.mtime_ns / 1e9) if msg.written_at is None else msg.written_at
+        msg.seen_at = utc_iso(item.seen_at)
+        msg.supersedes = supersedes
+        if not self._record(path, rel, sha, fr.sig, msg.priority, event_id=msg.event_id, supersedes=supersedes,
+                            message=(self.cfg.topic(msg.topic_suffix()), encode(msg.to_dict()), 1)):
+            return
+        self._arriving.pop(rel, None)
         self.processed += 1
         self.stats.by_priority[msg.priority] += 1
         self.stats.latencies.append((time.perf_counter() - t_start) * 1000.0)
-        log.info("%s: %s (p=%.3f, %.1f ms)", rel, msg.priority.upper(), msg.probability, msg.timings_ms.total)
+        log.info("%s: %s (p=%.3f, %.1f ms)%s", label, msg.priority.upper(), msg.probability, msg.timings_ms.total,
+                 f", supersedes {supersedes}" if supersedes else "")
         self._archive(path, rel)
 
-    def _maybe_growing(self, path: Path, st: os.stat_result) -> bool:
-        """Recently written: a writer that closes and reopens per chunk may not be done."""
-        return time.time() - st.st_mtime < self.cfg.watch.incomplete_timeout
+    def _still_arriving(self, rel: str, sig: FileSig) -> bool:
+        """The file changed less than incomplete_timeout ago, as this daemon saw it.
 
-    def _reject(self, rel: str, sha: Optional[str], size: int, mtime_ns: int, reason: str, message: str) -> None:
-        err = ErrorMessage(device=self.cfg.mqtt.device_id, file=rel, reason=reason, message=message, sha256=sha)
-        log.warning("rejected %s: %s", rel, message)
+        Measured on our monotonic clock from the last change we observed, never
+        from the file's mtime: a bad file stamped in the future must still end
+        in an error in time.
+        """
+        now = time.monotonic()
+        seen = self._arriving.get(rel)
+        if seen is None or seen[0] != sig:
+            self._arriving[rel] = (sig, now)
+            if len(self._arriving) > 10_000:  # bounded: drop the oldest
+                self._arriving.pop(next(iter(self._arriving)))
+            return True
+        return now - seen[1] < self.cfg.watch.incomplete_timeout
+
+    def _record(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, status: str, **kw) -> bool:
         try:
-            self.store.record(rel, sha, size, mtime_ns, "error", reason=reason, event_id=err.event_id,
-                              message=(self.cfg.topic(err.topic_suffix()), encode(err.to_dict()), 1))
+            self.store.record(rel, sha, sig, status, **kw)
         except StoreError as exc:
-            log.error("could not journal the rejection of %s: %s (will retry)", rel, exc)
-            self.ingest.retry_later(self.root / rel, 10.0)
-            return
-        self.publisher.wake()
-        self.processed += 1
-        self.stats.errors += 1
+            self._store_failed(path, exc)
+            return False
+        self._store_ok()
+        if kw.get("message"):
+            self.publisher.wake()
+        return True
+
+    def _duplicate(self, path: Path, rel: str, sha: str, sig: FileSig, first: JournalRow) -> None:
+        """A copy of content already processed under another name: say so, never alert twice."""
+        what = first.status if first.status != "error" else f"rejected: {first.reason}"
+        err = ErrorMessage(device=self.cfg.mqtt.device_id, file=rel, reason=Reason.DUPLICATE_OF,
+                           message=f"{rel}: same content as {first.path} (event {first.event_id}, {what}); "
+                                   "not scored again",
+                           sha256=sha, duplicate_of=first.event_id)
+        if self._record(path, rel, sha, sig, "duplicate", reason=Reason.DUPLICATE_OF, event_id=err.event_id,
+                        message=(self.cfg.topic(err.topic_suffix()), encode(err.to_dict()), 1)):
+            self.stats.duplicates += 1
+            log.info("%s: same content as %s (already %s): not alerted again", printable(rel),
+                     printable(first.path), what)
+
+    def _finish_error(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, reason: str, message: str,
+                      supersedes: Optional[str] = None) -> None:
+        err = ErrorMessage(device=self.cfg.mqtt.device_id, file=rel, reason=str(reason), message=message,
+                           sha256=sha, supersedes=supersedes)
+        log.warning("rejected %s: %s", printable(rel), printable(message))
+        if self._record(path, rel, sha, sig, "error", reason=str(reason), event_id=err.event_id,
+                        supersedes=supersedes, message=(self.cfg.topic(err.topic_suffix()), encode(err.to_dict()), 1)):
+            self._arriving.pop(rel, None)
+            self.processed += 1
+            self.stats.errors += 1
 
     def _store_failed(self, path: Path, exc: StoreError) -> None:
-        """Disk full or read-only state: keep the file, try again later; nothing is lost."""
-        log.error("%s: cannot record the result (%s); retrying in 10 s", path.name, exc)
-        self.ingest.retry_later(path, 10.0)
+        """Disk full or read-only state: keep the file, say so once per episode, retry with backoff."""
+        if self._disk_full_since is None:
+            self._disk_full_since = time.monotonic()
+            free = shutil.disk_usage(self.cfg.state.dir).free if os.path.isdir(self.cfg.state.dir) else -1
+            try:
+                depth = self.store.outbox_depth()
+            except StoreError:
+                depth = -1
+            log.error("%s: %s free on %s, %d results wait in the outbox; nothing is lost, files are retried "
+                      "with backoff (%s)", "state disk full" if exc.disk_full else "state database not writable",
+                      f"{free / 1e6:.1f} MB" if free >= 0 else "?", self.cfg.state.dir, depth, exc)
+        else:
+            log.debug("state still not writable: %s", exc)
+        self.ingest.retry_later(path, self._store_backoff)
+        self._store_backoff = min(self._store_backoff * 2, 60.0)
+
+    def _store_ok(self) -> None:
+        if self._disk_full_since is not None:
+            log.info("state database writable again after %.0f s", time.monotonic() - self._disk_full_since)
+            self._disk_full_since = None
+            self._store_backoff = 5.0
 
     def _archive(self, path: Path, rel: str) -> None:
         if not self.cfg.watch.archive_dir:
             return
-        dest = Path(self.cfg.watch.archive_dir) / rel
+        dest = Path(self.cfg.watch.archive_dir) / path.relative_to(self.root)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
                 dest = dest.with_name(f"{dest.stem}-{int(time.time())}{dest.suffix}")
             shutil.move(str(path), str(dest))
         except OSError as exc:
-            log.warning("could not archive %s: %s", rel, exc)
-
-
-def run_daemon(cfg: Config, **kwargs) -> int:
-    try:
-        return Daemon(cfg, **kwargs).run()
-    except (StartupError, ConfigError) as exc:
-        raise StartupError(str(exc)) from None
+            log.warning("could not archive %s: %s", printable(rel), exc)

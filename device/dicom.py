@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError
+from .preprocess import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, apply_lut, too_large
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,9 @@ def read_dicom(
     accept_body_parts: Sequence[str] = ("CHEST",),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: Optional[str] = None,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> tuple[np.ndarray, DicomInfo]:
-    """DICOM file (path or bytes) -> (float32 2-D display-ready array, DicomInfo).
+    """DICOM file (path or bytes) -> (uint8 2-D display-ready array, DicomInfo).
 
     Raises :class:`ImageDecodeError` with a stable ``reason`` for refused input;
     ``name`` labels errors when ``source`` is bytes already read from a file.
@@ -163,7 +164,7 @@ def read_dicom(
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        import pydicom.pixels  # noqa: F401 - pydicom 3: the decoders and LUT functions live here
     except ImportError:
         raise ImageDecodeError(
             "dicom-unavailable",
@@ -222,6 +223,11 @@ def read_dicom(
             f"{name}: {cols}x{rows} = {rows * cols:,} pixels exceeds the limit of "
             f"{max_pixels:,} (possible decompression bomb)",
         )
+    bits = _int(ds, "BitsAllocated", 16) or 16
+    # decompression may hold the raster twice; then the 8-bit image
+    need = rows * cols * frames * (-(-bits // 8)) * 2 + rows * cols
+    if need > max_bytes:
+        raise too_large(name, f"{cols}x{rows} {bits}-bit DICOM", need, max_bytes)
     _check_decodable(ds, name)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -240,24 +246,35 @@ def read_dicom(
             raise ImageDecodeError(
                 "dicom-unsupported", f"{name}: pixel array of shape {arr.shape} is not 2-D"
             )
-        try:
-            # Stored values -> physical values (RescaleSlope/Intercept or LUT),
-            # then the window the modality chose for display.
-            out = apply_modality_lut(arr, ds)
-            out = apply_voi_lut(out, ds)
-        except Exception as exc:
-            raise ImageDecodeError(
-                "dicom-invalid", f"{name}: bad modality/VOI LUT or window ({exc})"
-            ) from None
+        out = _display_uint8(arr, ds, photometric == "MONOCHROME1", name)
     for w in caught:
         log.debug("%s: pydicom: %s", name, w.message)
-
-    out = np.asarray(out, dtype=np.float32)
-    if not np.all(np.isfinite(out)):
-        raise ImageDecodeError("dicom-invalid", f"{name}: pixel values are not finite")
-    if photometric == "MONOCHROME1":
-        # MONOCHROME1 displays low values as white; flip so bone is bright as
-        # in MONOCHROME2, which is what the model was trained on.
-        out = np.float32(out.max()) + np.float32(out.min()) - out
     log.debug("%s: DICOM %s %s %dx%d %s", name, modality, body_part, cols, rows, photometric)
     return out, info
+
+
+def _display_uint8(arr: np.ndarray, ds: Any, invert: bool, name: str) -> np.ndarray:
+    """Stored values -> what a viewer shows, as 8 bits: modality LUT, then VOI LUT or window.
+
+    For integer pixels both LUTs are evaluated once per stored value, not per
+    pixel, and applied as one 8-bit table: no full-size float copies of a
+    4,000 px image. MONOCHROME1 (low values shown white) is inverted so bone is
+    bright, as in MONOCHROME2, which is what the model was trained on.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    integer = np.issubdtype(arr.dtype, np.integer)
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    small = integer and hi - lo < 1 << 20
+    values = np.arange(lo, hi + 1, dtype=arr.dtype if small else np.float64) if small else arr
+    try:
+        shown = np.asarray(apply_voi_lut(apply_modality_lut(values, ds), ds), dtype=np.float64)
+    except Exception as exc:
+        raise ImageDecodeError("dicom-invalid", f"{name}: bad modality/VOI LUT or window ({exc})") from None
+    if not np.all(np.isfinite(shown)):
+        raise ImageDecodeError("dicom-invalid", f"{name}: pixel values are not finite")
+    s_lo, s_hi = float(shown.min()), float(shown.max())
+    lut = (np.round((shown - s_lo) * 255.0 / (s_hi - s_lo)) if s_hi > s_lo else np.zeros_like(shown)).astype(np.uint8)
+    if invert:
+        lut = 255 - lut
+    return apply_lut(arr, lut, lo) if small else lut

@@ -15,9 +15,10 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import wraps
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from watchdog.events import (
     FileClosedEvent,
@@ -40,14 +41,44 @@ class Ready:
     path: Path
     #: how it became ready: "closed" (after write), "moved", "settled", "backlog"
     how: str
+    #: wall-clock time the watcher handed it over (for time-to-notification)
+    seen_at: float = field(default_factory=time.time, compare=False)
 
 
-def _sig(path: Path) -> Optional[tuple[int, int]]:
+def _never_raise(fn: Callable) -> Callable:
+    """A watchdog callback that raises kills the observer thread and the daemon goes deaf: log instead."""
+
+    @wraps(fn)
+    def guarded(self, event):
+        try:
+            return fn(self, event)
+        except Exception:  # noqa: BLE001
+            log.exception("watcher: %s on %r failed; the event is skipped (the backlog scan will find the file)",
+                          fn.__name__, getattr(event, "src_path", event))
+            self.failed_events += 1
+            return None
+
+    return guarded
+
+
+def _folder_id(path: Path) -> Optional[tuple[int, int]]:
     try:
         st = path.stat()
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return (st.st_dev, st.st_ino)
+
+
+def _sig(path: Path) -> Optional[tuple[int, int, int]]:
+    """Size and times of the file (of the link itself when it leads nowhere); None when gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        try:
+            st = path.lstat()
+        except OSError:
+            return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class Ingest(FileSystemEventHandler):
@@ -72,9 +103,11 @@ class Ingest(FileSystemEventHandler):
         self._ready: deque[Ready] = deque()
         self._queued: set[Path] = set()
         self._waiting: list[tuple[float, int, Path]] = []  # (due, tiebreak, path) heap
-        self._sigs: dict[Path, Optional[tuple[int, int]]] = {}
+        self._sigs: dict[Path, Optional[tuple[int, int, int]]] = {}
         self._n = 0
         self._observer = None
+        self._root_id: Optional[tuple[int, int]] = None
+        self.failed_events = 0
 
     # ------------------------------------------------------------------ setup
     def check_root(self) -> None:
@@ -97,17 +130,50 @@ class Ingest(FileSystemEventHandler):
             self._observer = Observer()
         self._observer.schedule(self, str(self.root), recursive=self.recursive)
         self._observer.start()
+        self._root_id = _folder_id(self.root)
         log.info("watching %s (%s%s)", self.root, "polling" if self.polling else "native events",
                  ", recursive" if self.recursive else "")
 
     def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
+        self._stop_observer()
         with self._cond:
             self._cond.notify_all()
 
+    def _stop_observer(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            try:
+                self._observer.join(timeout=5)
+            except RuntimeError:  # never started
+                pass
+            self._observer = None
+
+    def alive(self) -> bool:
+        """The observer and its emitter threads are running (a dead one means files go unseen)."""
+        obs = self._observer
+        if obs is None or not obs.is_alive():
+            return False
+        return all(e.is_alive() for e in getattr(obs, "emitters", ()))
+
+    def folder_state(self) -> str:
+        """``ok``, ``missing`` or ``replaced`` (removed and made again, or another folder moved in)."""
+        now = _folder_id(self.root)
+        if now is None:
+            return "missing"
+        return "ok" if now == self._root_id else "replaced"
+
+    def restart(self) -> None:
+        """Watch the folder now at ``root`` (after it was replaced)."""
+        self._stop_observer()
+        self.start()
+
     def ignored(self, path: Path) -> bool:
+        """Temporary names, files outside the folder or in skipped subfolders, and the archive.
+
+        Never raises: a link loop or an unreadable parent must not reach the
+        watcher thread. Links are not followed here; the reader checks where
+        they point.
+        """
         name = path.name
         if any(fnmatch.fnmatch(name, pat) for pat in self.ignore):
             return True
@@ -117,17 +183,22 @@ class Ingest(FileSystemEventHandler):
             return True
         if len(rel.parts) > 1 and (not self.recursive or any(p.startswith(".") for p in rel.parts[:-1])):
             return True
-        resolved = path.resolve()
-        return any(resolved == ex or ex in resolved.parents for ex in self.exclude)
+        if not self.exclude:
+            return False
+        try:
+            parent = path.parent.resolve()
+        except (OSError, RuntimeError):
+            return False
+        return any(parent == ex or ex in parent.parents for ex in self.exclude)
 
     def backlog(self) -> list[Path]:
-        """Files already in the folder, oldest first."""
+        """Files (and links to files, which the reader then checks) already in the folder, oldest first."""
         pattern = "**/*" if self.recursive else "*"
         files = []
         for p in self.root.glob(pattern):
             try:
-                if p.is_file() and not self.ignored(p):
-                    files.append((p.stat().st_mtime_ns, str(p), p))
+                if (p.is_symlink() or p.is_file()) and not self.ignored(p):
+                    files.append((p.lstat().st_mtime_ns, str(p), p))
             except OSError:
                 continue
         return [p for _, _, p in sorted(files)]
@@ -152,7 +223,7 @@ class Ingest(FileSystemEventHandler):
             self._ready.append(item)
             self._cond.notify()
 
-    def _wait(self, path: Path, sig: Optional[tuple[int, int]], delay: Optional[float] = None) -> None:
+    def _wait(self, path: Path, sig: Optional[tuple[int, int, int]], delay: Optional[float] = None) -> None:
         with self._cond:
             self._sigs[path] = sig
             self._n += 1
@@ -206,11 +277,13 @@ class Ingest(FileSystemEventHandler):
                 heapq.heappush(self._waiting, (now + self.settle, self._n, path))
 
     # ------------------------------------------------------------------ watchdog callbacks
+    @_never_raise
     def on_closed(self, event: FileClosedEvent) -> None:
         p = Path(os.fsdecode(event.src_path))
         if not self.ignored(p):
             self._push(Ready(p, "closed"))
 
+    @_never_raise
     def on_moved(self, event: FileMovedEvent) -> None:
         if event.is_directory:
             return
@@ -220,10 +293,13 @@ class Ingest(FileSystemEventHandler):
         if not self.ignored(p):
             self._push(Ready(p, "moved"))
 
+    @_never_raise
     def on_created(self, event: FileCreatedEvent) -> None:
         self._changed(event)
 
+    @_never_raise
     def on_modified(self, event: FileModifiedEvent) -> None:
+        # also attribute changes (IN_ATTRIB): a chmod that makes a file readable brings it back
         self._changed(event)
 
     def _changed(self, event) -> None:
@@ -237,6 +313,7 @@ class Ingest(FileSystemEventHandler):
                 return
         self._wait(p, _sig(p))
 
+    @_never_raise
     def on_deleted(self, event: FileDeletedEvent) -> None:
         with self._cond:
             self._sigs.pop(Path(os.fsdecode(event.src_path)), None)

@@ -18,6 +18,11 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def utc_iso(ts: float) -> str:
+    """A POSIX timestamp as the contract's UTC ISO form."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def new_event_id() -> str:
     return str(uuid.uuid4())
 
@@ -55,6 +60,8 @@ class FlagMessage:
     written_at: Optional[str] = None
     #: when the daemon first saw the file
     seen_at: Optional[str] = None
+    #: the event this one replaces: an earlier result for the same path (an error, or other content)
+    supersedes: Optional[str] = None
     dicom: Optional[dict[str, str]] = None
     schema: str = FLAG_SCHEMA
 
@@ -81,6 +88,10 @@ class ErrorMessage:
     sha256: Optional[str] = None
     event_id: str = field(default_factory=new_event_id)
     at: str = field(default_factory=utc_now)
+    #: reason duplicate-of: the event of the first file with this content
+    duplicate_of: Optional[str] = None
+    #: the event this one replaces (an earlier result for the same path)
+    supersedes: Optional[str] = None
     schema: str = ERROR_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Steps, in order:
   2. squash-resize to the model's input size: first a box reduction by 2, 4
      or 8 as JPEG draft decoding does (so PNG and DICOM sources match JPEG
      ones), then bilinear, antialiased;
-  3. map to 8 bits (16-bit and float sources: min-max to 0..255);
+  3. (before 2, at full resolution) map to 8 bits: 16-bit and float
+     sources min-max to 0..255, so every format takes the same 8-bit path;
   4. contrast, one of (integer arithmetic, so bit-exact on every machine):
      ``equalize``, global histogram equalisation: invariant to monotonic
      grey-level changes (window/level, exposure, scanner LUTs);
@@ -44,6 +45,9 @@ CONTRASTS = ("equalize", "clahe", "none")
 #: Above this many pixels an image is refused as a likely decompression bomb
 #: (the largest chest radiographs are about 4,300 x 3,500 = 15 MP).
 DEFAULT_MAX_PIXELS = 60_000_000
+#: Above this a decode is refused as too-large before it starts: a 4,300 x 3,500
+#: 16-bit radiograph needs about 60 MiB; the appliance stays under 300 MB in all.
+DEFAULT_MAX_DECODE_BYTES = 96 * 2**20
 
 Source = Union[str, os.PathLike, bytes, np.ndarray, Image.Image]
 
@@ -53,7 +57,7 @@ class ImageDecodeError(ValueError):
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
-        self.reason = reason
+        self.reason = str(reason)
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,23 @@ class PreprocessSpec:
 # --------------------------------------------------------------------------- decode
 
 
+#: Pillow's bytes per pixel in memory, by mode (multi-band images are stored 4 bytes a pixel).
+_STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def decode_cost(mode: str, width: int, height: int) -> int:
+    """Bytes a decode to 8-bit grayscale needs at its peak: the raster, the grey copy, the array."""
+    return width * height * (_STORAGE_BYTES.get(mode, 4) + 2)
+
+
+def too_large(name: str, what: str, needed: int, max_bytes: int) -> ImageDecodeError:
+    return ImageDecodeError(
+        "too-large",
+        f"{name}: {what} needs {needed / 2**20:.0f} MiB to decode, over the limit of "
+        f"{max_bytes / 2**20:.0f} MiB (watch.max_decode_mb)",
+    )
+
+
 def _open(source: Source, max_pixels: int, name: str = "<bytes>") -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -163,7 +184,7 @@ def _open(source: Source, max_pixels: int, name: str = "<bytes>") -> Image.Image
             "unsupported-format",
             f"{name}: not a JPEG or PNG image (cannot identify image file)",
         ) from None
-    except (OSError, SyntaxError) as exc:  # Pillow's words for broken headers
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's words for broken headers
         raise ImageDecodeError("corrupt", f"{name}: corrupt image data ({exc})") from None
     w, h = img.size
     if w * h > max_pixels:
@@ -177,15 +198,24 @@ def _open(source: Source, max_pixels: int, name: str = "<bytes>") -> Image.Image
 
 
 def decode(
-    source: Source, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS, name: Optional[str] = None
+    source: Source,
+    spec: PreprocessSpec,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: Optional[str] = None,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> np.ndarray:
-    """Decode to a 2-D grayscale array at (about) the size needed; no resizing yet.
+    """Decode to a 2-D uint8 grayscale array at (about) the size needed; no resizing yet.
 
-    Returns uint8 for 8-bit sources, uint16/int32/float32 for deeper ones.
+    The cost is budgeted from the header before any pixel is decoded: a small
+    file can hold a huge raster, and the appliance must stay within its memory
+    whatever arrives (``too-large`` says how much it would have needed). JPEG is
+    decoded straight to luma at a reduced DCT scale; deeper sources are mapped
+    to 8 bits (min-max) at full resolution, like a viewer's export, so every
+    format continues through the same 8-bit path.
     ``name`` labels errors when ``source`` is bytes already read from a file.
     """
     if isinstance(source, np.ndarray):
-        return _array_to_gray(source)
+        return to_uint8(_array_to_gray(source))
     if isinstance(source, Image.Image):
         return _image_to_gray(source, str(getattr(source, "filename", "<image>")))
     if name is None:
@@ -196,6 +226,10 @@ def decode(
             # Decode straight to luma at the smallest DCT scale that is still
             # >= the model's input size: 5-20x faster for scanner images.
             img.draft("L", (spec.width, spec.height))
+        w, h = img.size
+        cost = decode_cost(img.mode, w, h)
+        if cost > max_bytes:
+            raise too_large(name, f"{w}x{h} {img.mode} {img.format}", cost, max_bytes)
         return _image_to_gray(img, name)
     finally:
         img.close()
@@ -210,14 +244,10 @@ def _image_to_gray(img: Image.Image, name: str) -> np.ndarray:
     except (SyntaxError, ValueError) as exc:
         raise ImageDecodeError("corrupt", f"{name}: corrupt image data ({exc})") from None
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(img, dtype=np.uint16)
-    if mode in ("I", "F"):
-        return np.asarray(img)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return to_uint8(np.asarray(img))
     if mode != "L":
-        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA").convert("RGB")
-        img = img.convert("L")
+        img = img.convert("L")  # alpha is dropped: a radiograph has none worth keeping
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -229,7 +259,7 @@ def _array_to_gray(arr: np.ndarray) -> np.ndarray:
         if a.dtype != np.uint8:
             a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         else:
-            return np.asarray(Image.fromarray(a[..., :3], "RGB").convert("L"))
+            return np.asarray(Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB").convert("L"))
     if a.ndim != 2 or min(a.shape) < 1:
         raise ImageDecodeError("bad-array", f"array of shape {arr.shape} is not an image")
     if a.dtype == np.bool_:
@@ -237,6 +267,21 @@ def _array_to_gray(arr: np.ndarray) -> np.ndarray:
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise ImageDecodeError("bad-array", f"array dtype {a.dtype} is not numeric")
     return a
+
+
+def apply_lut(a: np.ndarray, lut: np.ndarray, offset: int = 0, rows: int = 256) -> np.ndarray:
+    """``lut[a - offset]`` for a large integer image, a band of rows at a time.
+
+    Fancy indexing widens the whole index array to 8 bytes a pixel first; in
+    bands the temporary stays small.
+    """
+    out = np.empty(a.shape, lut.dtype)
+    for r in range(0, a.shape[0], rows):
+        band = a[r : r + rows].astype(np.int64)
+        if offset:
+            band -= offset
+        out[r : r + rows] = lut[band]
+    return out
 
 
 # --------------------------------------------------------------------------- prepare
@@ -305,15 +350,28 @@ def clahe(a: np.ndarray, clip: float = 2.0, grid: int = 8) -> np.ndarray:
 
 
 def to_uint8(a: np.ndarray) -> np.ndarray:
+    """Deeper grey levels to 8 bits, min-max, without full-size float copies."""
     if a.dtype == np.uint8:
         return a
-    f = a.astype(np.float64)
-    if not np.all(np.isfinite(f)):
-        raise ImageDecodeError("bad-array", "image contains NaN or infinite values")
-    lo, hi = float(f.min()), float(f.max())
+    if a.size == 0:
+        raise ImageDecodeError("bad-array", "empty image")
+    if np.issubdtype(a.dtype, np.floating):
+        finite = np.isfinite(a)
+        if not finite.all():
+            raise ImageDecodeError("bad-array", "image contains NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        out = np.empty(a.shape, np.uint8)
+        for r in range(0, a.shape[0], 256):
+            band = a[r : r + 256].astype(np.float64)
+            out[r : r + 256] = np.round((band - lo) * (255.0 / (hi - lo))) if hi > lo else 0
+        return out
+    lo, hi = int(a.min()), int(a.max())
     if hi <= lo:
         return np.zeros(a.shape, np.uint8)
-    return np.round((f - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    if hi - lo < 1 << 20:
+        lut = np.round(np.arange(hi - lo + 1, dtype=np.float64) * (255.0 / (hi - lo))).astype(np.uint8)
+        return apply_lut(a, lut, lo)
+    return to_uint8(a.astype(np.float32))
 
 
 def reduce_factor(width: int, height: int, spec: PreprocessSpec) -> int:
@@ -337,21 +395,14 @@ def prepare(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         dy, dx = int(round(gh * spec.crop)), int(round(gw * spec.crop))
         if gh - 2 * dy >= 1 and gw - 2 * dx >= 1:
             gray = gray[dy : gh - dy, dx : gw - dx]
+    gray = to_uint8(gray)
     k = reduce_factor(gray.shape[1], gray.shape[0], spec)
-    if gray.dtype == np.uint8:
-        img = Image.fromarray(gray, "L")
-        if k > 1:
-            img = img.reduce(k)
-        if img.size != size:
-            img = img.resize(size, Image.Resampling.BILINEAR)
-        out = np.asarray(img, dtype=np.uint8)
-    else:
-        img = Image.fromarray(gray.astype(np.float32), "F")
-        if k > 1:
-            img = img.reduce(k)
-        if img.size != size:
-            img = img.resize(size, Image.Resampling.BILINEAR)
-        out = to_uint8(np.asarray(img, dtype=np.float32))
+    img = Image.fromarray(np.ascontiguousarray(gray), "L")
+    if k > 1:
+        img = img.reduce(k)
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    out = np.asarray(img, dtype=np.uint8)
     if spec.contrast == "equalize":
         out = equalize_histogram(out)
     elif spec.contrast == "clahe":

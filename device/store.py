@@ -5,6 +5,12 @@ A result and its journal record are written in one transaction, before anything
 is published: after a crash a file is either fully recorded (its message waits
 in the outbox) or not recorded at all (it is scored again). So a restart
 neither re-alerts nor skips, and a broker outage loses nothing.
+
+Paths are stored as :func:`~pneumoflag.device.safe_text.path_text` (valid UTF-8
+whatever bytes the name had). A file counts as already seen only when path,
+size, mtime *and* ctime match: a chmod or any attribute change brings it back.
+When the state disk is full every write raises :class:`StoreError` with
+``disk_full`` set, and nothing half-written is left behind.
 """
 from __future__ import annotations
 
@@ -41,10 +47,16 @@ CREATE TABLE IF NOT EXISTS journal (
 CREATE INDEX IF NOT EXISTS journal_path ON journal(path);
 CREATE INDEX IF NOT EXISTS journal_sha ON journal(sha256);
 """
+#: columns added after the first release: (table, column, type)
+MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"))
 
 
 class StoreError(RuntimeError):
     """The state database cannot be written (disk full, read-only, I/O error)."""
+
+    def __init__(self, message: str, disk_full: bool = False):
+        super().__init__(message)
+        self.disk_full = disk_full
 
 
 @dataclass
@@ -65,6 +77,15 @@ class JournalRow:
     event_id: Optional[str]
 
 
+@dataclass(frozen=True)
+class FileSig:
+    """What identifies one version of a file on disk."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
 class Store:
     def __init__(self, state_dir: Path | str, filename: str = "pneumoflag.db"):
         self.path = Path(state_dir) / filename
@@ -75,8 +96,12 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
             self._db.executescript(SCHEMA)
+            for table, column, kind in MIGRATIONS:
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"state database {self.path}: {exc}") from None
+            raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc)) from None
 
     def close(self) -> None:
         with self._lock:
@@ -91,26 +116,40 @@ class Store:
                     self._db.execute("COMMIT")
                     return out
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                        try:
+                            self._db.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            log.debug("rollback after a failed write also failed", exc_info=True)
                     raise
             except sqlite3.Error as exc:
-                raise StoreError(f"state database {self.path}: {exc}") from None
+                raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc)) from None
 
     # ------------------------------------------------------------------ journal
-    def seen(self, path: str, size: int, mtime_ns: int) -> bool:
-        """This exact file (path, size, mtime) was already processed."""
+    def seen(self, path: str, sig: FileSig) -> bool:
+        """This exact version of the file (path, size, mtime, ctime) was already processed."""
         with self._lock:
             row = self._db.execute(
-                "SELECT 1 FROM journal WHERE path=? AND size=? AND mtime_ns=? LIMIT 1", (path, size, mtime_ns)
+                "SELECT 1 FROM journal WHERE path=? AND size=? AND mtime_ns=? AND (ctime_ns=? OR ctime_ns IS NULL) "
+                "LIMIT 1", (path, sig.size, sig.mtime_ns, sig.ctime_ns)
             ).fetchone()
         return row is not None
+
+    def last_for_path(self, path: str) -> Optional[JournalRow]:
+        """The latest result journaled for this path (not counting unchanged versions)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT path, sha256, status, reason, event_id FROM journal "
+                "WHERE path=? AND status != 'unchanged' ORDER BY id DESC LIMIT 1", (path,)
+            ).fetchone()
+        return JournalRow(*row) if row else None
 
     def by_hash(self, sha256: str) -> Optional[JournalRow]:
         """The first scored (or rejected) file with this content, if any."""
         with self._lock:
             row = self._db.execute(
                 "SELECT path, sha256, status, reason, event_id FROM journal "
-                "WHERE sha256=? AND status != 'duplicate' ORDER BY id LIMIT 1", (sha256,)
+                "WHERE sha256=? AND status NOT IN ('duplicate', 'unchanged') ORDER BY id LIMIT 1", (sha256,)
             ).fetchone()
         return JournalRow(*row) if row else None
 
@@ -118,20 +157,21 @@ class Store:
         self,
         path: str,
         sha256: Optional[str],
-        size: int,
-        mtime_ns: int,
+        sig: FileSig,
         status: str,
         reason: Optional[str] = None,
         event_id: Optional[str] = None,
         message: Optional[tuple[str, bytes, int]] = None,
+        supersedes: Optional[str] = None,
     ) -> Optional[int]:
         """Journal a processed file and (atomically) queue its message; returns the outbox seq."""
 
         def tx(db: sqlite3.Connection) -> Optional[int]:
             db.execute(
-                "INSERT INTO journal (path, sha256, size, mtime_ns, status, reason, event_id, processed_at) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (path, sha256, size, mtime_ns, status, reason, event_id, time.time()),
+                "INSERT INTO journal (path, sha256, size, mtime_ns, ctime_ns, status, reason, event_id, supersedes, "
+                "processed_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (path, sha256, sig.size, sig.mtime_ns, sig.ctime_ns, status, reason, event_id, supersedes,
+                 time.time()),
             )
             if message is None:
                 return None
@@ -167,3 +207,10 @@ class Store:
     def outbox_depth(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or getattr(exc, "errno", None) == 28:
+        return True
+    text = str(exc).lower()
+    return "disk is full" in text or "no space" in text

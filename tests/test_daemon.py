@@ -250,8 +250,11 @@ def test_duplicate_content_is_recognised_not_realerted(broker, dirs, daemons):
     wait_until(lambda: any(p == "resent-copy.jpeg" for p, s, r in _journal(state)), 10, "journal entry")
     time.sleep(0.5)
     assert [f["file"] for f in sub.flags()] == ["first.jpeg"]
-    assert [(s, r) for p, s, r in _journal(state) if p == "resent-copy.jpeg"] == [
-        ("duplicate", "same content as first.jpeg")]
+    assert [(s, r) for p, s, r in _journal(state) if p == "resent-copy.jpeg"] == [("duplicate", "duplicate-of")]
+    # the copy gets a message of its own that names the first event (never a second alert)
+    (dup,) = sub.wait_errors(1)
+    assert dup["file"] == "resent-copy.jpeg" and dup["reason"] == "duplicate-of"
+    assert dup["duplicate_of"] == sub.flags()[0]["event_id"] and "first.jpeg" in dup["message"]
 
 
 def test_model_card_mismatch_refuses_to_start(tmp_path, dirs, capsys):
