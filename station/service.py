@@ -1,0 +1,194 @@
+"""The station process: MQTT link -> worklist (SQLite) -> open pages, and the acks going the other way.
+
+Source to sink, one way: a message from the broker is stored in the worklist, acknowledged to the broker,
+then pushed to every open page. An acknowledgement a nurse gives goes to the broker only; the row turns
+acknowledged when the ack comes back on ``{prefix}/+/acks``, the same way it does on every other station.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from pneumoflag.device.config import Config
+from pneumoflag.device.messages import AckMessage, utc_now
+
+from .events import EventHub
+from .mqtt_link import Incoming, MqttLink
+from .security import Guard
+from .settings import StationError, StationSettings
+from .worklist import BadMessage, DeviceState, Worklist
+
+log = logging.getLogger(__name__)
+
+MAX_NAME = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class AckRefused(ValueError):
+    """An acknowledgement the station will not send (unknown flag, no name); the message is for the nurse."""
+
+
+@dataclass
+class AckResult:
+    event_id: str
+    delivered: bool  # False: waiting in the MQTT client's queue for the broker to come back
+
+
+def clean_name(by: Any) -> str:
+    if not isinstance(by, str) or not by.strip():
+        raise AckRefused("type your name before acknowledging")
+    name = _CONTROL.sub("", by).strip()
+    if not name or len(name) > MAX_NAME:
+        raise AckRefused(f"the name must be 1-{MAX_NAME} characters")
+    return name
+
+
+class Station:
+    def __init__(self, cfg: Config, settings: StationSettings):
+        self.cfg = cfg
+        self.settings = settings
+        self.worklist = Worklist(settings.db_path)
+        self.hub = EventHub()
+        self.guard = Guard(settings.station_id, settings.password, self.worklist.secret())
+        self.link: MqttLink | None = None
+        self.link_state = {"up": False, "text": "connecting"}
+        self._devices: dict[str, dict[str, Any]] = {}
+        self._ticker: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.link = MqttLink(self.cfg, self.settings, loop, self.handle, self._on_link)
+        self.link.start()
+        self._ticker = loop.create_task(self._tick())
+
+    async def stop(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+        if self.link:
+            await asyncio.get_running_loop().run_in_executor(None, self.link.stop)
+        self.hub.close()
+
+    # ------------------------------------------------------------------ from the broker
+    def handle(self, item: Incoming) -> bool:
+        """Store one message and tell the pages; True = stored (or worthless), so acknowledge it."""
+        try:
+            self._dispatch(item)
+        except BadMessage as exc:
+            log.warning("dropped a %s message from %s: %s", item.kind, item.device, exc)
+        except sqlite3.Error as exc:
+            log.error("worklist write failed, message left unacknowledged for redelivery: %s", exc)
+            return False
+        return True
+
+    def _dispatch(self, item: Incoming) -> None:
+        wl, payload = self.worklist, item.payload
+        if item.kind == "status":
+            wl.set_status(item.device, str(payload).strip())
+            self._refresh_devices()
+            return
+        if not isinstance(payload, dict):
+            raise BadMessage("not a JSON object")
+        if item.kind == "flag":
+            row = wl.add_flag(payload, item.device)
+            if row:
+                self.hub.publish("row", row.to_json())
+        elif item.kind == "ack":
+            event_id = wl.add_ack(payload)
+            row = wl.row(event_id) if event_id else None
+            if row:
+                self.hub.publish("row", row.to_json())
+        elif item.kind == "escalation":
+            self.hub.publish("row", wl.add_escalation(payload, item.device).to_json())
+        elif item.kind == "error":
+            err = wl.add_error(payload, item.device)
+            if err:
+                self.hub.publish("rejected", err.to_json())
+        elif item.kind == "stats":
+            wl.set_stats(item.device, payload, item.retained)
+            self._refresh_devices()
+
+    def _on_link(self, up: bool, text: str) -> None:
+        self.link_state = {"up": up, "text": text}
+        self.hub.publish("link", self.link_state)
+
+    def _refresh_devices(self) -> None:
+        """Push the devices whose state or figures changed (silent is a matter of time, hence the ticker)."""
+        for dev in self.worklist.devices(self.settings.silent_after):
+            data = dev.to_json()
+            if self._devices.get(dev.device) != data:
+                self._devices[dev.device] = data
+                self.hub.publish("device", data)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self._refresh_devices()
+            except sqlite3.Error as exc:
+                log.error("reading devices failed: %s", exc)
+
+    # ------------------------------------------------------------------ for the pages
+    def snapshot(self, csrf: str | None) -> dict[str, Any]:
+        devices: list[DeviceState] = self.worklist.devices(self.settings.silent_after)
+        return {
+            "station": self.settings.station_id,
+            "chime": self.settings.chime,
+            "silent_after": self.settings.silent_after,
+            "login": self.guard.login_required,
+            "server_time": utc_now(),
+            "link": self.link_state,
+            "csrf": csrf,
+            "rows": [r.to_json() for r in self.worklist.rows()],
+            "devices": [d.to_json() for d in devices],
+            "errors": [e.to_json() for e in self.worklist.errors()],
+        }
+
+    async def acknowledge(self, event_id: Any, by: Any) -> AckResult:
+        if not isinstance(event_id, str) or not event_id:
+            raise AckRefused("event_id is missing")
+        name = clean_name(by)
+        device = self.worklist.device_of(event_id)
+        if device is None:
+            raise AckRefused(f"no flag {event_id} on this station")
+        assert self.link is not None
+        ack = AckMessage(event_id=event_id, station=self.settings.station_id, by=name)
+        delivered = await self.link.publish_ack(device, ack)
+        log.info("ack of %s (%s) by %s %s", event_id, device, name, "delivered" if delivered else "queued")
+        return AckResult(event_id, delivered)
+
+
+async def serve(cfg: Config, settings: StationSettings) -> None:
+    """Run until SIGTERM or SIGINT: the page first (it shows the broker's state), then the MQTT link."""
+    from .web import make_app
+
+    try:
+        station = Station(cfg, settings)
+    except sqlite3.Error as exc:
+        raise StationError(f"worklist {settings.db_path}: {exc}") from None
+    runner = web.AppRunner(make_app(station), access_log=None, shutdown_timeout=3)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, settings.host, settings.port).start()
+        except OSError as exc:
+            raise StationError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        station.start()
+        log.info("station %s listening on %s (worklist %s; MQTT %s as %s)", settings.station_id, settings.url,
+                 settings.db_path, cfg.mqtt.broker, settings.client_id)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("station %s stopping", settings.station_id)
+    finally:
+        await station.stop()
+        await runner.cleanup()
+        station.worklist.close()

@@ -1,0 +1,203 @@
+"""The console's HTTP side (aiohttp): one page, its live event stream, the acknowledge endpoint, login.
+
+Routes:
+
+- ``GET /`` the page; ``GET /static/...`` its CSS and JavaScript (shipped in the package, nothing external)
+- ``GET /events`` server-sent events: a ``snapshot`` first, then ``row``, ``device``, ``rejected``, ``link``
+- ``GET /api/state`` the same snapshot as JSON
+- ``POST /api/ack`` ``{"event_id", "by"}`` with the ``X-CSRF-Token`` header: publishes the ack (202)
+- ``GET|POST /login``, ``POST /logout`` when a password is configured
+
+Every response carries a strict Content-Security-Policy (no inline script, nothing from elsewhere). The
+page renders MQTT data with ``textContent`` only; the policy is the second line of defence.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from .events import sse_frame
+from .security import cross_site
+from .service import AckRefused, Station
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+KEEPALIVE_S = 15.0
+STATION_KEY: web.AppKey[Station] = web.AppKey("station", Station)
+PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/static/style.css"), ("GET", "/favicon.ico")}
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+LOGIN_FAILED = '<p class="message" role="alert">Wrong password.</p>'
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _station(request: web.Request) -> Station:
+    return request.app[STATION_KEY]
+
+
+def _forbidden(request: web.Request, why: str) -> web.Response:
+    log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, why)
+    return web.json_response({"error": why}, status=403)
+
+
+@web.middleware
+async def headers_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("Cache-Control", "no-store")
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Login first (except the login page), then no cross-site POST, then the CSRF token."""
+    guard = _station(request).guard
+    if (request.method, request.path) not in PUBLIC and not guard.authenticated(request):
+        if request.method == "GET" and request.path == "/":
+            raise web.HTTPSeeOther("/login")
+        return web.json_response({"error": "log in first"}, status=401)
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        why = cross_site(request)
+        if why:
+            return _forbidden(request, why)
+        if request.path != "/login" and not guard.csrf_ok(request):
+            return _forbidden(request, "missing or wrong CSRF token (reload the page)")
+    return await handler(request)
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    guard = _station(request).guard
+    response = web.FileResponse(STATIC / "index.html")
+    if guard.session(request) is None:  # no password: a session only to bind the CSRF token to
+        guard.set_cookie(request, response, guard.new_session())
+    return response
+
+
+async def login_page(request: web.Request) -> web.StreamResponse:
+    if not _station(request).guard.login_required:
+        raise web.HTTPSeeOther("/")
+    html = (STATIC / "login.html").read_text()
+    html = html.replace("<!--message-->", LOGIN_FAILED if "failed" in request.query else "")
+    return web.Response(text=html, content_type="text/html")
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    station = _station(request)
+    guard = station.guard
+    if not guard.login_required:
+        raise web.HTTPSeeOther("/")
+    form = await request.post()
+    given = form.get("password")
+    if isinstance(given, str) and guard.password_ok(given):
+        response = web.HTTPSeeOther("/")
+        guard.set_cookie(request, response, guard.new_session())
+        log.info("login from %s", request.remote)
+        return response
+    log.warning("failed login from %s", request.remote)
+    async with request.app[LOGIN_LOCK]:  # one guess a second, whoever sends them
+        await asyncio.sleep(1.0)
+    raise web.HTTPSeeOther("/login?failed=1")
+
+
+async def no_icon(request: web.Request) -> web.StreamResponse:
+    return web.Response(status=204)
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    guard = _station(request).guard
+    session = guard.session(request)
+    if session:
+        guard.revoke(session)
+    response = web.json_response({"logged_out": True})
+    response.del_cookie(guard.cookie_name, path="/")
+    return response
+
+
+def _csrf(request: web.Request) -> str | None:
+    guard = _station(request).guard
+    session = guard.session(request)
+    return guard.csrf_token(session) if session else None
+
+
+async def state(request: web.Request) -> web.StreamResponse:
+    return web.json_response(_station(request).snapshot(_csrf(request)))
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    station = _station(request)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    queue = station.hub.subscribe()  # before the snapshot, so nothing falls between the two
+    try:
+        await response.write(b"retry: 1000\n\n")
+        await response.write(sse_frame("snapshot", station.snapshot(_csrf(request))))
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if event is None:
+                break
+            await response.write(sse_frame(*event))
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        station.hub.unsubscribe(queue)
+    return response
+
+
+async def ack(request: web.Request) -> web.StreamResponse:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return web.json_response({"error": "the body must be JSON"}, status=400)
+    if not isinstance(body, dict):
+        return web.json_response({"error": "the body must be a JSON object"}, status=400)
+    try:
+        result = await _station(request).acknowledge(body.get("event_id"), body.get("by"))
+    except AckRefused as exc:
+        status = 404 if str(exc).startswith("no flag") else 400
+        return web.json_response({"error": str(exc)}, status=status)
+    return web.json_response({"event_id": result.event_id, "delivered": result.delivered}, status=202)
+
+
+LOGIN_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("login_lock", asyncio.Lock)
+
+
+def make_app(station: Station) -> web.Application:
+    app = web.Application(middlewares=[headers_middleware, guard_middleware], client_max_size=64 * 1024)
+    app[STATION_KEY] = station
+    app[LOGIN_LOCK] = asyncio.Lock()
+    app.add_routes([
+        web.get("/", index),
+        web.get("/login", login_page),
+        web.get("/favicon.ico", no_icon),
+        web.post("/login", login),
+        web.post("/logout", logout),
+        web.get("/api/state", state),
+        web.get("/events", events),
+        web.post("/api/ack", ack),
+        web.static("/static", STATIC, show_index=False, follow_symlinks=False),
+    ])
+
+    async def end_streams(app: web.Application) -> None:
+        station.hub.close()
+
+    app.on_shutdown.append(end_streams)
+    return app

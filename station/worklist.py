@@ -1,0 +1,351 @@
+"""The station's worklist in SQLite: what a reload or a restart shows again.
+
+Guarantees, in the order a message meets them:
+
+- every write is idempotent: flags and errors by ``event_id``, acks by (event_id, station, at), so a repeat
+  delivery (MQTT is at-least-once) changes nothing and returns ``None``: the page never gets a second row;
+- a write is committed (``synchronous = FULL``) before the method returns, and ``mqtt_link`` acknowledges
+  the message to the broker only after that, so a crash loses nothing the broker still holds for us;
+- an ack or an escalation may arrive before its flag (different topics, different publishers): acks are
+  kept on their own and joined, an escalation carries the flag and adds the row.
+
+All methods run on the event loop's thread; the connection is not shared.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pneumoflag.device.vocab import PRIORITIES
+
+log = logging.getLogger(__name__)
+
+#: acknowledged rows stay on the page this long after their ack arrived (they stay in the database)
+ACK_KEEP_S = 12 * 3600
+MAX_ROWS = 1000
+MAX_TEXT = 1024
+DEVICE_STATES = ("online", "offline", "silent", "unknown")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS flags (
+    event_id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    probability REAL NOT NULL,
+    file TEXT NOT NULL,
+    accession_number TEXT,
+    written_at TEXT,
+    scored_at TEXT,
+    received_at TEXT NOT NULL,
+    ttn_s REAL,
+    sort_epoch REAL NOT NULL,
+    escalation INTEGER NOT NULL DEFAULT 0,
+    max_escalations INTEGER,
+    escalated_at TEXT,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flags_order ON flags (rank, sort_epoch);
+CREATE TABLE IF NOT EXISTS acks (
+    event_id TEXT NOT NULL,
+    station TEXT NOT NULL,
+    by_name TEXT NOT NULL,
+    at TEXT NOT NULL,
+    received_epoch REAL NOT NULL,
+    PRIMARY KEY (event_id, station, at)
+);
+CREATE TABLE IF NOT EXISTS errors (
+    event_id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    file TEXT,
+    reason TEXT,
+    message TEXT,
+    at TEXT,
+    received_epoch REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    status TEXT,
+    status_epoch REAL,
+    stats TEXT,
+    stats_epoch REAL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class BadMessage(ValueError):
+    """A message that does not follow the contract; logged and dropped (and still acknowledged)."""
+
+
+def utc_iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: Any) -> float | None:
+    """ISO 8601 (``Z`` or an offset; naive taken as UTC) to epoch seconds; None when absent or unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def _text(payload: dict, key: str, required: bool = True) -> str | None:
+    value = payload.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise BadMessage(f"{key!r} must be a non-empty string")
+    return value[:MAX_TEXT]
+
+
+@dataclass
+class Ack:
+    by: str
+    station: str
+    at: str
+
+
+@dataclass
+class Row:
+    """One flag as the page shows it."""
+
+    event_id: str
+    device: str
+    priority: str
+    probability: float
+    file: str
+    accession_number: str | None
+    written_at: str | None
+    scored_at: str | None
+    received_at: str
+    ttn_s: float | None  # time to notification: received here minus written (None when unknown)
+    sort_at: str  # what "oldest first" and the age go by: written, else scored, else received
+    escalation: int
+    max_escalations: int | None
+    escalated_at: str | None
+    ack: Ack | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ErrorRow:
+    event_id: str
+    device: str
+    file: str | None
+    reason: str | None
+    message: str | None
+    at: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DeviceState:
+    device: str
+    state: str  # one of DEVICE_STATES
+    status_at: str | None
+    stats_at: str | None
+    stats: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_ROW_SQL = """
+SELECT f.event_id, f.device, f.priority, f.probability, f.file, f.accession_number, f.written_at, f.scored_at,
+       f.received_at, f.ttn_s, f.sort_epoch, f.escalation, f.max_escalations, f.escalated_at,
+       a.by_name, a.station, a.at, a.received_epoch
+FROM flags f
+LEFT JOIN (SELECT event_id, by_name, station, MIN(at) AS at, received_epoch FROM acks GROUP BY event_id) a
+       ON a.event_id = f.event_id
+"""
+
+
+def _row(r: tuple) -> Row:
+    ack = Ack(by=r[14], station=r[15], at=r[16]) if r[14] is not None else None
+    return Row(event_id=r[0], device=r[1], priority=r[2], probability=r[3], file=r[4], accession_number=r[5],
+               written_at=r[6], scored_at=r[7], received_at=r[8], ttn_s=r[9], sort_at=utc_iso(r[10]),
+               escalation=r[11], max_escalations=r[12], escalated_at=r[13], ack=ack)
+
+
+def _stats_summary(payload: dict) -> dict[str, float]:
+    """The few numbers the devices panel shows; nothing else of the payload reaches the page."""
+    out: dict[str, float] = {}
+    scored = payload.get("scored")
+    if isinstance(scored, dict):
+        out["scored"] = sum(v for v in scored.values() if isinstance(v, (int, float)))
+    for key in ("errors", "queue_depth", "outbox", "uptime_s"):
+        if isinstance(payload.get(key), (int, float)) and not isinstance(payload.get(key), bool):
+            out[key] = payload[key]
+    latency = payload.get("latency_ms")
+    if isinstance(latency, dict) and isinstance(latency.get("p50"), (int, float)):
+        out["p50_ms"] = latency["p50"]
+    return out
+
+
+class Worklist:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        if fresh:
+            os.chmod(self.path, 0o600)  # it holds the session-signing secret
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ writes (one per MQTT message)
+    def add_flag(self, payload: dict, topic_device: str, received: float | None = None) -> Row | None:
+        """Store a flag; None when this event_id is already here (a repeat delivery)."""
+        if not isinstance(payload, dict):
+            raise BadMessage("a flag must be a JSON object")
+        event_id = _text(payload, "event_id")
+        priority = payload.get("priority")
+        if priority not in PRIORITIES:
+            raise BadMessage(f"priority {priority!r} is not one of {', '.join(PRIORITIES)}")
+        probability = payload.get("probability")
+        if (not isinstance(probability, (int, float)) or isinstance(probability, bool)
+                or not math.isfinite(probability) or not 0 <= probability <= 1):
+            raise BadMessage(f"probability {probability!r} is not a number in [0, 1]")
+        device = _text(payload, "device", required=False) or topic_device
+        file = _text(payload, "file")
+        accession = _text(payload, "accession_number", required=False) or None
+        written_at = _text(payload, "written_at", required=False)
+        scored_at = _text(payload, "scored_at", required=False)
+        received = time.time() if received is None else received
+        written = parse_time(written_at)
+        ttn = round(received - written, 3) if written is not None else None
+        sort_epoch = next(t for t in (written, parse_time(scored_at), received) if t is not None)
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO flags (event_id, device, priority, rank, probability, file, accession_number, "
+            "written_at, scored_at, received_at, ttn_s, sort_epoch, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (event_id, device, priority, PRIORITIES.index(priority), float(probability), file, accession,
+             written_at, scored_at, utc_iso(received), ttn, sort_epoch, json.dumps(payload)))
+        return self.row(event_id) if cur.rowcount else None
+
+    def add_ack(self, payload: dict, received: float | None = None) -> str | None:
+        """Store an ack (its flag may come later); the event_id, or None for a repeat."""
+        if not isinstance(payload, dict):
+            raise BadMessage("an ack must be a JSON object")
+        event_id, station, by, at = (_text(payload, k) for k in ("event_id", "station", "by", "at"))
+        cur = self.db.execute("INSERT OR IGNORE INTO acks VALUES (?,?,?,?,?)",
+                              (event_id, station, by, at, time.time() if received is None else received))
+        return event_id if cur.rowcount else None
+
+    def add_escalation(self, payload: dict, topic_device: str, received: float | None = None) -> Row:
+        """Mark the flag escalated (highest count wins); add its row from the message when it is new here."""
+        if not isinstance(payload, dict):
+            raise BadMessage("an escalation must be a JSON object")
+        event_id = _text(payload, "event_id")
+        level = payload.get("escalation")
+        if not isinstance(level, int) or isinstance(level, bool) or level < 1:
+            raise BadMessage(f"escalation {level!r} must be a whole number >= 1")
+        top = payload.get("max_escalations")
+        top = top if isinstance(top, int) and not isinstance(top, bool) else None
+        if self.row(event_id) is None:
+            flag = payload.get("flag")
+            if not isinstance(flag, dict) or flag.get("event_id") != event_id:
+                raise BadMessage("escalation of an unknown flag without that flag in 'flag'")
+            self.add_flag(flag, topic_device, received)
+        self.db.execute("UPDATE flags SET escalation = MAX(escalation, ?), max_escalations = ?, escalated_at = ? "
+                        "WHERE event_id = ?",
+                        (level, top, _text(payload, "at", required=False), event_id))
+        row = self.row(event_id)
+        assert row is not None
+        return row
+
+    def add_error(self, payload: dict, topic_device: str, received: float | None = None) -> ErrorRow | None:
+        if not isinstance(payload, dict):
+            raise BadMessage("an error must be a JSON object")
+        err = ErrorRow(event_id=_text(payload, "event_id"),
+                       device=_text(payload, "device", required=False) or topic_device,
+                       **{k: _text(payload, k, required=False) for k in ("file", "reason", "message", "at")})
+        cur = self.db.execute("INSERT OR IGNORE INTO errors VALUES (?,?,?,?,?,?,?)",
+                              (err.event_id, err.device, err.file, err.reason, err.message, err.at,
+                               time.time() if received is None else received))
+        return err if cur.rowcount else None
+
+    def set_status(self, device: str, status: str, received: float | None = None) -> None:
+        if status not in ("online", "offline"):
+            raise BadMessage(f"status {status!r} is neither online nor offline")
+        self.db.execute("INSERT INTO devices (device, status, status_epoch) VALUES (?,?,?) ON CONFLICT(device) "
+                        "DO UPDATE SET status = excluded.status, status_epoch = excluded.status_epoch",
+                        (device, status, time.time() if received is None else received))
+
+    def set_stats(self, device: str, payload: dict, retained: bool, received: float | None = None) -> None:
+        """A retained copy may be old: then the message's own ``at`` counts, if it is earlier."""
+        if not isinstance(payload, dict):
+            raise BadMessage("stats must be a JSON object")
+        when = time.time() if received is None else received
+        if retained:
+            at = parse_time(payload.get("at"))
+            when = min(when, at) if at is not None else when - 3600 * 24
+        self.db.execute("INSERT INTO devices (device, stats, stats_epoch) VALUES (?,?,?) ON CONFLICT(device) "
+                        "DO UPDATE SET stats = excluded.stats, stats_epoch = excluded.stats_epoch",
+                        (device, json.dumps(_stats_summary(payload)), when))
+
+    # ------------------------------------------------------------------ reads
+    def row(self, event_id: str) -> Row | None:
+        r = self.db.execute(_ROW_SQL + " WHERE f.event_id = ?", (event_id,)).fetchone()
+        return _row(r) if r else None
+
+    def rows(self, now: float | None = None, limit: int = MAX_ROWS) -> list[Row]:
+        """Open rows first, by priority (urgent, flag, routine) then oldest; then acknowledged rows, same order."""
+        now = time.time() if now is None else now
+        sql = (_ROW_SQL + " WHERE a.received_epoch IS NULL OR a.received_epoch >= ? "
+               "ORDER BY (a.by_name IS NOT NULL), f.rank, f.sort_epoch, f.event_id LIMIT ?")
+        return [_row(r) for r in self.db.execute(sql, (now - ACK_KEEP_S, limit))]
+
+    def device_of(self, event_id: str) -> str | None:
+        r = self.db.execute("SELECT device FROM flags WHERE event_id = ?", (event_id,)).fetchone()
+        return r[0] if r else None
+
+    def errors(self, limit: int = 20) -> list[ErrorRow]:
+        sql = ("SELECT event_id, device, file, reason, message, at FROM errors "
+               "ORDER BY received_epoch DESC, rowid DESC LIMIT ?")
+        return [ErrorRow(*r) for r in self.db.execute(sql, (limit,))]
+
+    def devices(self, silent_after: float, now: float | None = None) -> list[DeviceState]:
+        """offline from the status; silent when online but no stats for ``silent_after`` seconds."""
+        now = time.time() if now is None else now
+        out = []
+        for device, status, status_epoch, stats, stats_epoch in self.db.execute(
+                "SELECT device, status, status_epoch, stats, stats_epoch FROM devices ORDER BY device"):
+            if status == "offline":
+                state = "offline"
+            elif status == "online":
+                state = "silent" if stats_epoch is None or now - stats_epoch > silent_after else "online"
+            else:
+                state = "unknown"
+            out.append(DeviceState(device=device, state=state,
+                                   status_at=utc_iso(status_epoch) if status_epoch else None,
+                                   stats_at=utc_iso(stats_epoch) if stats_epoch else None,
+                                   stats=json.loads(stats) if stats else {}))
+        return out
+
+    def secret(self) -> bytes:
+        """A random key made once per database: session cookies survive a restart, not a new database."""
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('secret', ?)", (secrets.token_hex(32),))
+        return bytes.fromhex(self.db.execute("SELECT value FROM meta WHERE key = 'secret'").fetchone()[0])
