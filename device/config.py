@@ -60,6 +60,7 @@ class WatchConfig:
     archive_dir: str = ""  # move scored files here; off when empty
     max_file_mb: float = 100.0
     max_pixels: int = 60_000_000
+    max_decode_mb: float = 96.0  # memory one decode may take, budgeted from the header; more is too-large
     ignore: list = field(default_factory=lambda: ["*.part", "*.tmp", "~*", ".*", "*.crdownload", "*.swp"])
     backlog: bool = True  # score files that arrived while the daemon was down
 
@@ -97,6 +98,19 @@ class DicomConfig:
     include_patient_identifiers: bool = False
     accept_modalities: list = field(default_factory=lambda: ["CR", "DX"])
     accept_body_parts: list = field(default_factory=lambda: ["CHEST"])
+    accept_views: list = field(default_factory=lambda: ["PA", "AP"])  # ViewPosition, when present
+
+
+@dataclass
+class GateConfig:
+    """The plausibility gate before the model (see device/gate.py): what no chest radiograph looks like."""
+
+    enabled: bool = True
+    min_side: int = 128  # shorter side, pixels
+    max_aspect: float = 2.5  # longer side / shorter side
+    min_dynamic_range: float = 40.0  # 1st-99th percentile grey range at the model's size, of 255
+    min_smoothness: float = 0.5  # neighbour-pixel correlation at the model's size
+    strict_jpeg: bool = True  # refuse JPEGs whose data stream the decoder had to repair
 
 
 @dataclass
@@ -136,9 +150,12 @@ class Config:
     dicom: DicomConfig = field(default_factory=DicomConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     station: StationConfig = field(default_factory=StationConfig)
     source: str = "defaults"
+    #: where each setting that is not a default came from: (section, key) -> file, variable or "command line"
+    origins: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -168,22 +185,27 @@ class Config:
         return d
 
     def to_toml(self) -> str:
-        lines = [f"# effective configuration (from {self.source}); secrets redacted"]
+        sources = sorted(set(self.origins.values()))
+        lines = ["# effective configuration; secrets redacted",
+                 f"# from: {', '.join(sources) if sources else 'defaults only'} (each changed key says where from)"]
         for sec, values in self.redacted().items():
             lines.append(f"\n[{sec}]")
             for k, v in values.items():
-                lines.append(f"{k} = {_toml_value(v)}")
+                origin = self.origins.get((sec, k))
+                lines.append(f"{k} = {_toml_value(v)}" + (f"  # from {origin}" if origin else ""))
         return "\n".join(lines) + "\n"
 
 
 SECTIONS = {"watch": WatchConfig, "model": ModelConfig, "mqtt": MqttConfig, "dicom": DicomConfig,
-            "state": StateConfig, "log": LogConfig, "alerts": AlertsConfig, "station": StationConfig}
+            "state": StateConfig, "log": LogConfig, "gate": GateConfig, "alerts": AlertsConfig,
+            "station": StationConfig}
 CHOICES = {("model", "accelerator"): ("auto", "edgetpu", "cpu"), ("mqtt", "protocol"): ("3.1.1", "5"),
            ("log", "level"): ("debug", "info", "warning", "error")}
 POSITIVE = {("watch", "poll_interval"), ("watch", "max_file_mb"), ("watch", "max_pixels"), ("model", "threads"),
             ("mqtt", "keepalive"), ("mqtt", "stats_interval"), ("mqtt", "reconnect_min"), ("mqtt", "reconnect_max")}
 NON_NEGATIVE = {("watch", "settle_seconds"), ("watch", "incomplete_timeout"), ("alerts", "max_escalations")}
-POSITIVE |= {("alerts", "escalate_after"), ("station", "silent_after")}
+POSITIVE |= {("alerts", "escalate_after"), ("station", "silent_after"), ("watch", "max_decode_mb"),
+             ("gate", "min_side"), ("gate", "max_aspect")}
 
 
 def _toml_value(v: Any) -> str:
@@ -196,7 +218,33 @@ def _toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _check_topic_level(key: str, v: str, topic: bool = True) -> None:
+    """One level of an MQTT topic (or a client id), as the MQTT 3.1.1/5 rules allow it.
+
+    A broker silently drops publishes under ``$``-topics and refuses a
+    connection over a NUL, with nothing in our logs that says why: refuse at start.
+    """
+    if not v or v.strip() != v:
+        raise ConfigError(f"{key}: {v!r} must be non-empty without surrounding spaces")
+    bad = sorted({c for c in v if c in "+#/" or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F})
+    if bad:
+        raise ConfigError(f"{key}: {v!r} contains {', '.join(repr(c) for c in bad)}; MQTT topics forbid '+', '#' "
+                          "and control characters, and '/' would add a topic level")
+    if topic and v.startswith("$"):
+        raise ConfigError(f"{key}: {v!r} starts with '$': brokers reserve $-topics ($SYS) and drop what is "
+                          "published there")
+    try:
+        size = len(v.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key}: {v!r} is not valid UTF-8") from None
+    if size > 200:
+        raise ConfigError(f"{key}: {size} bytes is too long (at most 200)")
+
+
 def parse_host_port(value: str, key: str) -> tuple[str, int]:
+    if "://" in value:
+        scheme = value.split("://", 1)[0]
+        raise ConfigError(f"{key}: {value!r}: give HOST:PORT without a scheme ({scheme}://); TLS is mqtt.tls = true")
     host, sep, port = value.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{key}: {value!r} must be HOST:PORT, e.g. 127.0.0.1:1883")
@@ -210,8 +258,15 @@ def parse_host_port(value: str, key: str) -> tuple[str, int]:
 
 
 def _coerce(sec: str, key: str, value: Any, default: Any, origin: str) -> Any:
-    """Check/convert one value to the type of its default; strings from the environment are parsed."""
+    """Check/convert one value to the type of its default; strings from the environment are parsed.
+
+    A secret's value never appears in an error message.
+    """
     where = f"{sec}.{key} (from {origin})"
+    if (sec, key) in SECRET_KEYS:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string (quote it in TOML); the value is not shown")
+        return value
     if isinstance(default, bool):
         if isinstance(value, str):
             low = value.strip().lower()
@@ -256,6 +311,7 @@ def _apply(cfg: Config, sec: str, key: str, value: Any, origin: str) -> None:
     if key not in names:
         raise ConfigError(f"unknown key {sec}.{key} (from {origin}); [{sec}] takes: {', '.join(sorted(names))}")
     setattr(section, key, _coerce(sec, key, value, getattr(section, key), origin))
+    cfg.origins[(sec, key)] = origin
 
 
 def _validate(cfg: Config) -> None:
@@ -272,9 +328,9 @@ def _validate(cfg: Config) -> None:
     if cfg.mqtt.broker:
         parse_host_port(cfg.mqtt.broker, "mqtt.broker")
     for key in ("topic_prefix", "device_id"):
-        v = getattr(cfg.mqtt, key)
-        if not v or any(c in v for c in "+#/") or v.strip() != v:
-            raise ConfigError(f"mqtt.{key}: {v!r} must be non-empty without '/', '+', '#' or surrounding spaces")
+        _check_topic_level(f"mqtt.{key}", getattr(cfg.mqtt, key))
+    if cfg.mqtt.client_id:
+        _check_topic_level("mqtt.client_id", cfg.mqtt.client_id, topic=False)
     if cfg.mqtt.reconnect_max < cfg.mqtt.reconnect_min:
         raise ConfigError("mqtt.reconnect_max must be >= mqtt.reconnect_min")
     if bool(cfg.mqtt.cert_file) != bool(cfg.mqtt.key_file):

@@ -23,6 +23,7 @@ from .alerts import AlertListener, format_alert
 from .config import Config
 from .daemon import Daemon, StartupError
 from .selftest import sample_files
+from .vocab import PRIORITIES
 
 CREDIT = ("Sample radiographs: Kermany, Zhang, Goldbaum et al., Chest X-Ray Images (Pneumonia), "
           "Mendeley Data v2 (2018), CC BY 4.0")
@@ -34,6 +35,14 @@ def run_demo(cfg: Config, samples: Path, export_dir: Optional[Path] = None, inte
     if not files:
         raise StartupError(f"no sample images in {samples}")
     work = Path(tempfile.mkdtemp(prefix="pneumoflag-demo-"))
+    try:  # the temporary folder goes whatever happens, a broker that cannot be reached included
+        return _demo(cfg, files, work, export_dir, interval, timeout, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _demo(cfg: Config, files: list[Path], work: Path, export_dir: Optional[Path], interval: float,
+          timeout: float, out: TextIO) -> int:
     export = Path(export_dir) if export_dir else work / "export"
     export.mkdir(parents=True, exist_ok=True)
     cfg.watch.dir = str(export)
@@ -53,29 +62,26 @@ def run_demo(cfg: Config, samples: Path, export_dir: Optional[Path] = None, inte
     t = threading.Thread(target=run, name="daemon", daemon=True)
     t.start()
     if not ready.wait(60) or failure:
+        daemon.stop_event.set()
+        t.join(30)
         raise StartupError(str(failure[0]) if failure else "the daemon did not start within 60 s")
     card, rep = daemon.card, daemon.scorer.report
     p = lambda s="": print(s, file=out, flush=True)  # noqa: E731
     p(f"pneumoflag demo — model {card.name} {card.version} on {rep.accelerator} ({rep.runtime})")
-    th = card.thresholds
-    if th.urgent == th.flag:
-        p(f"  thresholds: urgent p >= {th.urgent:.3f}, below: routine (this model's card puts flag and urgent "
-          "at the same point)")
-    else:
-        p(f"  thresholds: urgent p >= {th.urgent:.3f}, flag p >= {th.flag:.3f}, below: routine")
+    p(f"  thresholds: {card.thresholds.describe()}")
     p(f"  export folder: {export}")
     p(f"  MQTT broker:   {cfg.mqtt.broker}"
       + (" (embedded)" if daemon.broker is not None else ""))
     p(f"  subscribe elsewhere with: pneumoflag alerts --broker {cfg.mqtt.broker}")
     p()
     listener = AlertListener(cfg, errors=True, device=cfg.mqtt.device_id)
-    listener.start()
-    p(f"dropping {len(files)} sample radiographs into the export folder...")
     received: dict[str, dict] = {}
     counts: Counter = Counter()
     t0 = time.monotonic()
     colour = out.isatty()
     try:
+        listener.start()
+        p(f"dropping {len(files)} sample radiographs into the export folder...")
         for f in files:
             tmp = export / f".{f.name}.part"
             shutil.copyfile(f, tmp)
@@ -91,10 +97,9 @@ def run_demo(cfg: Config, samples: Path, export_dir: Optional[Path] = None, inte
         listener.stop()
         daemon.stop_event.set()
         t.join(30)
-        shutil.rmtree(work, ignore_errors=True)
     p()
     p(f"{len(received)} of {len(files)} scored and delivered over MQTT in {time.monotonic() - t0:.1f} s: "
-      + ", ".join(f"{counts[k]} {k}" for k in ("urgent", "flag", "routine", "error") if counts[k]))
+      + ", ".join(f"{counts[k]} {k}" for k in (*PRIORITIES, "error") if counts[k]))
     p(CREDIT)
     p("pneumoflag is a triage aid that orders the reading queue; it is not a diagnostic device.")
     if failure:

@@ -18,12 +18,14 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from .preprocess import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, apply_lut, too_large
+from .vocab import Reason
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,19 @@ DICOM_PREAMBLE_MAGIC = b"DICM"
 _MAGIC_OFFSET = 128
 
 DicomSource = Union[Path, str, bytes]
+
+#: SOP classes that hold a projection radiograph (or a capture of one); anything else
+#: (MR, CT, ultrasound...) is refused even when Modality/BodyPart were relabelled.
+RADIOGRAPH_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture",
+}
+#: Acquisition tags only an MR scanner writes.
+MR_TAGS = ("EchoTime", "RepetitionTime", "MagneticFieldStrength", "ScanningSequence", "ImagingFrequency")
 
 
 def is_dicom(head: bytes) -> bool:
@@ -51,6 +66,7 @@ class DicomInfo:
     photometric: Optional[str]
     patient_name: Optional[str] = None  # only filled when include_patient_identifiers
     patient_id: Optional[str] = None  # only filled when include_patient_identifiers
+    acquired_at: Optional[datetime] = None  # AcquisitionDateTime, or Acquisition/Content date and time
 
     def ids(self) -> dict[str, str]:
         """The identifiers that go into a result message (None values left out)."""
@@ -70,6 +86,42 @@ def _text(ds: Any, keyword: str) -> Optional[str]:
         return None
     text = str(value).strip()
     return text or None
+
+
+def acquisition_time(ds: Any) -> Optional[datetime]:
+    """When the image was taken: AcquisitionDateTime, else Acquisition or Content date + time.
+
+    DICOM times are local to the modality unless TimezoneOffsetFromUTC says
+    otherwise; without it the appliance's own zone is assumed (it sits beside
+    the scanner).
+    """
+    text = _text(ds, "AcquisitionDateTime")
+    if not text:
+        for d, t in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+            date, time_ = _text(ds, d), _text(ds, t)
+            if date:
+                text = date + (time_ or "")
+                break
+    if not text:
+        return None
+    zone = None
+    for sign in "+-":
+        if sign in text[8:]:
+            text, zone = text[: text.index(sign, 8)], text[text.index(sign, 8):]
+    main, _, frac = text.strip().partition(".")
+    if len(main) < 8 or not main.isdigit():
+        return None
+    try:
+        when = datetime.strptime(main[:14].ljust(14, "0"), "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    if frac.isdigit():
+        when += timedelta(microseconds=int((frac + "000000")[:6]))
+    offset = zone or _text(ds, "TimezoneOffsetFromUTC")
+    if offset and len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
+        sign = 1 if offset[0] == "+" else -1
+        return when.replace(tzinfo=timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5]))))
+    return when.astimezone()  # naive = local time of this machine
 
 
 def _int(ds: Any, keyword: str, default: Optional[int]) -> Optional[int]:
@@ -151,6 +203,7 @@ def read_dicom(
     include_patient_identifiers: bool = False,
     accept_modalities: Sequence[str] = ("CR", "DX"),
     accept_body_parts: Sequence[str] = ("CHEST",),
+    accept_views: Sequence[str] = ("PA", "AP"),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: Optional[str] = None,
     max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
@@ -188,9 +241,12 @@ def read_dicom(
         info.patient_name = _text(ds, "PatientName")
         info.patient_id = _text(ds, "PatientID")
 
+    info.acquired_at = acquisition_time(ds)
+
     # Refuse what the model was not trained on, cheapest checks first.
     _require(modality, accept_modalities, "dicom-modality", f"{name}: modality {modality} is not a radiograph")
     _require(body_part, accept_body_parts, "dicom-body-part", f"{name}: body part {body_part} is not accepted")
+    _plausible_radiograph(ds, accept_views, name)
     if "PixelData" not in ds:
         raise ImageDecodeError("dicom-no-pixels", f"{name}: DICOM file has no pixel data")
     frames = _int(ds, "NumberOfFrames", 1) or 1
@@ -251,6 +307,23 @@ def read_dicom(
         log.debug("%s: pydicom: %s", name, w.message)
     log.debug("%s: DICOM %s %s %dx%d %s", name, modality, body_part, cols, rows, photometric)
     return out, info
+
+
+def _plausible_radiograph(ds: Any, accept_views: Sequence[str], name: str) -> None:
+    """Tags that no frontal chest radiograph carries, whatever Modality and BodyPart say."""
+    sop = _text(ds, "SOPClassUID")
+    if sop and sop not in RADIOGRAPH_SOP_CLASSES:
+        label = getattr(getattr(ds, "SOPClassUID", None), "name", sop)
+        raise ImageDecodeError(Reason.NOT_A_RADIOGRAPH,
+                               f"{name}: SOP class {label} is not a radiograph (whatever its Modality tag says)")
+    mr = [t for t in MR_TAGS if _text(ds, t)]
+    if mr:
+        raise ImageDecodeError(Reason.NOT_A_RADIOGRAPH,
+                               f"{name}: carries MR acquisition tags ({', '.join(mr)}): not a radiograph")
+    view = _text(ds, "ViewPosition")
+    if view and accept_views:
+        _require(view, accept_views, Reason.NOT_A_RADIOGRAPH,
+                 f"{name}: view {view} is not a frontal chest radiograph the model reads")
 
 
 def _display_uint8(arr: np.ndarray, ds: Any, invert: bool, name: str) -> np.ndarray:

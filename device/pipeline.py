@@ -17,9 +17,11 @@ import numpy as np
 from .card import ModelCard
 from .config import Config
 from .dicom import is_dicom, read_dicom
-from .messages import FlagMessage, ModelRef, Timings
-from .preprocess import ImageDecodeError, decode, prepare
+from .gate import GateLimits, check_jpeg_stream, check_pixels, check_source
+from .messages import FlagMessage, ModelRef, Timings, utc_iso
+from .preprocess import ImageDecodeError, SourceInfo, decode_with_info, finish, resize
 from .scorer import Scorer
+from .vocab import Reason
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ class Decoded:
     pixels: np.ndarray  # the model's uint8 input (H, W, C)
     dicom_ids: Optional[dict[str, str]]
     decode_ms: float
+    acquired_at: Optional[float] = None  # POSIX time from the DICOM header, when it has one
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -42,11 +45,16 @@ class Pipeline:
         self.card = card
         self.spec = card.preprocessing
         self.model_ref = ModelRef(card.name, card.version, card.tflite_sha256)
+        g = cfg.gate
+        self.gate = GateLimits(g.enabled, g.min_side, g.max_aspect, g.min_dynamic_range, g.min_smoothness,
+                               g.strict_jpeg)
 
     def decode(self, data: bytes, name: str) -> Decoded:
-        """JPEG/PNG through the shared preprocessing; DICOM through pydicom, then the same ``prepare``."""
+        """Bytes -> the model's input: decode (JPEG/PNG, or DICOM through pydicom), the plausibility
+        gate, then the shared ``resize`` and ``finish`` steps of the one preprocessing function."""
         t0 = time.perf_counter()
-        ids = None
+        ids, acquired = None, None
+        max_bytes = int(self.cfg.watch.max_decode_mb * 2**20)
         if is_dicom(data[:132]):
             gray, info = read_dicom(
                 data,
@@ -54,13 +62,22 @@ class Pipeline:
                 include_patient_identifiers=self.cfg.dicom.include_patient_identifiers,
                 accept_modalities=self.cfg.dicom.accept_modalities,
                 accept_body_parts=self.cfg.dicom.accept_body_parts,
+                accept_views=self.cfg.dicom.accept_views,
                 max_pixels=self.cfg.watch.max_pixels,
+                max_bytes=max_bytes,
             )
             ids = info.ids()
+            acquired = info.acquired_at.timestamp() if info.acquired_at else None
+            check_source(SourceInfo(gray.shape[1], gray.shape[0], "DICOM", "L"), self.gate, name)
         else:
-            gray = decode(data, self.spec, self.cfg.watch.max_pixels, name=name)
-        pixels = prepare(gray, self.spec)
-        return Decoded(pixels, ids, (time.perf_counter() - t0) * 1000.0)
+            gray, src = decode_with_info(data, self.spec, self.cfg.watch.max_pixels, name=name, max_bytes=max_bytes)
+            check_source(src, self.gate, name)
+            if src.format == "JPEG":  # Pillow repairs a damaged stream silently; a strict decoder does not
+                check_jpeg_stream(data, self.gate, name)
+        small = resize(gray, self.spec)
+        del gray
+        check_pixels(small, self.gate, name)
+        return Decoded(finish(small, self.spec), ids, (time.perf_counter() - t0) * 1000.0, acquired)
 
     def score(self, data: bytes, rel_path: str, sha256: str) -> FlagMessage:
         """Raises :class:`ImageDecodeError` for input that cannot be scored."""
@@ -70,7 +87,7 @@ class Pipeline:
         p = self.scorer.score(d.pixels)
         t2 = time.perf_counter()
         if not np.isfinite(p):
-            raise ImageDecodeError("model-output", f"{rel_path}: the model returned {p}")
+            raise ImageDecodeError(Reason.MODEL_OUTPUT, f"{rel_path}: the model returned {p}")
         return FlagMessage(
             device=self.cfg.mqtt.device_id,
             file=rel_path,
@@ -82,6 +99,7 @@ class Pipeline:
             accelerator=self.scorer.report.accelerator,
             timings_ms=Timings(decode=d.decode_ms, infer=(t2 - t1) * 1000.0, total=(t2 - t0) * 1000.0),
             dicom=d.dicom_ids,
+            written_at=utc_iso(d.acquired_at) if d.acquired_at is not None else None,
         )
 
 

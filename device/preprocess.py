@@ -137,13 +137,15 @@ class PreprocessSpec:
 # --------------------------------------------------------------------------- decode
 
 
-#: Pillow's bytes per pixel in memory, by mode (multi-band images are stored 4 bytes a pixel).
-_STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+#: Peak bytes per pixel of a decode to an 8-bit grey array, by Pillow mode: Pillow's raster
+#: (multi-band modes take 4 bytes a pixel), the grey conversion and the numpy copy (deep
+#: modes: the copy at their own depth, then the 8-bit result).
+_PEAK_BYTES = {"L": 2, "1": 3, "P": 3, "I;16": 5, "I;16B": 5, "I;16L": 5, "I;16N": 5, "I": 9, "F": 9}
 
 
 def decode_cost(mode: str, width: int, height: int) -> int:
-    """Bytes a decode to 8-bit grayscale needs at its peak: the raster, the grey copy, the array."""
-    return width * height * (_STORAGE_BYTES.get(mode, 4) + 2)
+    """Bytes a decode to 8-bit grayscale needs at its peak (budgeted before decoding)."""
+    return width * height * _PEAK_BYTES.get(mode, 6)
 
 
 def too_large(name: str, what: str, needed: int, max_bytes: int) -> ImageDecodeError:
@@ -197,6 +199,16 @@ def _open(source: Source, max_pixels: int, name: str = "<bytes>") -> Image.Image
     return img
 
 
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the header said, before any reduced-scale decoding."""
+
+    width: int
+    height: int
+    format: str  # "JPEG", "PNG", "DICOM", "array"
+    mode: str
+
+
 def decode(
     source: Source,
     spec: PreprocessSpec,
@@ -204,6 +216,17 @@ def decode(
     name: Optional[str] = None,
     max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> np.ndarray:
+    """Decode to a 2-D uint8 grayscale array at (about) the size needed; see :func:`decode_with_info`."""
+    return decode_with_info(source, spec, max_pixels, name, max_bytes)[0]
+
+
+def decode_with_info(
+    source: Source,
+    spec: PreprocessSpec,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: Optional[str] = None,
+    max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> tuple[np.ndarray, SourceInfo]:
     """Decode to a 2-D uint8 grayscale array at (about) the size needed; no resizing yet.
 
     The cost is budgeted from the header before any pixel is decoded: a small
@@ -215,13 +238,16 @@ def decode(
     ``name`` labels errors when ``source`` is bytes already read from a file.
     """
     if isinstance(source, np.ndarray):
-        return to_uint8(_array_to_gray(source))
+        g = to_uint8(_array_to_gray(source))
+        return g, SourceInfo(g.shape[1], g.shape[0], "array", str(source.dtype))
     if isinstance(source, Image.Image):
-        return _image_to_gray(source, str(getattr(source, "filename", "<image>")))
+        g = _image_to_gray(source, str(getattr(source, "filename", "<image>")))
+        return g, SourceInfo(source.width, source.height, str(source.format), source.mode)
     if name is None:
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     img = _open(source, max_pixels, name)
     try:
+        info = SourceInfo(img.width, img.height, str(img.format), img.mode)
         if img.format == "JPEG":
             # Decode straight to luma at the smallest DCT scale that is still
             # >= the model's input size: 5-20x faster for scanner images.
@@ -230,7 +256,7 @@ def decode(
         cost = decode_cost(img.mode, w, h)
         if cost > max_bytes:
             raise too_large(name, f"{w}x{h} {img.mode} {img.format}", cost, max_bytes)
-        return _image_to_gray(img, name)
+        return _image_to_gray(img, name), info
     finally:
         img.close()
 
@@ -387,8 +413,8 @@ def reduce_factor(width: int, height: int, spec: PreprocessSpec) -> int:
     return 1
 
 
-def prepare(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Resize a decoded grayscale array and finish it as the model's uint8 input (H, W, C)."""
+def resize(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Steps 1-2: crop, box-reduce and squash-resize a decoded image to the model's size (uint8, H x W)."""
     size = (spec.width, spec.height)
     if spec.crop:
         gh, gw = gray.shape
@@ -402,7 +428,12 @@ def prepare(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         img = img.reduce(k)
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
-    out = np.asarray(img, dtype=np.uint8)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def finish(small: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Steps 4-5: the contrast step and the channel count: the model's uint8 input (H, W, C)."""
+    out = small
     if spec.contrast == "equalize":
         out = equalize_histogram(out)
     elif spec.contrast == "clahe":
@@ -411,6 +442,11 @@ def prepare(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if spec.channels == 3:
         out = np.repeat(out, 3, axis=2)
     return np.ascontiguousarray(out)
+
+
+def prepare(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Resize a decoded grayscale array and finish it as the model's uint8 input (H, W, C)."""
+    return finish(resize(gray, spec), spec)
 
 
 def preprocess(source: Source, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -37,15 +37,25 @@ class _Client(mqtt.Client):
             raise
 
 
-def make_client(cfg: Config, client_id: str, will_topic: Optional[str] = None) -> mqtt.Client:
-    """A paho 2.x client with the configured protocol, credentials and TLS (shared with `alerts`)."""
+#: MQTT 5 session expiry for a persistent (clean=False) session: a week away still gets its flags
+SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+def make_client(cfg: Config, client_id: str, will_topic: Optional[str] = None, clean: bool = True) -> mqtt.Client:
+    """A paho 2.x client with the configured protocol, credentials and TLS (shared with `alerts`).
+
+    ``clean=False``: a persistent session (MQTT 3.1.1 clean_session=0, MQTT 5 a
+    session expiry), so a subscriber that was away receives the QoS 1 messages
+    it missed. Pass ``clean`` on to :func:`connect_properties` for MQTT 5.
+    """
     v5 = cfg.mqtt.protocol == "5"
     client = _Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        **({} if v5 else {"clean_session": True}),
+        **({} if v5 else {"clean_session": clean}),
     )
+    client.pneumoflag_clean = clean
     if cfg.mqtt.username:
         client.username_pw_set(cfg.mqtt.username, cfg.mqtt_password())
     if cfg.mqtt.tls:
@@ -67,14 +77,18 @@ def make_client(cfg: Config, client_id: str, will_topic: Optional[str] = None) -
     return client
 
 
-def reason_text(rc) -> str:
-    """paho's reason codes/ints as words, for the log."""
-    try:
-        if isinstance(rc, int):
-            return mqtt.connack_string(rc)
-        return str(rc)
-    except Exception:  # noqa: BLE001
-        return repr(rc)
+def connect_kwargs(cfg: Config, client: mqtt.Client) -> dict:
+    """``connect_async`` arguments for the protocol: MQTT 5 sessions are kept by expiry, not a flag."""
+    if cfg.mqtt.protocol != "5":
+        return {}
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    clean = getattr(client, "pneumoflag_clean", True)
+    if not clean:
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+    return {"clean_start": clean, "properties": props}
 
 
 class Publisher:
@@ -102,7 +116,7 @@ class Publisher:
     def start(self) -> None:
         host, port = self.cfg.broker_host_port
         log.info("connecting to MQTT broker %s:%d as %s", host, port, self.cfg.client_id)
-        self.client.connect_async(host, port, keepalive=self.cfg.mqtt.keepalive)
+        self.client.connect_async(host, port, keepalive=self.cfg.mqtt.keepalive, **connect_kwargs(self.cfg, self.client))
         self.client.loop_start()
         self._thread = threading.Thread(target=self._pump, name="outbox-pump", daemon=True)
         self._thread.start()

@@ -42,7 +42,7 @@ def test_alerts_prints_flags_from_a_real_broker(tmp_path):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         alerts = subprocess.Popen([*CLI, "alerts", "--broker", broker.address, "--count", "2", "--errors"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        time.sleep(1.5)
+        assert "listening on" in alerts.stderr.readline()  # connected and subscribed
         import paho.mqtt.client as mqtt
 
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
