@@ -101,6 +101,7 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.connected = False
 
     @property
@@ -131,6 +132,14 @@ class MqttLink:
         log.info("connected to the broker (session %s)", "resumed" if flags.session_present else "new")
         client.subscribe([(t, 1) for t in self.topics])
         self._link(True, "connected")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("the broker refused some subscriptions (%s): check its ACL for %s", ", ".join(refused),
+                      self.settings.client_id)
+        else:
+            log.info("subscribed to %s", ", ".join(self.topics))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         log.warning("MQTT disconnected (%s); reconnecting", reason_code)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 KEEPALIVE_S = 15.0
 STATION_KEY: web.AppKey[Station] = web.AppKey("station", Station)
+LOGIN_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("login_lock", asyncio.Lock)
 PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/static/style.css"), ("GET", "/favicon.ico")}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -56,7 +57,7 @@ async def headers_middleware(request: web.Request, handler: Handler) -> web.Stre
     response.headers.setdefault("Content-Security-Policy", CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("Referrer-Policy", "same-origin")  # no-referrer would make form posts send Origin: null
     response.headers.setdefault("Cache-Control", "no-store")
     if isinstance(response, web.HTTPException):
         raise response
@@ -175,9 +176,6 @@ async def ack(request: web.Request) -> web.StreamResponse:
         status = 404 if str(exc).startswith("no flag") else 400
         return web.json_response({"error": str(exc)}, status=status)
     return web.json_response({"event_id": result.event_id, "delivered": result.delivered}, status=202)
-
-
-LOGIN_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("login_lock", asyncio.Lock)
 
 
 def make_app(station: Station) -> web.Application:

@@ -271,7 +271,10 @@
       li.dataset.state = d.state;
       li.append(el("span", "device-name", d.device), el("span", `state state-${d.state}`, d.state));
       const parts = [];
-      if (d.stats_at) parts.push(`stats ${duration(Math.round(ageSeconds(d.stats_at)))} ago`);
+      if (d.stats_at) {
+        const age = Math.max(0, Math.round(ageSeconds(d.stats_at)));
+        parts.push(`stats ${age < 60 ? `${age} s` : duration(age)} ago`);
+      }
       const s = d.stats || {};
       if (s.scored !== undefined) parts.push(`scored ${s.scored}`);
       if (s.errors !== undefined) parts.push(`errors ${s.errors}`);

@@ -1,0 +1,258 @@
+"""The station's parts that need no broker or browser: the SQLite worklist, the exposure rule, the signed
+session, topic routing, and the CLI plug-in. Real SQLite files, no mocks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from pneumoflag.device.config import load_config
+from pneumoflag.device.messages import AckMessage, EscalationMessage
+from pneumoflag.station.mqtt_link import classify
+from pneumoflag.station.security import SESSION_TTL_S, Guard
+from pneumoflag.station.settings import StationError, StationSettings, is_loopback
+from pneumoflag.station.worklist import BadMessage, Worklist, utc_iso
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = 1_800_000_000.0  # a fixed "now" for the tests
+
+
+def flag(priority: str = "urgent", written: float | None = T0 - 60, **extra) -> dict:
+    return {"schema": "pneumoflag.flag/1", "event_id": str(uuid.uuid4()), "device": "xray-1",
+            "file": f"{uuid.uuid4().hex[:8]}.jpeg", "sha256": "0" * 64, "probability": 0.9, "priority": priority,
+            "scored_at": utc_iso(T0 - 59.5), "written_at": utc_iso(written) if written is not None else None,
+            "seen_at": None, **extra}
+
+
+@pytest.fixture
+def wl(tmp_path) -> Worklist:
+    w = Worklist(tmp_path / "station.db")
+    yield w
+    w.close()
+
+
+def test_order_is_priority_then_oldest_and_acknowledged_rows_go_last(wl):
+    rows = {
+        "routine-old": flag("routine", T0 - 500),
+        "urgent-new": flag("urgent", T0 - 10),
+        "flag-old": flag("flag", T0 - 400),
+        "urgent-old": flag("urgent", T0 - 300),
+        "urgent-acked": flag("urgent", T0 - 900),
+    }
+    for payload in rows.values():
+        assert wl.add_flag(payload, "xray-1", received=T0) is not None
+    wl.add_ack(AckMessage(rows["urgent-acked"]["event_id"], "desk-a", "Ada").to_dict(), received=T0)
+    order = [r.event_id for r in wl.rows(now=T0)]
+    names = {p["event_id"]: name for name, p in rows.items()}
+    assert [names[e] for e in order] == ["urgent-old", "urgent-new", "flag-old", "routine-old", "urgent-acked"]
+
+
+def test_a_repeat_delivery_adds_nothing(wl):
+    payload = flag()
+    first = wl.add_flag(payload, "xray-1", received=T0)
+    assert first is not None and first.event_id == payload["event_id"]
+    assert wl.add_flag(dict(payload), "xray-1", received=T0 + 5) is None
+    assert len(wl.rows(now=T0)) == 1
+    ack = AckMessage(payload["event_id"], "desk-a", "Ada").to_dict()
+    assert wl.add_ack(ack, received=T0) == payload["event_id"]
+    assert wl.add_ack(dict(ack), received=T0 + 1) is None
+
+
+def test_time_to_notification_is_received_minus_written(wl):
+    with_written = wl.add_flag(flag(written=T0 - 2.5), "xray-1", received=T0)
+    assert with_written.ttn_s == pytest.approx(2.5)
+    assert with_written.sort_at == utc_iso(T0 - 2.5)
+    without = wl.add_flag(flag(written=None), "xray-1", received=T0)
+    assert without.ttn_s is None
+    assert without.sort_at == utc_iso(T0 - 59.5)  # falls back to scored_at
+
+
+def test_an_ack_that_arrives_before_its_flag_is_shown_once_the_flag_comes(wl):
+    payload = flag()
+    ack = AckMessage(payload["event_id"], "desk-b", "Bo", at="2027-01-15T08:00:01.000Z").to_dict()
+    assert wl.add_ack(ack, received=T0) == payload["event_id"]
+    assert wl.row(payload["event_id"]) is None
+    row = wl.add_flag(payload, "xray-1", received=T0)
+    assert row.ack is not None and (row.ack.by, row.ack.station, row.ack.at) == ("Bo", "desk-b", ack["at"])
+
+
+def test_the_first_ack_wins_when_two_stations_acknowledge(wl):
+    payload = flag()
+    wl.add_flag(payload, "xray-1", received=T0)
+    wl.add_ack(AckMessage(payload["event_id"], "desk-b", "Bo", at="2027-01-15T08:00:05.000Z").to_dict())
+    wl.add_ack(AckMessage(payload["event_id"], "desk-a", "Ada", at="2027-01-15T08:00:02.000Z").to_dict())
+    assert wl.row(payload["event_id"]).ack.by == "Ada"
+
+
+def test_escalation_marks_the_row_and_adds_a_flag_never_seen(wl):
+    known = flag()
+    wl.add_flag(known, "xray-1", received=T0)
+    msg = EscalationMessage(known["event_id"], "xray-1", 2, 3, 600.0, known).to_dict()
+    row = wl.add_escalation(msg, "xray-1", received=T0)
+    assert (row.escalation, row.max_escalations) == (2, 3)
+    lower = EscalationMessage(known["event_id"], "xray-1", 1, 3, 300.0, known).to_dict()
+    assert wl.add_escalation(lower, "xray-1").escalation == 2  # a late, lower count changes nothing
+
+    unseen = flag()
+    row = wl.add_escalation(EscalationMessage(unseen["event_id"], "xray-1", 1, 3, 300.0, unseen).to_dict(),
+                            "xray-1", received=T0)
+    assert row.file == unseen["file"] and row.escalation == 1
+    with pytest.raises(BadMessage):
+        wl.add_escalation({"event_id": str(uuid.uuid4()), "escalation": 1, "flag": None}, "xray-1")
+
+
+@pytest.mark.parametrize("change", [
+    {"priority": "critical"}, {"probability": 1.5}, {"probability": "0.9"}, {"event_id": ""}, {"file": None},
+])
+def test_a_flag_that_breaks_the_contract_is_refused(wl, change):
+    with pytest.raises(BadMessage):
+        wl.add_flag(flag(**change), "xray-1")
+    assert wl.rows() == []
+
+
+def test_device_states_online_offline_silent(wl):
+    wl.set_status("a", "online", received=T0 - 100)
+    wl.set_stats("a", {"at": utc_iso(T0 - 1), "scored": {"urgent": 2, "routine": 3}, "errors": 1,
+                       "queue_depth": 0, "latency_ms": {"p50": 12.5}, "secret": "x"}, retained=False, received=T0 - 1)
+    wl.set_status("b", "offline", received=T0)
+    wl.set_status("c", "online", received=T0 - 100)
+    wl.set_stats("c", {"at": utc_iso(T0 - 50)}, retained=False, received=T0 - 50)
+    wl.set_stats("d", {"at": utc_iso(T0)}, retained=False, received=T0)
+    states = {d.device: d for d in wl.devices(silent_after=30, now=T0)}
+    assert {k: v.state for k, v in states.items()} == {"a": "online", "b": "offline", "c": "silent", "d": "unknown"}
+    assert states["a"].stats == {"scored": 5, "errors": 1, "queue_depth": 0, "p50_ms": 12.5}
+    with pytest.raises(BadMessage):
+        wl.set_status("a", "rebooting")
+
+
+def test_a_retained_stats_message_counts_from_its_own_time(wl):
+    wl.set_status("a", "online", received=T0)
+    wl.set_stats("a", {"at": utc_iso(T0 - 3600)}, retained=True, received=T0)
+    assert wl.devices(silent_after=180, now=T0)[0].state == "silent"
+    wl.set_stats("a", {"at": utc_iso(T0)}, retained=False, received=T0)
+    assert wl.devices(silent_after=180, now=T0)[0].state == "online"
+
+
+def test_the_worklist_and_the_session_secret_survive_a_reopen(tmp_path):
+    path = tmp_path / "station.db"
+    first = Worklist(path)
+    payload = flag()
+    first.add_flag(payload, "xray-1", received=T0)
+    secret = first.secret()
+    first.close()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    again = Worklist(path)
+    assert [r.event_id for r in again.rows(now=T0)] == [payload["event_id"]]
+    assert again.secret() == secret
+    again.close()
+
+
+def test_errors_newest_first_and_deduplicated(wl):
+    for i in range(3):
+        wl.add_error({"event_id": f"e{i}", "device": "xray-1", "file": f"f{i}", "reason": "truncated",
+                      "message": "cut short", "at": utc_iso(T0 + i)}, "xray-1", received=T0 + i)
+    assert wl.add_error({"event_id": "e1", "file": "again"}, "xray-1") is None
+    assert [e.event_id for e in wl.errors()] == ["e2", "e1", "e0"]
+
+
+def test_topics_route_to_kinds():
+    assert classify("pneumoflag", "pneumoflag/xray-1/flags/urgent") == ("flag", "xray-1")
+    assert classify("pneumoflag", "pneumoflag/xray-1/acks") == ("ack", "xray-1")
+    assert classify("pneumoflag", "pneumoflag/xray-1/escalations") == ("escalation", "xray-1")
+    assert classify("pneumoflag", "pneumoflag/xray-1/selftest") is None
+    assert classify("pneumoflag", "other/xray-1/status") is None
+
+
+# ----------------------------------------------------------------------------- exposure and sessions
+
+
+def _settings(tmp_path, **station) -> StationSettings:
+    overrides = {f"station.{k}": v for k, v in station.items()}
+    return StationSettings.from_config(load_config(env={}, overrides={"state.dir": str(tmp_path), **overrides}))
+
+
+def test_loopback_needs_no_password_anything_else_does(tmp_path):
+    assert is_loopback("127.0.0.1") and is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("ward-station.example")
+    _settings(tmp_path).check_exposure()
+    exposed = _settings(tmp_path, listen="0.0.0.0:8080")
+    with pytest.raises(StationError, match="password_file.*--insecure"):
+        exposed.check_exposure()
+    _settings(tmp_path, listen="0.0.0.0:8080", insecure=True).check_exposure()
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery\n")
+    with_password = _settings(tmp_path, listen="0.0.0.0:8080", password_file=str(pw))
+    with_password.check_exposure()
+    assert with_password.password == "correct horse battery"
+    pw.write_text("short")
+    with pytest.raises(StationError, match="fewer than 8"):
+        _settings(tmp_path, password_file=str(pw))
+
+
+def test_station_id_is_checked_and_names_the_database_and_client(tmp_path):
+    s = _settings(tmp_path, station_id="desk-a")
+    assert s.db_path == tmp_path / "station-desk-a.db"
+    assert s.client_id == "pneumoflag-station-desk-a"
+    with pytest.raises(StationError, match="station_id"):
+        _settings(tmp_path, station_id="desk/a")
+
+
+def test_sessions_are_signed_expire_and_end_with_a_new_password():
+    guard = Guard("desk-a", "correct horse battery", b"k" * 32)
+    session = guard.new_session()
+    body, _, sig = session.rpartition(".")
+    tampered = body + "." + ("0" if sig[0] != "0" else "1") + sig[1:]
+    old_body = f"{int(time.time() - SESSION_TTL_S - 5)}.abc"
+    expired = f"{old_body}.{guard._sign(old_body)}"
+
+    class Req:  # the one attribute Guard.session reads
+        def __init__(self, value: str):
+            self.cookies = {guard.cookie_name: value}
+
+    assert guard.session(Req(session)) == session
+    assert guard.session(Req(tampered)) is None
+    assert guard.session(Req(expired)) is None
+    assert Guard("desk-a", "another password", b"k" * 32).session(Req(session)) is None
+    guard.revoke(session)
+    assert guard.session(Req(session)) is None
+    assert guard.csrf_token(session) != guard.csrf_token(guard.new_session())
+    assert guard.password_ok("correct horse battery") and not guard.password_ok("correct horse")
+
+
+# ----------------------------------------------------------------------------- the CLI plug-in
+
+
+def test_station_is_a_subcommand_that_explains_itself():
+    out = subprocess.run([sys.executable, "-m", "pneumoflag.device.cli", "--help"], check=False, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "station    web console" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "pneumoflag.device.cli", "station", "--help"], check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for words in ("--password-file", "--insecure", "--listen", "--station-id", "persistent MQTT session"):
+        assert words in out.stdout
+
+
+def test_the_device_package_never_imports_the_station():
+    offenders = [p.name for p in (REPO / "device").glob("*.py")
+                 if "pneumoflag.station" in p.read_text() or "from ..station" in p.read_text()]
+    assert offenders == []
+    code = ("import sys, pneumoflag.device.daemon, pneumoflag.device.alerts, pneumoflag.device.publisher;"
+            "print([m for m in sys.modules if m.startswith('pneumoflag.station')])")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_static_files_ship_with_the_package_and_fetch_nothing_from_elsewhere():
+    static = REPO / "station" / "static"
+    names = sorted(p.name for p in static.iterdir())
+    assert names == ["index.html", "login.html", "station.js", "style.css"]
+    for p in static.iterdir():
+        text = p.read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, p.name
+    js = (static / "station.js").read_text()
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "document.write" not in js
