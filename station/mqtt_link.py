@@ -3,38 +3,32 @@
 Guarantees:
 
 - client id ``pneumoflag-station-<station_id>`` with ``clean_session = false`` (MQTT 3.1.1) or
-  ``clean_start = false`` and a week's session expiry (MQTT 5): the broker queues the QoS 1 flags published
-  while this station is down and delivers them when it comes back;
+  ``clean_start = false`` and a week's session expiry (MQTT 5) (``device.publisher.make_client(clean=False)``):
+  the broker queues the QoS 1 flags published while this station is down and delivers them when it is back;
 - every subscription is QoS 1 (stats arrive as the daemon sends them, QoS 0);
 - a QoS 1 message is acknowledged to the broker (paho's manual ack) only once the handler has stored it,
   so a station that dies half-way gets the message again (and drops the repeat by event_id);
 - an ack the nurse sends while the broker is away waits in paho's queue and goes out after the reconnect
   (in memory only: a station restarted before that shows the row still open).
-
-``device.publisher.make_client`` is not used because it builds a clean-session client for MQTT 3.1.1;
-the credentials and TLS settings are applied here the same way.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from pneumoflag.device.config import Config, ConfigError
+from pneumoflag.device.config import Config
 from pneumoflag.device.messages import AckMessage, encode
+from pneumoflag.device.publisher import connect_kwargs, make_client
 
 from .settings import StationSettings
 
 log = logging.getLogger(__name__)
 
-SESSION_EXPIRY_S = 7 * 24 * 3600
 #: topic suffixes the station subscribes to under ``{prefix}/+/``, and the kind each carries
 KINDS = {"flags/+": "flag", "errors": "error", "status": "status", "stats": "stats", "acks": "ack",
          "escalations": "escalation"}
@@ -66,23 +60,9 @@ def classify(prefix: str, topic: str) -> tuple[str, str] | None:
 
 
 def build_client(cfg: Config, client_id: str) -> mqtt.Client:
-    """A paho 2.x client with a persistent session, manual acks, and the configured credentials and TLS."""
-    v5 = cfg.mqtt.protocol == "5"
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-                         manual_ack=True, **({} if v5 else {"clean_session": False}))
-    if cfg.mqtt.username:
-        client.username_pw_set(cfg.mqtt.username, cfg.mqtt_password())
-    if cfg.mqtt.tls:
-        try:
-            client.tls_set(ca_certs=cfg.mqtt.ca_file or None, certfile=cfg.mqtt.cert_file or None,
-                           keyfile=cfg.mqtt.key_file or None, cert_reqs=ssl.CERT_REQUIRED,
-                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"mqtt TLS files: {exc}") from None
-        if cfg.mqtt.tls_insecure:
-            client.tls_insecure_set(True)
-    client.reconnect_delay_set(min_delay=max(1, int(cfg.mqtt.reconnect_min)), max_delay=int(cfg.mqtt.reconnect_max))
+    """The shared client (credentials, TLS, protocol) with a persistent session and manual acks."""
+    client = make_client(cfg, client_id, clean=False)
+    client.manual_ack_set(True)
     return client
 
 
@@ -111,12 +91,8 @@ class MqttLink:
     def start(self) -> None:
         host, port = self.cfg.broker_host_port
         log.info("connecting to MQTT broker %s:%d as %s (persistent session)", host, port, self.settings.client_id)
-        extra: dict[str, Any] = {}
-        if self.cfg.mqtt.protocol == "5":
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            extra = {"clean_start": False, "properties": props}
-        self.client.connect_async(host, port, keepalive=self.cfg.mqtt.keepalive, **extra)
+        self.client.connect_async(host, port, keepalive=self.cfg.mqtt.keepalive,
+                                  **connect_kwargs(self.cfg, self.client))
         self.client.loop_start()
 
     def stop(self) -> None:

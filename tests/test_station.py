@@ -697,3 +697,21 @@ def test_a_station_without_a_broker_still_serves_the_page_and_says_so(tmp_path):
         assert json.loads(body)["link"]["up"] is False
     finally:
         station.close()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_the_session_outlives_the_station_process(tmp_path, broker, protocol):
+    """clean_session = false (3.1.1) or a session expiry (5): what was published while it was down arrives."""
+    station = StationProc(tmp_path, broker.address, "persist", env={"PNEUMOFLAG_MQTT_PROTOCOL": protocol})
+    try:
+        station.start()
+        assert station.terminate() == 0
+        missed = {"schema": "pneumoflag.flag/1", "event_id": str(uuid.uuid4()), "device": "xray-p",
+                  "file": "missed.jpeg", "sha256": "0" * 64, "probability": 0.8, "priority": "urgent",
+                  "scored_at": datetime.now(timezone.utc).isoformat()}
+        publish(broker.address, "pneumoflag/xray-p/flags/urgent", encode(missed))
+        station.start()
+        wait_until(lambda: _in_db(station.db, missed["event_id"]), 10, "the flag published while it was down")
+        assert "session resumed" in station.output()
+    finally:
+        station.close()

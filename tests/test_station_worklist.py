@@ -256,3 +256,15 @@ def test_static_files_ship_with_the_package_and_fetch_nothing_from_elsewhere():
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, p.name
     js = (static / "station.js").read_text()
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "document.write" not in js
+
+
+def test_the_readme_lists_every_station_key():
+    from dataclasses import fields
+
+    from pneumoflag.device.config import StationConfig
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Nursing station"):]
+    section = section[:section.index("\n## ")]
+    listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `") and "[" not in line}
+    assert listed == {f.name for f in fields(StationConfig)}
