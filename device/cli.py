@@ -96,14 +96,17 @@ def _add_alerts(sub) -> None:
         "alerts",
         help="print flags as they arrive (nursing-station terminal)",
         description="Subscribe to the flags of every appliance under the topic prefix and print them: "
-        "time, priority (highlighted), probability, file.",
+        "time, priority (highlighted), probability, file. A persistent session under a stable client id "
+        "(QoS 1) delivers the flags sent while the terminal was away; it says when it loses and regains the broker.",
     )
     p.add_argument("--priority", choices=PRIORITIES[::-1], default="routine",
                    help="lowest priority to show (default: all)")
     p.add_argument("--errors", action="store_true", help="also show rejected files")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=int, help="exit after N messages")
-    p.add_argument("--timeout", type=float, help="exit after this many seconds")
+    p.add_argument("--timeout", type=float, help="exit after this many seconds (also bounds the connection wait)")
+    p.add_argument("--client-id", help="MQTT client id of this terminal's persistent session "
+                   "(default pneumoflag-alerts-STATION_ID: flags sent while it is away arrive when it is back)")
     _add_config_flags(p, daemon=False)
     p.set_defaults(func=_cmd_alerts)
 
@@ -116,7 +119,8 @@ def _cmd_alerts(args) -> int:
     if not cfg.mqtt.broker:
         cfg.mqtt.broker = EMBEDDED_BROKER
     try:
-        return run_alerts(cfg, args.priority, args.json, args.count, args.timeout, args.errors)
+        return run_alerts(cfg, args.priority, args.json, args.count, args.timeout, args.errors,
+                          client_id=args.client_id)
     except ConnectionError as exc:
         raise CliError(str(exc)) from None
 

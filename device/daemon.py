@@ -117,6 +117,7 @@ class Daemon:
         self._disk_full_since: Optional[float] = None
         self._store_backoff = 5.0
         self._folder_state = "ok"
+        self._watch_restarts: list[float] = []
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
@@ -178,6 +179,7 @@ class Daemon:
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
         """Watch until stopped; 0 on a clean stop, 1 when a worker died (systemd restarts us)."""
+        threading.excepthook = self._thread_died  # before any worker thread starts
         self._start()
         self._install_signals()
         self.ingest.start()  # events first, so nothing arriving during the backlog scan is missed
@@ -236,11 +238,22 @@ class Daemon:
             if state == "missing":
                 log.error("export folder %s is gone: waiting for it to come back (no file is seen meanwhile)",
                           self.root)
-            elif state == "replaced":
-                log.warning("export folder %s was replaced (removed and made again, or another folder moved in): "
-                            "watching the new one", self.root)
             self._folder_state = state
+        if state == "ok" and not self.ingest.alive():
+            # inotify ends its watch when the folder is deleted; a folder made again may even get
+            # the same inode number. Watch it again, unless that keeps failing.
+            now = time.monotonic()
+            self._watch_restarts = [t for t in self._watch_restarts if now - t < 60] + [now]
+            if len(self._watch_restarts) > 5:
+                log.critical("the folder watcher keeps stopping; exiting with status 1 so the service manager "
+                             "restarts pneumoflag")
+                return False
+            log.warning("the folder watcher stopped (export folder %s removed and made again?): watching it again",
+                        self.root)
+            state = "replaced"
         if state == "replaced":
+            log.warning("export folder %s was replaced (removed and made again, or another folder moved in): "
+                        "watching the new one", self.root)
             try:
                 self.ingest.restart()
             except IngestError as exc:
@@ -248,10 +261,6 @@ class Daemon:
                 return True
             self._folder_state = "ok"
             self._enqueue_backlog("in the new export folder")
-        elif state == "ok" and not self.ingest.alive():
-            log.critical("the folder watcher stopped; exiting with status 1 so the service manager restarts "
-                         "pneumoflag")
-            return False
         return True
 
     def _thread_died(self, args: threading.ExceptHookArgs) -> None:
@@ -271,7 +280,6 @@ class Daemon:
         return False
 
     def _install_signals(self) -> None:
-        threading.excepthook = self._thread_died
         if threading.current_thread() is not threading.main_thread():
             return
 

@@ -299,7 +299,11 @@ class Ingest(FileSystemEventHandler):
 
     @_never_raise
     def on_modified(self, event: FileModifiedEvent) -> None:
-        # also attribute changes (IN_ATTRIB): a chmod that makes a file readable brings it back
+        self._changed(event)
+
+    @_never_raise
+    def on_attrib(self, event) -> None:
+        # a chmod (IN_ATTRIB) that makes a rejected file readable brings it back
         self._changed(event)
 
     def _changed(self, event) -> None:

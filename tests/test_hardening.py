@@ -1,0 +1,445 @@
+"""Hostile folders and inputs against the real daemon and a real Mosquitto (issue 8's defects, one test each).
+
+Each test reproduces what broke the appliance before: a name that is not UTF-8,
+a link loop, links out of the folder, small files that decode to huge rasters,
+a permission fixed later, a replaced export folder, a clock in the future, a
+writer that pauses, names that forge log lines, things that are not chest
+radiographs, topic names a broker drops, a full state disk, silent copies and
+secrets echoed in errors.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import MINI, run_cli
+from mqtt_helpers import REPO, SHIPPED_MODEL, Subscriber, drop, new_daemon, wait_until
+from test_daemon import SAMPLE_FILES, _journal
+
+GOOD = SAMPLE_FILES[0]
+
+
+def _no_dac_override() -> tuple:
+    """Root reads everything: run the daemon without the capabilities that bypass file permissions."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed to drop root's file-permission override"
+    return (setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--")
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+# ----------------------------------------------------------------------------- 1. names that are not UTF-8
+
+def test_a_name_that_is_not_utf8_is_scored_and_survives_a_restart(broker, dirs, daemons):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    raw = os.fsencode(watch) + b"/bad\xff\xfename.jpeg"
+    tmp = os.fsencode(watch) + b"/.incoming.part"
+    with open(tmp, "wb") as f:
+        f.write(GOOD.read_bytes())
+    os.rename(tmp, raw)
+    drop(SAMPLE_FILES[1], watch, "after.jpeg")
+    flags = sub.wait_flags(2)
+    names = {f["file"] for f in flags}
+    assert names == {"bad\\xff\\xfename.jpeg", "after.jpeg"}  # shown safely, reversibly
+    assert d.terminate() == 0
+    d2 = new_daemon(daemons, watch, state, broker.address).start()
+    drop(SAMPLE_FILES[2], watch, "third.jpeg")
+    wait_until(lambda: len(sub.flags()) == 3, 20, "the third flag")
+    time.sleep(1)
+    assert len(sub.flags()) == 3 and d2.proc.poll() is None  # no crash loop, no second alert
+
+
+# ----------------------------------------------------------------------------- 2. a dying thread
+
+def test_a_symlink_loop_is_rejected_and_the_watcher_lives_on(broker, dirs, daemons):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    os.symlink("loop.jpg", watch / "loop.jpg")
+    (err,) = sub.wait_errors(1)
+    assert err["file"] == "loop.jpg" and err["reason"] == "unreadable" and "symbolic links" in err["message"]
+    drop(GOOD, watch, "next.jpeg")  # the watcher still sees new files
+    assert [f["file"] for f in sub.wait_flags(1)] == ["next.jpeg"]
+    assert d.proc.poll() is None
+
+
+def test_a_worker_thread_that_dies_ends_the_process_with_status_1(broker, dirs, tmp_path):
+    """If an exception ever does end a thread, the daemon says so and exits 1 (systemd restarts it)."""
+    watch, state = dirs
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import sys\n"
+        "from pneumoflag.device import publisher\n"
+        "def boom(self):\n"
+        "    raise RuntimeError('injected failure in the outbox pump')\n"
+        "publisher.Publisher._pump = boom\n"
+        "from pneumoflag.device.cli import main\n"
+        f"sys.exit(main(['watch', {str(watch)!r}, '--state-dir', {str(state)!r}, '--model', {str(SHIPPED_MODEL)!r},"
+        f" '--broker', {broker.address!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "thread outbox-pump died" in proc.stderr and "exiting with status 1" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- 3. links out of the folder
+
+def test_links_out_of_the_folder_are_never_read(broker, dirs, daemons):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    os.symlink("/etc/shadow", watch / "shadow.jpeg")
+    os.symlink("/etc/passwd/x", watch / "link.tmp")
+    os.rename(watch / "link.tmp", watch / "link.jpg")
+    errors = {e["file"]: e for e in sub.wait_errors(2)}
+    assert errors["shadow.jpeg"]["reason"] == "outside-folder" and errors["shadow.jpeg"]["sha256"] is None
+    assert errors["link.jpg"]["reason"] == "unreadable" and "Not a directory" in errors["link.jpg"]["message"]
+    os.symlink(watch / "next.jpeg", watch / "inside-link.jpeg")  # a link that stays inside is fine
+    drop(GOOD, watch, "next.jpeg")
+    wait_until(lambda: len(sub.flags()) >= 1, 20, "a flag after the links")
+    assert d.proc.poll() is None
+    assert "root:" not in d.output()
+
+
+# ----------------------------------------------------------------------------- 4. memory
+
+def test_small_files_that_decode_huge_are_refused_and_memory_stays_small(broker, dirs, daemons, tmp_path):
+    from pydicom.uid import RLELossless
+    from test_dicom import write_test_dicom
+
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    Image.new("RGBA", (7000, 8500)).save(staging / "rgba.png")  # 59.5 MP: ~230 KB on disk
+    Image.new("L", (7400, 7400)).save(staging / "gray8.png")  # 55 MP
+    big = np.zeros((7700, 7700), np.uint16)
+    ds_path = write_test_dicom(staging / "rle.dcm", big)
+    import pydicom
+
+    ds = pydicom.dcmread(ds_path)
+    ds.compress(RLELossless)
+    ds.save_as(ds_path)
+    # a large but real-sized 16-bit radiograph must still be scored
+    src = np.asarray(Image.open(GOOD).convert("L"), np.uint16)
+    Image.fromarray(np.asarray(Image.fromarray(src * 257).resize((4300, 3500)), np.uint16)).save(staging / "dr16.png")
+    for f in sorted(staging.iterdir()):
+        drop(f, watch)
+    errors = {e["file"]: e for e in sub.wait_errors(3, timeout=60)}
+    for name in ("rgba.png", "gray8.png", "rle.dcm"):
+        assert errors[name]["reason"] == "too-large", errors[name]
+        assert re.search(r"needs \d+ MiB to decode, over the limit of 96 MiB", errors[name]["message"])
+    assert [f["file"] for f in sub.wait_flags(1, timeout=60)] == ["dr16.png"]
+    peak = _vm_hwm_mb(d.proc.pid)
+    assert peak <= 300, f"daemon peak RSS {peak:.0f} MB"
+
+
+# ----------------------------------------------------------------------------- 5. a permission fixed later
+
+def test_a_file_made_readable_later_is_scored_and_supersedes_its_error(broker, dirs, daemons):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address, wrapper=_no_dac_override()).start()
+    locked = watch / "locked.jpeg"
+    shutil.copyfile(GOOD, locked)
+    locked.chmod(0o000)
+    (err,) = sub.wait_errors(1)
+    assert err["reason"] == "permission-denied"
+    locked.chmod(0o644)
+    (flag,) = sub.wait_flags(1)
+    assert flag["file"] == "locked.jpeg" and flag["supersedes"] == err["event_id"]
+    assert d.terminate() == 0
+    new_daemon(daemons, watch, state, broker.address, wrapper=_no_dac_override()).start()
+    time.sleep(2)
+    assert len(sub.flags()) == 1 and len(sub.errors()) == 1  # and a restart says nothing new
+
+
+# ----------------------------------------------------------------------------- 6. the export folder replaced
+
+@pytest.mark.parametrize("how", ["rm-mkdir", "mv-mkdir"])
+def test_a_replaced_export_folder_is_watched_again(broker, dirs, daemons, how):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    drop(GOOD, watch, "before.jpeg")
+    sub.wait_flags(1)
+    if how == "rm-mkdir":
+        shutil.rmtree(watch)
+    else:
+        watch.rename(watch.with_name("old-export"))
+    watch.mkdir()
+    wait_until(lambda: "was replaced" in d.output(), 15, "the daemon to notice")
+    drop(SAMPLE_FILES[1], watch, "after.jpeg")
+    assert [f["file"] for f in sub.wait_flags(2)][-1] == "after.jpeg"
+
+
+# ----------------------------------------------------------------------------- 7. a clock in the future
+
+def test_a_bad_file_from_the_future_ends_in_an_error_in_time(broker, dirs, daemons, tmp_path):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    staged = tmp_path / "future.jpeg"
+    staged.write_bytes(GOOD.read_bytes()[:4000])
+    later = time.time() + 86400
+    os.utime(staged, (later, later))
+    t0 = time.monotonic()
+    os.rename(staged, watch / "future.jpeg")
+    (err,) = sub.wait_errors(1, timeout=15)
+    elapsed = time.monotonic() - t0
+    assert err["reason"] == "truncated"
+    assert elapsed < 1.5 + 4  # incomplete_timeout (1.5 s here) plus scheduling slack
+    retries = d.output().count("still being written? retrying")
+    assert retries < 30, f"{retries} retries"
+
+
+# ----------------------------------------------------------------------------- 8. a writer that pauses
+
+def test_a_writer_that_pauses_gets_one_chain_error_then_superseding_flag(broker, dirs, daemons):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    new_daemon(daemons, watch, state, broker.address).start()
+    data = GOOD.read_bytes()
+    with open(watch / "slow.jpeg", "wb") as f:
+        f.write(data[: len(data) // 3])
+    (err,) = sub.wait_errors(1, timeout=15)  # the pause outlasted incomplete_timeout
+    assert err["reason"] == "truncated"
+    with open(watch / "slow.jpeg", "ab") as f:
+        f.write(data[len(data) // 3:])
+    (flag,) = sub.wait_flags(1)
+    assert flag["file"] == "slow.jpeg" and flag["supersedes"] == err["event_id"]
+    time.sleep(1)
+    assert len(sub.flags()) == 1 and len(sub.errors()) == 1
+
+
+# ----------------------------------------------------------------------------- 9. names that forge lines
+
+def test_names_cannot_forge_log_lines_or_terminal_escapes(broker, dirs, daemons):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    # the nursing-station terminal, connected before the files arrive
+    alerts = subprocess.Popen([sys.executable, "-m", "pneumoflag.device.cli", "alerts", "--broker", broker.address,
+                               "--count", "2", "--client-id", "forge-test"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert "listening on" in alerts.stderr.readline()
+    forged = "evil\n2026-01-01 00:00:00,000 INFO pneumoflag: FAKE all clear.jpeg"
+    drop(GOOD, watch, forged)
+    drop(SAMPLE_FILES[1], watch, "clear\x1b[2Jscreen.jpeg")
+    flags = sub.wait_flags(2)
+    assert {f["file"] for f in flags} == {forged, "clear\x1b[2Jscreen.jpeg"}  # JSON keeps the name exact
+    log = d.output()
+    assert not any(line.startswith("2026-01-01 00:00:00,000") for line in log.splitlines())
+    assert "evil\\n2026-01-01" in log and "\x1b" not in log
+    out, _ = alerts.communicate(timeout=30)
+    assert alerts.returncode == 0
+    assert "\x1b" not in out and "\\x1b[2J" in out
+    assert len(out.splitlines()) == 2 and "evil\\n2026" in out  # one line per flag, whatever the name
+
+
+# ----------------------------------------------------------------------------- 10. not a chest radiograph
+
+def _bitflipped_jpeg_that_still_decodes() -> bytes:
+    from pneumoflag.device.gate import GateLimits, check_jpeg_stream
+    from pneumoflag.device.preprocess import ImageDecodeError, PreprocessSpec, decode
+
+    rng = random.Random(7)
+    base = GOOD.read_bytes()
+    for _ in range(500):
+        d = bytearray(base)
+        for _ in range(rng.randint(1, 20)):
+            i = rng.randrange(600, len(d))
+            d[i] ^= 1 << rng.randrange(8)
+        try:
+            decode(bytes(d), PreprocessSpec())
+        except ImageDecodeError:
+            continue
+        try:
+            check_jpeg_stream(bytes(d), GateLimits(), "x")
+        except ImageDecodeError:
+            return bytes(d)  # Pillow repaired it silently; the strict check does not
+    raise AssertionError("no damaged JPEG found")
+
+
+def _mr_relabelled(path: Path) -> Path:
+    from test_dicom import write_test_dicom
+
+    rng = np.random.default_rng(0)
+    mr = (rng.normal(800, 200, (256, 256)).clip(0, 4095)).astype(np.uint16)
+    return write_test_dicom(path, mr, Modality="CR", BodyPartExamined="CHEST", EchoTime=12.0, RepetitionTime=500.0,
+                            SOPClassUID="1.2.840.10008.5.1.4.1.1.4")
+
+
+def test_what_is_not_a_chest_radiograph_is_refused(broker, dirs, daemons, tmp_path):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    new_daemon(daemons, watch, state, broker.address).start()
+    staging = tmp_path / "s"
+    staging.mkdir()
+    Image.new("L", (1, 1), 128).save(staging / "dot.jpeg")
+    Image.new("L", (1, 5000), 90).save(staging / "strip.png")
+    Image.new("L", (600, 600), 77).save(staging / "grey.png")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 65535, (512, 512), dtype=np.uint16)).save(staging / "noise16.png")
+    (staging / "damaged.jpeg").write_bytes(_bitflipped_jpeg_that_still_decodes())
+    _mr_relabelled(staging / "mr.dcm")
+    expected = {"dot.jpeg": "not-a-radiograph", "strip.png": "not-a-radiograph", "grey.png": "not-a-radiograph",
+                "noise16.png": "not-a-radiograph", "damaged.jpeg": "corrupt", "mr.dcm": "not-a-radiograph"}
+    for f in staging.iterdir():
+        drop(f, watch)
+    drop(GOOD, watch, "real.jpeg")
+    errors = {e["file"]: e for e in sub.wait_errors(len(expected), timeout=30)}
+    assert {k: v["reason"] for k, v in errors.items()} == expected
+    assert "gate.min_side" in errors["dot.jpeg"]["message"] and "noise" in errors["noise16.png"]["message"]
+    assert "MR Image Storage" in errors["mr.dcm"]["message"]
+    assert [f["file"] for f in sub.wait_flags(1)] == ["real.jpeg"]
+
+
+def _real_radiographs() -> list[Path]:
+    files = sorted(SAMPLE_FILES) + sorted(MINI.rglob("*.jpeg"))
+    shared = REPO.parent / "shared" / "data"
+    for sub in ("chest_xray/site_dev", "fullres"):
+        files += sorted((shared / sub).rglob("*.jpeg"))
+    return files
+
+
+def test_no_real_radiograph_is_refused_by_the_gate():
+    from pneumoflag.device.config import load_config
+    from pneumoflag.device.pipeline import Pipeline
+    from pneumoflag.device.preprocess import ImageDecodeError
+    from pneumoflag.device.scorer import load_scorer
+
+    cfg = load_config(env={}, overrides={"model.path": str(SHIPPED_MODEL)})
+    scorer, card = load_scorer(SHIPPED_MODEL, "cpu")
+    pipe = Pipeline(cfg, scorer, card)
+    files = _real_radiographs()
+    refused = []
+    for f in files:
+        try:
+            pipe.decode(f.read_bytes(), f.name)
+        except ImageDecodeError as exc:
+            refused.append(str(exc))
+    assert refused == [], refused
+    assert len(files) >= 40  # the samples and the mini set at least; site_dev and fullres where present
+
+
+# ----------------------------------------------------------------------------- 11. topic names
+
+@pytest.mark.parametrize("toml, needle", [
+    ('[mqtt]\ntopic_prefix = "$SYS"\n', "starts with '$'"),
+    ('[mqtt]\ndevice_id = "xr\\u0000room"\n', "control characters"),
+    ('[mqtt]\ndevice_id = "room/2"\n', "'/'"),
+    ('[mqtt]\nbroker = "mqtt://host:1883"\n', "without a scheme"),
+])
+def test_topic_names_a_broker_would_drop_are_refused_at_start(tmp_path, dirs, capsys, toml, needle):
+    watch, state = dirs
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(toml)
+    assert run_cli("watch", watch, "--config", cfg, "--state-dir", state) == 2
+    assert needle in capsys.readouterr().err
+    assert run_cli("watch", watch, "--topic-prefix", "$share", "--state-dir", state) == 2
+
+
+# ----------------------------------------------------------------------------- 12. a full state disk
+
+def _can_mount_tmpfs(tmp_path: Path) -> bool:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    return subprocess.run(["unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_state_disk_is_said_once_and_nothing_is_lost(broker, dirs, daemons, tmp_path):
+    if not shutil.which("unshare") or not _can_mount_tmpfs(tmp_path):
+        pytest.skip("needs unshare and mount (a private tmpfs) to make a real full disk")
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    wrapper = ("unshare", "--mount", "sh", "-c", f'mount -t tmpfs -o size=3m tmpfs {state} && exec "$@"', "sh")
+    d = new_daemon(daemons, watch, state, broker.address, wrapper=wrapper).start()
+    drop(GOOD, watch, "first.jpeg")
+    sub.wait_flags(1)
+    inside = Path(f"/proc/{d.proc.pid}/root") / str(state).lstrip("/")
+    filler = inside / "filler"
+    with open(filler, "wb") as f:  # fill the daemon's private state disk
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    for i in range(1, 5):
+        drop(SAMPLE_FILES[i], watch, f"during-{i}.jpeg")
+    wait_until(lambda: "state disk full" in d.output(), 20, "the disk-full report")
+    time.sleep(3)
+    assert d.output().count("state disk full") == 1  # once per episode, not 20 lines a second
+    filler.unlink()
+    flags = sub.wait_flags(5, timeout=90)  # retried with backoff, nothing lost
+    assert sorted(f["file"] for f in flags) == [f"during-{i}.jpeg" for i in range(1, 5)] + ["first.jpeg"]
+    assert "writable again" in d.output()
+
+
+# ----------------------------------------------------------------------------- 13. no silent files
+
+def test_copies_and_overwrites_each_get_a_message(broker, dirs, daemons, tmp_path):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    new_daemon(daemons, watch, state, broker.address).start()
+    bad = tmp_path / "bad.jpeg"
+    bad.write_text("not an image\n" * 40)
+    drop(bad, watch, "bad.jpeg")
+    (first_err,) = sub.wait_errors(1)
+    drop(bad, watch, "bad-copy.jpeg")  # an identical copy of a rejected file
+    errs = sub.wait_errors(2)
+    assert errs[1]["reason"] == "duplicate-of" and errs[1]["duplicate_of"] == first_err["event_id"]
+    drop(GOOD, watch, "scan.jpeg")
+    (f1,) = sub.wait_flags(1)
+    drop(SAMPLE_FILES[-1], watch, "scan.jpeg")  # the same path, new content
+    flags = sub.wait_flags(2)
+    assert flags[1]["file"] == "scan.jpeg" and flags[1]["supersedes"] == f1["event_id"]
+    assert flags[1]["sha256"] != f1["sha256"]
+    statuses = [s for p, s, r in _journal(state)]
+    assert statuses.count("duplicate") == 1
+
+
+# ----------------------------------------------------------------------------- 14. secrets in errors
+
+def test_a_secret_is_never_printed_in_an_error(tmp_path, capsys):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[mqtt]\nusername = "u"\npassword = 918273645\n')
+    assert run_cli("config", "--config", cfg) == 2
+    err = capsys.readouterr().err
+    assert "918273645" not in err and "mqtt.password" in err and "not shown" in err
+
+
+# ----------------------------------------------------------------------------- SIGTERM still clean
+
+def test_sigterm_after_hostile_input_still_exits_0(broker, dirs, daemons):
+    watch, state = dirs
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    os.mkfifo(watch / "pipe.jpeg")  # a FIFO would block a naive reader forever
+    drop(GOOD, watch, "ok.jpeg")
+    wait_until(lambda: "ok.jpeg: " in d.output(), 20, "the good file")
+    wait_until(lambda: "pipe.jpeg: not a regular file" in d.output(), 20, "the FIFO to be rejected, unread")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(20) == 0
