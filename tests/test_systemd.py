@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -159,12 +160,18 @@ def test_unit_declares_the_required_hardening() -> None:
         "CapabilityBoundingSet": "",
         "AmbientCapabilities": "",
         "UMask": "0077",
-        "SystemCallFilter": "@system-service",
         "SystemCallArchitectures": "native",
+        "DevicePolicy": "closed",
+        "ProtectClock": "yes",
+        "PrivateMounts": "yes",
+        "ProcSubset": "pid",
+        "IPAddressDeny": "any",
     }
     for key, value in required.items():
         assert key in svc, f"{key}= missing from the unit"
         assert svc[key] == value, f"{key}={svc[key]!r}, expected {value!r}"
+    assert unit["Service"]["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    assert "/dev/apex_0 rw" in unit["Service"]["DeviceAllow"]  # the Coral stays reachable
     families = svc["RestrictAddressFamilies"].split()
     assert "AF_UNIX" in families and "AF_INET" in families
     assert not svc["RestrictAddressFamilies"].startswith("~")
@@ -229,3 +236,77 @@ def test_verify_catches_a_broken_unit(tmp_path: Path, good: str, bad: str, expec
     proc = _verify(tmp_path, text.replace(f"\n{good}\n", f"\n{bad}\n", 1))
     complaints = _complaints(proc)
     assert any(expected in line for line in complaints), proc.stdout + proc.stderr
+
+
+def _exposure(proc: subprocess.CompletedProcess) -> float:
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", proc.stdout + proc.stderr)
+    assert m, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return float(m.group(1))
+
+
+def test_unit_exposure_is_at_most_1_5(tmp_path: Path) -> None:
+    """`systemd-analyze security --offline=true` scores the shipped unit (it was 2.1)."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is needed (Debian: systemd); .ci/run installs it"
+    copy = tmp_path / UNIT.name
+    copy.write_text(UNIT.read_text().replace(f"ExecStart={SHIPPED_EXEC} ", f"ExecStart={_pneumoflag_exe()} "))
+    proc = subprocess.run([analyze, "security", "--offline=true", str(copy)], capture_output=True, text=True,
+                          env={**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""}, timeout=120)
+    assert _exposure(proc) <= 1.5
+
+
+def _forbidden_syscalls() -> list[str]:
+    """Every system call in the unit's deny list (@privileged, @resources), groups expanded."""
+    analyze = shutil.which("systemd-analyze")
+    names: set[str] = set()
+    todo = ["@privileged", "@resources"]
+    while todo:
+        group = todo.pop()
+        out = subprocess.run([analyze, "syscall-filter", group], capture_output=True, text=True).stdout
+        for line in out.splitlines()[1:]:
+            item = line.strip()
+            if not item or item.startswith("#"):
+                continue
+            if item.startswith("@"):
+                todo.append(item)
+            else:
+                names.add(item)
+    return sorted(names)
+
+
+def test_the_daemon_works_when_every_syscall_the_unit_forbids_fails(tmp_path: Path, broker, dirs, daemons) -> None:
+    """No systemd here to apply the seccomp filter, so strace does what it would: each forbidden call fails
+    with EPERM (SystemCallErrorNumber=EPERM). The daemon must still score and deliver."""
+    from mqtt_helpers import Subscriber, drop, new_daemon
+
+    strace = shutil.which("strace")
+    assert strace and shutil.which("systemd-analyze"), "strace and systemd-analyze are needed; .ci/run installs them"
+    known = [c for c in _forbidden_syscalls()
+             if subprocess.run([strace, "-e", f"trace={c}", "true"], capture_output=True).returncode == 0]
+    assert "mbind" in known and "setrlimit" in known and "fchown" in known
+    trace = tmp_path / "injected.txt"
+    calls = ",".join(known)
+    wrapper = (strace, "-f", "-qq", "-o", str(trace), "-e", f"trace={calls}", "-e", f"inject={calls}:error=EPERM")
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    new_daemon(daemons, watch, state, broker.address, wrapper=wrapper).start()
+    samples = sorted((REPO / "tests" / "data" / "samples").rglob("*.jpeg"))[:3]
+    for f in samples:
+        drop(f, watch)
+    assert sorted(f["file"] for f in sub.wait_flags(3, timeout=60)) == sorted(p.name for p in samples)
+    assert "(INJECTED)" in trace.read_text()  # the daemon did try some of them, and went on
+
+
+def test_unit_dropin_comes_from_the_configuration(tmp_path: Path, capsys) -> None:
+    from conftest import run_cli
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[watch]\ndir = "/srv/xray-export"\narchive_dir = "/srv/xray-archive"\n'
+                   '[mqtt]\nbroker = "127.0.0.1:8883"\n')
+    assert run_cli("config", "--config", cfg, "--unit-dropin") == 0
+    dropin = capsys.readouterr().out
+    assert "ReadWritePaths=/srv/xray-export /srv/xray-archive" in dropin
+    assert "IPAddressAllow=127.0.0.1" in dropin
+    # appended to the unit, systemd accepts every line of it
+    text = UNIT.read_text() + "\n" + "\n".join(ln for ln in dropin.splitlines() if not ln.startswith("[Service]"))
+    assert _complaints(_verify(tmp_path, text)) == []
