@@ -308,5 +308,6 @@ def test_unit_dropin_comes_from_the_configuration(tmp_path: Path, capsys) -> Non
     assert "ReadWritePaths=/srv/xray-export /srv/xray-archive" in dropin
     assert "IPAddressAllow=127.0.0.1" in dropin
     # appended to the unit, systemd accepts every line of it
-    text = UNIT.read_text() + "\n" + "\n".join(ln for ln in dropin.splitlines() if not ln.startswith("[Service]"))
+    extra = "\n".join(ln for ln in dropin.splitlines() if not ln.startswith("[Service]"))
+    text = UNIT.read_text().replace("[Install]", extra + "\n\n[Install]")
     assert _complaints(_verify(tmp_path, text)) == []
