@@ -24,7 +24,7 @@ import numpy as np
 
 from ..device.card import CardError, ModelCard, card_path_for, sha256_file
 from ..device.scorer import load_scorer
-from .dataset import LABELS, DataError, load_samples, scan_folder
+from .dataset import LABELS, load_samples, scan_folder
 from .metrics import (
     FLAG_MIN_SENSITIVITY,
     URGENT_MIN_SPECIFICITY,

@@ -35,7 +35,7 @@ def roc_plot(path: Path, y, p, result: dict) -> Path:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, lw=2, label=f"AUROC {result['auroc']:.3f} (n={result['n']})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    for (name, m), marker in zip(result["operating_points"].items(), ("o", "s")):
+    for (name, m), marker in zip(result["operating_points"].items(), ("o", "s"), strict=False):
         if m["sensitivity"] is not None and m["specificity"] is not None:
             ax.plot(1 - m["specificity"], m["sensitivity"], marker, ms=8,
                     label=f"{name} p>={m['threshold']:.3f}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}")
@@ -55,7 +55,7 @@ def confusion_plot(path: Path, result: dict) -> Path:
     points = result["operating_points"]
     fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 4))
     axes = np.atleast_1d(axes)
-    for ax, (name, m) in zip(axes, points.items()):
+    for ax, (name, m) in zip(axes, points.items(), strict=False):
         cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):
@@ -83,7 +83,7 @@ def misclassified_sheet(path: Path, ds: LoadedSet, p: np.ndarray, result: dict) 
     axes = np.atleast_1d(axes).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, i in zip(axes, wrong):
+    for ax, i in zip(axes, wrong, strict=False):
         ax.imshow(ds.x[i][..., 0], cmap="gray", vmin=0, vmax=255)
         kind = "FN" if ds.y[i] == 1 else "FP"
         ax.set_title(f"{kind} p={p[i]:.3f}\n{ds.paths[i].name[:18]}", fontsize=6,

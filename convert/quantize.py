@@ -221,7 +221,7 @@ def _int8_scorer(path: Path, spec: PreprocessSpec, output_kind: str) -> Scorer:
 def _priority_agreement(p_float, p_int8, th: Thresholds) -> float:
     a = [th.priority(v) for v in p_float]
     b = [th.priority(v) for v in p_int8]
-    return float(np.mean([x == y for x, y in zip(a, b)])) if a else float("nan")
+    return float(np.mean([x == y for x, y in zip(a, b, strict=False)])) if a else float("nan")
 
 
 @dataclass
@@ -421,7 +421,7 @@ def _card(cfg: ConvertConfig, name: str, fm: FloatModel, meta: Optional[dict], s
         },
         "quantization": {
             "type": "full integer (int8 internals, uint8 input and output)",
-            "calibration": {"data": data_record([Sample(p, int(y)) for p, y in zip(calib.paths, calib.y)],
+            "calibration": {"data": data_record([Sample(p, int(y)) for p, y in zip(calib.paths, calib.y, strict=False)],
                                                 cfg.calibration),
                             "images": len(calib), "requested": cfg.num_calibration,
                             "stratified": True, "seed": cfg.seed, "skipped_files": len(calib.skipped)},

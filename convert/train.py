@@ -134,7 +134,7 @@ def decode_all(samples, spec: PreprocessSpec, workers: int, label: str) -> tuple
     sources, ys, skipped = [], [], []
     prog = Progress(label, len(samples))
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, (s, (g, err)) in enumerate(zip(samples, pool.map(one, samples)), 1):
+        for i, (s, (g, err)) in enumerate(zip(samples, pool.map(one, samples), strict=False), 1):
             if g is None:
                 log.warning("skipped %s: %s", s.path, err)
                 skipped.append((s.path, err))
@@ -268,7 +268,7 @@ def _plot_history(history: dict, out: Path) -> Optional[Path]:
         log.warning("matplotlib not installed: no training plot")
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=False):
         ax.plot(history.get(key, []), label=f"train {key}")
         ax.plot(history.get(f"val_{key}", []), label=f"validation {key}")
         ax.set_xlabel("epoch")

@@ -207,7 +207,7 @@ def bench_stages(cfg: BenchConfig, files: list[Path], broker: str) -> dict:
     finally:
         client.disconnect()
         client.loop_stop()
-    per_image = [sum(v) for v in zip(*(stages[k] for k in ("read", "decode", "preprocess", "infer")))]
+    per_image = [sum(v) for v in zip(*(stages[k] for k in ("read", "decode", "preprocess", "infer")), strict=False)]
     return {"stages_ms": {k: _summary(v) for k, v in stages.items()}, "score_ms": _summary(per_image),
             "images": len(files), "megapixels": {"min": round(min(pixels_mp), 2), "max": round(max(pixels_mp), 2)},
             "model": f"{card.name} {card.version}", "runtime": scorer.report.runtime}

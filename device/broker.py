@@ -192,7 +192,7 @@ class EmbeddedBroker:
         try:
             asyncio.set_event_loop(loop)
             loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported to start(); never kill the interpreter from here
+        except BaseException as exc:  # noqa: BLE001 - reported to start(); never kill the interpreter from here
             if not self._ready.is_set():
                 self._error = exc
             else:

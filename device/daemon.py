@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import threading
 import time
 from collections import Counter, deque
@@ -373,7 +372,7 @@ class Daemon:
                 return
             self._finish_error(path, rel, sha, fr.sig, exc.reason, str(exc), supersedes)
             return
-        except Exception as exc:  # noqa: BLE001 - the daemon must survive an interpreter failure
+        except Exception as exc:
             log.exception("%s: scoring failed", label)
             self._finish_error(path, rel, sha, fr.sig, Reason.INTERNAL_ERROR, f"{rel}: {type(exc).__name__}: {exc}",
                                supersedes)

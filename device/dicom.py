@@ -154,7 +154,7 @@ def _parse(source: DicomSource, name: str, pydicom: Any) -> Any:
             ds = pydicom.dcmread(fp)
         except PermissionError:
             raise ImageDecodeError("permission-denied", f"{name}: permission denied") from None
-        except Exception as exc:  # InvalidDicomError, EOFError, struct.error, ...
+        except Exception as exc:  # noqa: BLE001 - InvalidDicomError, EOFError, struct.error, ...
             raise ImageDecodeError(
                 "dicom-invalid", f"{name}: not a readable DICOM file ({exc})"
             ) from None
@@ -217,7 +217,7 @@ def read_dicom(
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         import pydicom
-        import pydicom.pixels  # noqa: F401 - pydicom 3: the decoders and LUT functions live here
+        import pydicom.pixels
     except ImportError:
         raise ImageDecodeError(
             "dicom-unavailable",
@@ -294,7 +294,7 @@ def read_dicom(
             raise ImageDecodeError(
                 "dicom-unsupported", f"{name}: cannot decode pixel data ({exc})"
             ) from None
-        except Exception as exc:  # truncated data, inconsistent header, corrupt stream
+        except Exception as exc:  # noqa: BLE001 - truncated data, inconsistent header, corrupt stream
             raise ImageDecodeError(
                 "dicom-invalid", f"{name}: not a readable DICOM file ({exc})"
             ) from None
@@ -342,7 +342,7 @@ def _display_uint8(arr: np.ndarray, ds: Any, invert: bool, name: str) -> np.ndar
     values = np.arange(lo, hi + 1, dtype=arr.dtype if small else np.float64) if small else arr
     try:
         shown = np.asarray(apply_voi_lut(apply_modality_lut(values, ds), ds), dtype=np.float64)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a bad LUT
         raise ImageDecodeError("dicom-invalid", f"{name}: bad modality/VOI LUT or window ({exc})") from None
     if not np.all(np.isfinite(shown)):
         raise ImageDecodeError("dicom-invalid", f"{name}: pixel values are not finite")

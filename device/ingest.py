@@ -52,7 +52,7 @@ def _never_raise(fn: Callable) -> Callable:
     def guarded(self, event):
         try:
             return fn(self, event)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("watcher: %s on %r failed; the event is skipped (the backlog scan will find the file)",
                           fn.__name__, getattr(event, "src_path", event))
             self.failed_events += 1

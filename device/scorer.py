@@ -13,9 +13,9 @@ from .card import OUTPUT_KINDS, CardError, ModelCard, card_path_for
 from .preprocess import PreprocessSpec
 from .runtime import Runtime, RuntimeUnavailable, find_runtime, load_edgetpu_delegate, make_interpreter
 
-log = logging.getLogger(__name__)
-
 from .vocab import ACCELERATORS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

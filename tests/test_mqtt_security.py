@@ -225,7 +225,7 @@ def test_tls_broker_refuses_plain_and_certless_clients(tls_broker, pki):
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{time.time_ns()}")
         if tls:
             c.tls_set(*tls)
-        c.on_connect = lambda cl, u, f, rc, p=None: connected.append(rc)
+        c.on_connect = lambda cl, u, f, rc, p=None, got=connected: got.append(rc)
         try:
             c.connect("127.0.0.1", tls_broker.port, keepalive=5)
             c.loop_start()

@@ -102,7 +102,7 @@ def test_toolchain_and_device_make_identical_input_tensors(tiny_run):
     spec = card.preprocessing
     samples = scan_folder(tiny_run["data"])[:6]
     loaded = load_samples(samples, spec)
-    for s, x in zip(samples, loaded.x):
+    for s, x in zip(samples, loaded.x, strict=False):
         device_tensor = scorer._in_fn(preprocess(s.path, spec))  # exactly what set_tensor receives
         assert device_tensor.dtype == np.uint8
         assert np.array_equal(device_tensor[0], x)
@@ -321,7 +321,7 @@ def test_training_is_deterministic_with_a_seed(tmp_path, mini_data):
         assert run_cli("train", "--data", mini_data, "--out", out, "--size", "32", "--epochs", "1",
                        "--val-fraction", "0.3", "--seed", "11") == 0
         weights.append(keras.models.load_model(out, compile=False).get_weights())
-    assert all(np.array_equal(x, y) for x, y in zip(*weights))
+    assert all(np.array_equal(x, y) for x, y in zip(*weights, strict=False))
 
 
 def test_evaluate_on_the_recorded_validation_split(tiny_run, tmp_path):
