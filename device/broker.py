@@ -138,7 +138,8 @@ class EmbeddedBroker:
                 from amqtt.broker import Broker  # noqa: F401  (import check only; used in the thread)
             except ImportError as exc:
                 raise BrokerStartError(
-                    f"the embedded MQTT broker needs amqtt ({exc}): pip install amqtt"
+                    "no broker is configured and the embedded one needs the 'demo' extra "
+                    f"({exc}): pip install 'pneumoflag[demo]', or set mqtt.broker / --broker HOST:PORT"
                 ) from exc
             _quiet_amqtt()
 
