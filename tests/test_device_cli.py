@@ -68,34 +68,48 @@ def test_alerts_without_broker_says_so(capsys):
     assert "no MQTT broker answered" in capsys.readouterr().err
 
 
+def _own_loopback() -> tuple:
+    """A private network namespace: 127.0.0.1:1883 is free there whatever runs on the host."""
+    if shutil.which("unshare") and subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0:
+        return ("unshare", "--net", "sh", "-c", 'ip link set lo up 2>/dev/null || true; exec "$@"', "sh")
+    return ()
+
+
 def test_watch_with_no_broker_starts_the_embedded_one(tmp_path):
-    """The README's one-command flow: embedded broker, alerts printed, bounded by --exit-after."""
-    if port_in_use("127.0.0.1", 1883):
-        pytest.fail("127.0.0.1:1883 is taken on this machine; the embedded-broker default needs it free")
+    """The README's one-command flow: embedded broker, alerts printed, bounded by --exit-after.
+
+    Runs in a network namespace of its own, so a system Mosquitto on the host's port 1883
+    (`apt-get install mosquitto` starts one) cannot get in the way.
+    """
     watch, state = tmp_path / "export", tmp_path / "state"
     watch.mkdir()
+    ns = _own_loopback()
+    if not ns and port_in_use("127.0.0.1", 1883):
+        pytest.fail("127.0.0.1:1883 is taken and no network namespace can be made: stop the system broker "
+                    "(systemctl stop mosquitto) to run this test")
+    script = tmp_path / "flow.sh"
+    cli = " ".join(CLI)
+    script.write_text(
+        "set -e\n"
+        f"{cli} watch {watch} --state-dir {state} --model {SHIPPED_MODEL} --exit-after 2 > {tmp_path}/daemon.log 2>&1 &\n"
+        "daemon=$!\n"
+        "for i in $(seq 100); do grep -q 'embedded MQTT broker' " + f"{tmp_path}/daemon.log" + " && break; sleep 0.2; done\n"
+        f"{cli} alerts --count 2 --json --client-id flow-test > {tmp_path}/alerts.out 2> {tmp_path}/alerts.err &\n"
+        "alerts=$!\n"
+        f"for i in $(seq 100); do grep -q 'listening on' {tmp_path}/alerts.err && break; sleep 0.2; done\n"
+        f"cp {SAMPLES[0]} {watch}/.a.part && mv {watch}/.a.part {watch}/{SAMPLES[0].name}\n"
+        f"cp {SAMPLES[-1]} {watch}/.b.part && mv {watch}/.b.part {watch}/{SAMPLES[-1].name}\n"
+        "wait $alerts\nwait $daemon\n"
+        "python3 -c 'import socket,sys; s=socket.socket(); sys.exit(0 if s.connect_ex((\"127.0.0.1\", 1883)) else 3)'\n"
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    daemon = subprocess.Popen([*CLI, "watch", str(watch), "--state-dir", str(state), "--model", str(SHIPPED_MODEL),
-                               "--exit-after", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env)
-    try:
-        wait_until(lambda: port_in_use("127.0.0.1", 1883), 20, "embedded broker")
-        alerts = subprocess.Popen([*CLI, "alerts", "--count", "2", "--json"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env)
-        time.sleep(1.5)
-        drop(SAMPLES[0], watch)
-        drop(SAMPLES[-1], watch)
-        out, _ = alerts.communicate(timeout=30)
-        log, _ = daemon.communicate(timeout=30)
-    finally:
-        for p in (daemon,):
-            if p.poll() is None:
-                p.kill()
-    assert daemon.returncode == 0, log
+    proc = subprocess.run([*ns, "bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
+    log = (tmp_path / "daemon.log").read_text()
+    assert proc.returncode == 0, proc.stderr + log  # 3 would mean the embedded broker outlived the daemon
     assert "embedded MQTT broker" in log and "pneumoflag alerts" in log
+    out = (tmp_path / "alerts.out").read_text()
     got = sorted(json.loads(x)["file"] for x in out.splitlines())
     assert got == sorted([SAMPLES[0].name, SAMPLES[-1].name])
-    assert not port_in_use("127.0.0.1", 1883)  # the embedded broker stopped with the daemon
 
 
 def test_accelerator_selection(tmp_path, monkeypatch, caplog):

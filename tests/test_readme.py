@@ -32,8 +32,9 @@ def test_first_command_runs_the_demo_from_a_clean_clone(tmp_path):
     """Clone the committed tree, run the first command exactly; it must stop by itself."""
     if not (REPO / ".git").exists():
         pytest.fail("not a git checkout: cannot make a clean clone")
-    if port_in_use("127.0.0.1", 1883):
-        pytest.fail("127.0.0.1:1883 is taken; the demo's embedded broker needs it")
+    # With 127.0.0.1:1883 already taken (a system Mosquitto) the demo publishes to that broker
+    # instead of starting its own; either way every sample must arrive.
+    taken = port_in_use("127.0.0.1", 1883)
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], check=True)
     demo_cmd, _ = readme_commands()
@@ -47,4 +48,5 @@ def test_first_command_runs_the_demo_from_a_clean_clone(tmp_path):
     assert f"{samples} of {samples} scored and delivered over MQTT" in out
     assert len([ln for ln in out.splitlines() if re.search(r"\b(URGENT|FLAG|ROUTINE)\b +p=", ln)]) == samples
     assert "not a diagnostic device" in out
+    assert ("(embedded)" in out) is not taken
     shutil.rmtree(clone / ".venv", ignore_errors=True)
