@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .vocab import ACCELERATORS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -199,7 +201,7 @@ class Config:
 SECTIONS = {"watch": WatchConfig, "model": ModelConfig, "mqtt": MqttConfig, "dicom": DicomConfig,
             "state": StateConfig, "log": LogConfig, "gate": GateConfig, "alerts": AlertsConfig,
             "station": StationConfig}
-CHOICES = {("model", "accelerator"): ("auto", "edgetpu", "cpu"), ("mqtt", "protocol"): ("3.1.1", "5"),
+CHOICES = {("model", "accelerator"): ACCELERATORS, ("mqtt", "protocol"): ("3.1.1", "5"),
            ("log", "level"): ("debug", "info", "warning", "error")}
 POSITIVE = {("watch", "poll_interval"), ("watch", "max_file_mb"), ("watch", "max_pixels"), ("model", "threads"),
             ("mqtt", "keepalive"), ("mqtt", "stats_interval"), ("mqtt", "reconnect_min"), ("mqtt", "reconnect_max")}

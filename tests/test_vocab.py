@@ -1,0 +1,39 @@
+"""One list, one place: every reason code, priority and accelerator the code uses comes from device/vocab.py,
+and the README lists the same values."""
+from __future__ import annotations
+
+import re
+
+from conftest import REPO
+from pneumoflag.device.vocab import ACCELERATORS, PRIORITIES, REASONS, Reason
+
+SOURCES = sorted((REPO / "device").glob("*.py")) + sorted((REPO / "convert").glob("*.py"))
+README = (REPO / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    m = re.search(rf"^#+ {re.escape(title)}\n(.*?)(?=^#+ )", README, re.S | re.M)
+    assert m, f"README has no section {title!r}"
+    return m.group(1)
+
+
+def test_every_reason_the_code_raises_is_in_the_list():
+    used = set()
+    for f in SOURCES:
+        text = f.read_text()
+        used |= set(re.findall(r'ImageDecodeError\(\s*"([a-z-]+)"', text))
+        used |= {Reason[name].value for name in re.findall(r"Reason\.([A-Z_]+)", text)}
+    assert used <= set(REASONS), used - set(REASONS)
+    assert {"not-a-radiograph", "duplicate-of", "outside-folder", "too-large", "internal-error"} <= used
+
+
+def test_the_readme_lists_every_reason_code_exactly():
+    listed = set(re.findall(r"^\| `([a-z-]+)` \|", _section("Error reason codes"), re.M))
+    assert listed == set(REASONS)
+
+
+def test_the_readme_names_the_priorities_and_accelerators_as_the_code_does():
+    contract = _section("MQTT contract")
+    for p in PRIORITIES:
+        assert f"`…/flags/{p}`" in contract or f"/flags/{p}`" in contract
+    assert f"--accelerator {'|'.join(ACCELERATORS)}" in README
