@@ -22,6 +22,7 @@ device (the appliance):
   config     print the effective configuration
   selftest   on-site check of hardware, model, samples, latency, broker
   bench      latency, throughput, memory and idle CPU figures
+  report     counts and time-to-notification from this appliance's records
 
 {plugins}
 pneumoflag is a triage aid that orders the reading queue; it is not a
@@ -215,6 +216,45 @@ def unit_dropin(cfg) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="counts and time-to-notification figures from this appliance's records",
+        description="Read the daemon's state database (read-only, also while it runs) and print, for the period: "
+        "flags by priority and how many were acknowledged, errors by reason, p50/p95/max of each step from the "
+        "image being written to a nursing station acknowledging it (written -> delivered is the "
+        "time-to-notification), and the urgent flags nobody has acknowledged yet.",
+    )
+    p.add_argument("--since", default="7d", help="the period, back from now: 7d (default), 24h, 90m, 3600s")
+    p.add_argument("--json", dest="json_out", type=Path, help="also write the figures as JSON")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="also draw histograms of written->delivered and delivered->acknowledged (needs matplotlib)")
+    p.add_argument("--config", type=Path, help="TOML config file (for state.dir)")
+    p.add_argument("--state-dir", help="the daemon's state folder (default: state.dir from the config)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    import json as _json
+
+    from .config import load_config
+    from .report import ReportError, build_report, format_report, parse_since, public, write_plots
+
+    cfg = load_config(args.config, overrides={"state.dir": args.state_dir})
+    try:
+        rep = build_report(Path(cfg.state.dir) / "pneumoflag.db", parse_since(args.since))
+        print(format_report(rep))
+        if args.json_out:
+            args.json_out.write_text(_json.dumps(public(rep), indent=2) + "\n")
+            print(f"wrote {args.json_out}")
+        if args.plots:
+            for path in write_plots(rep, args.plots):
+                print(f"wrote {path}")
+    except ReportError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def _add_bench(sub) -> None:
     default_images = Path(__file__).resolve().parent.parent / "tests" / "data" / "samples"
     p = sub.add_parser(
@@ -363,7 +403,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, tuple[type[BaseException], 
     return parser, tuple(errors)
 
 
-SUBCOMMANDS: list[Callable] = [_add_demo, _add_watch, _add_alerts, _add_score, _add_config, _add_selftest, _add_bench]
+SUBCOMMANDS: list[Callable] = [_add_demo, _add_watch, _add_alerts, _add_score, _add_config, _add_selftest, _add_bench,
+                               _add_report]
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:

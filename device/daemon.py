@@ -19,8 +19,10 @@ Guarantees:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -36,7 +38,7 @@ from . import __version__
 from .card import CardError
 from .config import EMBEDDED_BROKER, Config
 from .ingest import Ingest, IngestError, Ready
-from .messages import ErrorMessage, encode, utc_iso, utc_now
+from .messages import ACK_SCHEMA, ErrorMessage, EscalationMessage, encode, utc_iso, utc_now
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
@@ -44,7 +46,7 @@ from .reader import lstat_sig, read_export_file
 from .safe_text import path_text, printable
 from .scorer import load_scorer
 from .sdnotify import Notifier
-from .store import FileSig, JournalRow, Store, StoreError
+from .store import FileSig, FlagRecord, JournalRow, Store, StoreError
 from .vocab import PRIORITIES, Reason
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class Stats:
     latencies: deque = field(default_factory=lambda: deque(maxlen=1000))
 
     def snapshot(self, cfg: Config, queue_depth: int, outbox: int, accelerator: str, model: str,
-                 health: dict) -> dict:
+                 health: dict, ttn: dict) -> dict:
         lat = np.array(self.latencies) if self.latencies else None
         return {
             "schema": "pneumoflag.stats/1",
@@ -89,8 +91,24 @@ class Stats:
             "accelerator": accelerator,
             "model": model,
             "version": __version__,
+            "time_to_notification_s": ttn,
             **health,
         }
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p95": None, "n": 0}
+    a = np.array(values)
+    return {"p50": round(float(np.percentile(a, 50)), 2), "p95": round(float(np.percentile(a, 95)), 2), "n": len(a)}
+
+
+def time_to_notification(rows: list[tuple]) -> dict:
+    """p50/p95 of written -> delivered and delivered -> acknowledged, from ``Store.flag_times`` rows."""
+    written_to_delivered = [d - w for _, w, _, _, d, _, _ in rows if w is not None and d is not None]
+    delivered_to_acked = [a - d for _, _, _, _, d, a, _ in rows if d is not None and a is not None]
+    return {"window_s": 86400, "written_to_delivered": _percentiles(written_to_delivered),
+            "delivered_to_acknowledged": _percentiles(delivered_to_acked)}
 
 
 class Daemon:
@@ -117,6 +135,7 @@ class Daemon:
         self._store_backoff = 5.0
         self._folder_state = "ok"
         self._watch_restarts: list[float] = []
+        self._acks: "queue.Queue[bytes]" = queue.Queue()
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
@@ -145,6 +164,7 @@ class Daemon:
         if not cfg.mqtt.broker:
             self._start_embedded_broker()
         self.publisher = Publisher(cfg, self.store)
+        self.publisher.subscribe(cfg.topic("acks"), self._acks.put)  # journaled on the main loop
         self.publisher.start()
         points = self.card.raw.get("operating_points", {}).get("source", {})
         log.info(
@@ -188,7 +208,7 @@ class Daemon:
         if self.on_ready:
             self.on_ready(self)
         wd = self.notifier.watchdog_interval()
-        next_wd = next_health = time.monotonic()
+        next_wd = next_health = next_escalation = time.monotonic()
         next_stats = time.monotonic() + min(5.0, self.cfg.mqtt.stats_interval)
         status = 0
         try:
@@ -196,7 +216,11 @@ class Daemon:
                 item = self.ingest.get(timeout=0.5)
                 if item is not None:
                     self._handle(item)
+                self._process_acks()
                 now = time.monotonic()
+                if now >= next_escalation:
+                    next_escalation = now + 1.0
+                    self._escalate()
                 if now >= next_health:
                     next_health = now + HEALTH_INTERVAL
                     if not self._healthy():
@@ -262,6 +286,56 @@ class Daemon:
             self._enqueue_backlog("in the new export folder")
         return True
 
+    # ------------------------------------------------------------------ acknowledgements and escalation
+    def _process_acks(self) -> None:
+        """Journal what nursing stations acknowledged (``{prefix}/{device}/acks``)."""
+        while True:
+            try:
+                raw = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                ack = json.loads(raw)
+                fields = {k: ack[k] for k in ("event_id", "station", "by", "at")}
+                if ack.get("schema") != ACK_SCHEMA or not all(isinstance(v, str) and v for v in fields.values()):
+                    raise ValueError("not a pneumoflag.ack/1 message")
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignored an acknowledgement that is not %s: %s", ACK_SCHEMA, printable(repr(raw[:200])))
+                log.debug("ack parse error: %s", exc)
+                continue
+            try:
+                known = self.store.record_ack(fields["event_id"], fields["station"], fields["by"], fields["at"])
+            except StoreError as exc:
+                log.error("could not journal an acknowledgement (%s); it is lost unless the station sends it again",
+                          exc)
+                continue
+            log.info("flag %s acknowledged by %s at station %s%s", printable(fields["event_id"]),
+                     printable(fields["by"]), printable(fields["station"]), "" if known else " (not a flag of ours)")
+
+    def _escalate(self) -> None:
+        """Publish again, on .../escalations, urgent flags nobody acknowledged within alerts.escalate_after."""
+        alerts = self.cfg.alerts
+        if alerts.max_escalations <= 0:
+            return
+        try:
+            due = self.store.due_escalations(time.time(), alerts.escalate_after, alerts.max_escalations)
+        except StoreError:
+            return
+        for d in due:
+            n = d.escalations + 1
+            msg = EscalationMessage(event_id=d.event_id, device=self.cfg.mqtt.device_id, escalation=n,
+                                    max_escalations=alerts.max_escalations,
+                                    unacknowledged_s=round(time.time() - d.delivered_at, 1),
+                                    flag=json.loads(d.payload))
+            try:
+                self.store.record_escalation(d.event_id, n, self.cfg.topic("escalations"), encode(msg.to_dict()))
+            except StoreError as exc:
+                log.error("could not queue the escalation of %s: %s", d.event_id, exc)
+                return
+            self.publisher.wake()
+            log.warning("urgent flag %s (%s) unacknowledged for %.0f s: escalation %d of %d", d.event_id,
+                        printable(msg.flag.get("file", "?")), msg.unacknowledged_s, n, alerts.max_escalations)
+
     def _thread_died(self, args: threading.ExceptHookArgs) -> None:
         """threading.excepthook: a worker thread ended with an exception."""
         name = args.thread.name if args.thread else "?"
@@ -308,8 +382,12 @@ class Daemon:
         except StoreError:
             outbox = -1
         health = {"export_folder": self._folder_state, "state_disk_full": self._disk_full_since is not None}
+        try:
+            ttn = time_to_notification(self.store.flag_times(time.time() - 86400))
+        except StoreError:
+            ttn = {}
         snap = self.stats.snapshot(self.cfg, self.ingest.depth(), outbox, self.scorer.report.accelerator,
-                                   f"{self.card.name} {self.card.version}", health)
+                                   f"{self.card.name} {self.card.version}", health, ttn)
         self.publisher.publish_now(self.cfg.topic("stats"), encode(snap), qos=0, retain=True)
 
     # ------------------------------------------------------------------ one file
@@ -377,11 +455,14 @@ class Daemon:
             self._finish_error(path, rel, sha, fr.sig, Reason.INTERNAL_ERROR, f"{rel}: {type(exc).__name__}: {exc}",
                                supersedes)
             return
-        msg.written_at = utc_iso(fr.sig.mtime_ns / 1e9) if msg.written_at is None else msg.written_at
+        written = msg.written_ts if msg.written_ts is not None else fr.sig.mtime_ns / 1e9
+        msg.written_at = utc_iso(written)
         msg.seen_at = utc_iso(item.seen_at)
         msg.supersedes = supersedes
+        payload = encode(msg.to_dict())
+        record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, written, item.seen_at, time.time())
         if not self._record(path, rel, sha, fr.sig, msg.priority, event_id=msg.event_id, supersedes=supersedes,
-                            message=(self.cfg.topic(msg.topic_suffix()), encode(msg.to_dict()), 1)):
+                            message=(self.cfg.topic(msg.topic_suffix()), payload, 1), flag=record):
             return
         self._arriving.pop(rel, None)
         self.processed += 1

@@ -65,8 +65,12 @@ class FlagMessage:
     dicom: Optional[dict[str, str]] = None
     schema: str = FLAG_SCHEMA
 
+    #: ``written_at`` as a POSIX time, for the daemon's records (not published)
+    written_ts: Optional[float] = field(default=None, repr=False)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("written_ts")
         d["probability"] = round(self.probability, 6)
         d["timings_ms"] = {k: round(v, 2) for k, v in d["timings_ms"].items()}
         ids = d.pop("dicom") or {}

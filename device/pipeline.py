@@ -100,6 +100,7 @@ class Pipeline:
             timings_ms=Timings(decode=d.decode_ms, infer=(t2 - t1) * 1000.0, total=(t2 - t0) * 1000.0),
             dicom=d.dicom_ids,
             written_at=utc_iso(d.acquired_at) if d.acquired_at is not None else None,
+            written_ts=d.acquired_at,
         )
 
 

@@ -111,6 +111,12 @@ class Publisher:
         self._inflight: dict[int, int] = {}  # mid -> outbox seq; pump thread only
         self._handed_up_to = 0  # highest outbox seq handed to paho in this process
         self._thread: Optional[threading.Thread] = None
+        self._subscriptions: list[str] = []
+
+    def subscribe(self, topic: str, handler) -> None:
+        """Receive ``topic`` (QoS 1) on every (re)connection; ``handler(payload: bytes)`` runs on paho's thread."""
+        self._subscriptions.append(topic)
+        self.client.message_callback_add(topic, lambda client, userdata, msg: handler(msg.payload))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -165,6 +171,8 @@ class Publisher:
         self._logged_problems.clear()
         log.info("MQTT connected to %s", self.cfg.mqtt.broker)
         client.publish(self.status_topic, "online", qos=1, retain=True)
+        if self._subscriptions:
+            client.subscribe([(t, 1) for t in self._subscriptions])
         self.connected.set()
         self._wake.set()
 

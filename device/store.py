@@ -46,6 +46,34 @@ CREATE TABLE IF NOT EXISTS journal (
 );
 CREATE INDEX IF NOT EXISTS journal_path ON journal(path);
 CREATE INDEX IF NOT EXISTS journal_sha ON journal(sha256);
+-- one row per flag: the times that make time-to-notification, and its acknowledgement and escalations
+CREATE TABLE IF NOT EXISTS flags (
+    event_id       TEXT PRIMARY KEY,
+    path           TEXT NOT NULL,
+    priority       TEXT NOT NULL,
+    probability    REAL NOT NULL,
+    payload        BLOB NOT NULL,   -- the flag message as published
+    written_at     REAL,            -- DICOM acquisition/content time, else the file's mtime
+    seen_at        REAL,            -- the watcher handed the file over
+    scored_at      REAL NOT NULL,
+    delivered_at   REAL,            -- the broker acknowledged it (PUBACK)
+    acked_at       REAL,            -- the first acknowledgement from a nursing station
+    acked_by       TEXT,
+    ack_station    TEXT,
+    escalations    INTEGER NOT NULL DEFAULT 0,
+    last_escalated REAL
+);
+CREATE INDEX IF NOT EXISTS flags_open ON flags(priority, acked_at);
+-- every acknowledgement received, in order (a flag may be acknowledged by several stations)
+CREATE TABLE IF NOT EXISTS acks (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL,
+    station     TEXT NOT NULL,
+    by_name     TEXT NOT NULL,
+    at          TEXT NOT NULL,      -- as the station said
+    received_at REAL NOT NULL,
+    known_flag  INTEGER NOT NULL     -- 0: no flag of this daemon has that event id
+);
 """
 #: columns added after the first release: (table, column, type)
 MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"))
@@ -75,6 +103,27 @@ class JournalRow:
     status: str
     reason: Optional[str]
     event_id: Optional[str]
+
+
+@dataclass
+class FlagRecord:
+    """What the flags table keeps of a flag when it is journaled."""
+
+    event_id: str
+    priority: str
+    probability: float
+    payload: bytes
+    written_at: Optional[float]
+    seen_at: Optional[float]
+    scored_at: float
+
+
+@dataclass
+class DueEscalation:
+    event_id: str
+    payload: bytes
+    escalations: int
+    delivered_at: float
 
 
 @dataclass(frozen=True)
@@ -163,6 +212,7 @@ class Store:
         event_id: Optional[str] = None,
         message: Optional[tuple[str, bytes, int]] = None,
         supersedes: Optional[str] = None,
+        flag: Optional[FlagRecord] = None,
     ) -> Optional[int]:
         """Journal a processed file and (atomically) queue its message; returns the outbox seq."""
 
@@ -173,6 +223,13 @@ class Store:
                 (path, sha256, sig.size, sig.mtime_ns, sig.ctime_ns, status, reason, event_id, supersedes,
                  time.time()),
             )
+            if flag is not None:
+                db.execute(
+                    "INSERT INTO flags (event_id, path, priority, probability, payload, written_at, seen_at, "
+                    "scored_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (flag.event_id, path, flag.priority, flag.probability, flag.payload, flag.written_at,
+                     flag.seen_at, flag.scored_at),
+                )
             if message is None:
                 return None
             topic, payload, qos = message
@@ -201,8 +258,64 @@ class Store:
         return [OutboxRow(*r) for r in rows]
 
     def ack(self, seqs: list[int]) -> None:
-        """The broker acknowledged them: only now do they leave the outbox (one transaction)."""
-        self._write(lambda db: db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs]))
+        """The broker acknowledged them: only now do they leave the outbox (one transaction).
+
+        A flag's delivery time is noted at the same moment (the first PUBACK counts).
+        """
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE flags SET delivered_at=? WHERE delivered_at IS NULL AND event_id="
+                "(SELECT event_id FROM outbox WHERE seq=?)", [(now, s) for s in seqs])
+            db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs])
+
+        self._write(tx)
+
+    # ------------------------------------------------------------------ acknowledgements and escalation
+    def record_ack(self, event_id: str, station: str, by: str, at: str) -> bool:
+        """Journal a nursing station's acknowledgement; True when it names one of our flags."""
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> bool:
+            known = db.execute("SELECT 1 FROM flags WHERE event_id=?", (event_id,)).fetchone() is not None
+            db.execute("INSERT INTO acks (event_id, station, by_name, at, received_at, known_flag) "
+                       "VALUES (?,?,?,?,?,?)", (event_id, station, by, at, now, int(known)))
+            if known:
+                db.execute("UPDATE flags SET acked_at=?, acked_by=?, ack_station=? WHERE event_id=? "
+                           "AND acked_at IS NULL", (now, by, station, event_id))
+            return known
+
+        return self._write(tx)
+
+    def due_escalations(self, now: float, after_s: float, max_escalations: int) -> list[DueEscalation]:
+        """Urgent flags delivered, unacknowledged, and quiet for ``after_s`` since delivery or the last escalation."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT event_id, payload, escalations, delivered_at FROM flags WHERE priority='urgent' "
+                "AND acked_at IS NULL AND delivered_at IS NOT NULL AND escalations < ? "
+                "AND ? - COALESCE(last_escalated, delivered_at) >= ? ORDER BY delivered_at",
+                (max_escalations, now, after_s),
+            ).fetchall()
+        return [DueEscalation(*r) for r in rows]
+
+    def record_escalation(self, event_id: str, n: int, topic: str, payload: bytes) -> None:
+        """Queue escalation ``n`` of a flag and count it, in one transaction."""
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
+                       (f"{event_id}#escalation-{n}", topic, payload, 1, now))
+            db.execute("UPDATE flags SET escalations=?, last_escalated=? WHERE event_id=?", (n, now, event_id))
+
+        self._write(tx)
+
+    def flag_times(self, since: float) -> list[tuple]:
+        """(priority, written_at, seen_at, scored_at, delivered_at, acked_at, escalations) of flags scored since."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT priority, written_at, seen_at, scored_at, delivered_at, acked_at, escalations FROM flags "
+                "WHERE scored_at >= ? ORDER BY scored_at", (since,)).fetchall()
 
     def outbox_depth(self) -> int:
         with self._lock:
