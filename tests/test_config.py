@@ -97,3 +97,19 @@ def test_example_config_is_valid(tmp_path):
     cfg = load_config(_write(tmp_path, text), env={"PNEUMOFLAG_MQTT_PASSWORD": "from-secrets-env"})
     assert cfg.mqtt.tls and cfg.mqtt.username == "pneumoflag" and cfg.watch.dir == "/srv/xray-export"
     assert cfg.mqtt_password() == "from-secrets-env"
+
+
+def test_every_setting_is_read_somewhere():
+    """A documented setting that nothing reads is a bug: each key is used by name outside config.py."""
+    import re
+    from dataclasses import fields
+
+    from conftest import REPO
+    from pneumoflag.device.config import SECTIONS
+
+    code = "\n".join(p.read_text() for d in ("device", "station", "convert") for p in (REPO / d).rglob("*.py")
+                     if p.name != "config.py")
+    helpers = (REPO / "device" / "config.py").read_text().split("# ------------------------------------------------------------------ helpers")[1]
+    unread = [f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in fields(cls)
+              if not re.search(rf"\.{f.name}\b", code) and not re.search(rf"\.{sec}\.{f.name}\b", helpers)]
+    assert unread == []
