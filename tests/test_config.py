@@ -113,3 +113,19 @@ def test_every_setting_is_read_somewhere():
     unread = [f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in fields(cls)
               if not re.search(rf"\.{f.name}\b", code) and not re.search(rf"\.{sec}\.{f.name}\b", helpers)]
     assert unread == []
+
+
+def test_the_example_config_documents_every_key():
+    import re
+    from dataclasses import fields
+
+    from conftest import REPO
+    from pneumoflag.device.config import SECTIONS
+
+    text = (REPO / "systemd" / "pneumoflag.toml.example").read_text()
+    missing = []
+    for sec, cls in SECTIONS.items():
+        body = re.search(rf"^\[{sec}\]\n(.*?)(?=^\[|\Z)", text, re.S | re.M)
+        assert body, f"no [{sec}] section in the example"
+        missing += [f"{sec}.{f.name}" for f in fields(cls) if not re.search(rf"^#? ?{f.name} =", body.group(1), re.M)]
+    assert missing == []
