@@ -1,0 +1,92 @@
+"""One radiograph, one answer: the same image as a JPEG (decoded in draft mode, as the device does), fully
+decoded (written as a lossless PNG) and as a 12-bit DICOM with a VOI window gets probabilities within 0.03.
+
+Run with ``-s`` to see the table of every image (the README quotes its worst case).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mqtt_helpers import REPO, SHIPPED_MODEL
+
+pydicom = pytest.importorskip("pydicom")
+
+MAX_SPREAD = 0.03
+SHARED_FULLRES = REPO.parent / "shared" / "data" / "fullres"
+
+
+def fullres_images() -> list[Path]:
+    """Every full-resolution radiograph at hand: the bundled samples, and the data set's scanner images."""
+    files = sorted((REPO / "tests" / "data" / "samples").rglob("*.jpeg"))
+    files += sorted(SHARED_FULLRES.rglob("*.jpeg"))
+    return files
+
+
+def as_png(gray: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def as_dicom_12bit(gray: np.ndarray, clip: float) -> bytes:
+    """The radiograph as a 12-bit CR with a VOI window over the 1st..99th (clip=1) or full (clip=0) percentile range."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    stored = np.round(gray.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    lo, hi = np.percentile(stored, [clip, 100 - clip])
+    ds.WindowCenter, ds.WindowWidth = float((lo + hi) / 2), float(max(hi - lo, 1))
+    ds.PixelData = stored.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def probabilities(path: Path, pipeline) -> dict[str, float]:
+    data = path.read_bytes()
+    gray = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    out = {"jpeg draft": data, "full decode (PNG)": as_png(gray),
+           "DICOM, full window": as_dicom_12bit(gray, 0.0), "DICOM, 1% clipped": as_dicom_12bit(gray, 1.0)}
+    return {k: pipeline.scorer.score(pipeline.decode(v, path.name).pixels) for k, v in out.items()}
+
+
+def test_one_radiograph_one_answer(capsys):
+    from pneumoflag.device.config import load_config
+    from pneumoflag.device.pipeline import Pipeline
+    from pneumoflag.device.scorer import load_scorer
+
+    cfg = load_config(env={}, overrides={"model.path": str(SHIPPED_MODEL)})
+    scorer, card = load_scorer(SHIPPED_MODEL, "cpu")
+    pipe = Pipeline(cfg, scorer, card)
+    files = fullres_images()
+    assert len(files) >= 8
+    rows, worst = [], (0.0, "")
+    for f in files:
+        p = probabilities(f, pipe)
+        spread = max(p.values()) - min(p.values())
+        priorities = {card.thresholds.priority(v) for v in p.values()}
+        rows.append((f.name, p, spread, priorities))
+        worst = max(worst, (spread, f.name))
+    with capsys.disabled():
+        print(f"\n{'image':<34}" + "".join(f"{k:>20}" for k in rows[0][1]) + f"{'spread':>9}")
+        for name, p, spread, _ in rows:
+            print(f"{name[:33]:<34}" + "".join(f"{v:>20.4f}" for v in p.values()) + f"{spread:>9.4f}")
+        print(f"{len(rows)} images, worst spread {worst[0]:.4f} ({worst[1]}), model {card.name} {card.version}")
+    assert worst[0] <= MAX_SPREAD, f"{worst[1]}: probabilities {worst[0]:.4f} apart"
+    changed = [name for name, _, _, prios in rows if len(prios) > 1]
+    assert changed == [], f"priority depends on the format for {changed}"
