@@ -57,6 +57,7 @@ class BenchConfig:
     idle_seconds: float = 10.0
     keras: Optional[Path] = None
     source: bool = True
+    stages_only: bool = False  # per-stage latency only: no daemon, no broker (the model study uses it)
 
 
 # --------------------------------------------------------------------------- brokers
@@ -171,22 +172,25 @@ def _proc_stat(pid: int) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- parts
 
-def bench_stages(cfg: BenchConfig, files: list[Path], broker: str) -> dict:
+def bench_stages(cfg: BenchConfig, files: list[Path], broker: Optional[str]) -> dict:
+    """Per-stage latency; ``broker=None`` leaves out the publish stage."""
     import paho.mqtt.client as mqtt
+    from PIL import Image
 
     app = load_config(env={}, overrides={"model.path": str(cfg.model), "model.accelerator": "cpu"})
     scorer, card = load_scorer(cfg.model, "cpu", app.model.threads)
     spec = card.preprocessing
-    stages: dict[str, list[float]] = {"read": [], "decode": [], "preprocess": [], "infer": [], "publish": []}
+    stages: dict[str, list[float]] = {"read": [], "decode": [], "preprocess": [], "infer": []}
     pixels_mp = []
-    host, port = broker.rsplit(":", 1)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}")
-    client.connect(host, int(port))
-    client.loop_start()
+    client = None
+    if broker is not None:
+        stages["publish"] = []
+        host, port = broker.rsplit(":", 1)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}")
+        client.connect(host, int(port))
+        client.loop_start()
     try:
         for f in files:
-            from PIL import Image
-
             with Image.open(f) as im:
                 pixels_mp.append(im.size[0] * im.size[1] / 1e6)
             for _ in range(cfg.repeats):
@@ -199,15 +203,16 @@ def bench_stages(cfg: BenchConfig, files: list[Path], broker: str) -> dict:
                 t3 = time.perf_counter()
                 scorer.score(px)
                 t4 = time.perf_counter()
-                client.publish("pneumoflag/bench/probe", b"x" * 600, qos=1).wait_for_publish(5)
-                t5 = time.perf_counter()
-                for k, a, b in (("read", t0, t1), ("decode", t1, t2), ("preprocess", t2, t3), ("infer", t3, t4),
-                                ("publish", t4, t5)):
+                for k, a, b in (("read", t0, t1), ("decode", t1, t2), ("preprocess", t2, t3), ("infer", t3, t4)):
                     stages[k].append((b - a) * 1000.0)
+                if client is not None:
+                    client.publish("pneumoflag/bench/probe", b"x" * 600, qos=1).wait_for_publish(5)
+                    stages["publish"].append((time.perf_counter() - t4) * 1000.0)
     finally:
-        client.disconnect()
-        client.loop_stop()
-    per_image = [sum(v) for v in zip(*(stages[k] for k in ("read", "decode", "preprocess", "infer")), strict=False)]
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+    per_image = [sum(v) for v in zip(*(stages[k] for k in ("read", "decode", "preprocess", "infer")), strict=True)]
     return {"stages_ms": {k: _summary(v) for k, v in stages.items()}, "score_ms": _summary(per_image),
             "images": len(files), "megapixels": {"min": round(min(pixels_mp), 2), "max": round(max(pixels_mp), 2)},
             "model": f"{card.name} {card.version}", "runtime": scorer.report.runtime}
@@ -316,6 +321,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     files = [p for p in sample_files(Path(cfg.images)) if p.suffix.lower() != ".dcm"]
     if not files:
         raise FileNotFoundError(f"no JPEG/PNG images under {cfg.images}")
+    if cfg.stages_only:
+        res = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "broker": None}
+        res["stages"] = bench_stages(cfg, files, None)
+        return res
     with tempfile.TemporaryDirectory(prefix="pneumoflag-bench-") as tmp:
         work = Path(tmp)
         broker = _BenchBroker(cfg.broker, work)
@@ -335,7 +344,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def format_report(r: dict) -> str:
-    s, d = r["stages"], r["daemon"]
+    s, d = r["stages"], r.get("daemon")
     src = r.get("source_path", {})
     lines = [
         f"pneumoflag bench — {r['machine']['cpus']} CPUs, Python {r['machine']['python']}, "
@@ -347,6 +356,8 @@ def format_report(r: dict) -> str:
     for k, v in s["stages_ms"].items():
         lines.append(f"{k:<22}{v['p50']:>10.2f}{v['p95']:>10.2f}")
     lines.append(f"{'read+decode+prep+infer':<22}{s['score_ms']['p50']:>10.2f}{s['score_ms']['p95']:>10.2f}")
+    if d is None:
+        return "\n".join(lines)
     lines += ["", f"{'figure':<40}{'measured':>12}{'target':>12}"]
 
     def row(name, value, target, unit, lower_is_better=True):
