@@ -72,7 +72,7 @@ class StationProc:
 
     def start(self, ready: str = "subscribed to") -> StationProc:
         """Returns once the log says ``ready``: by default, once the subscriptions are in place."""
-        self._fh = open(self.log, "ab")  # noqa: SIM115 - the process writes to it for its whole life
+        self._fh = open(self.log, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=self.env, cwd=str(REPO))
         wait_until(lambda: ready in self.output() or self.proc.poll() is not None, 30, "station start")
         assert self.proc.poll() is None, f"station exited at start:\n{self.output()}"
@@ -382,6 +382,34 @@ def test_an_escalation_marks_the_row_and_brings_a_flag_never_seen(ward):
     row = wait_row(ward.page_b, "never-seen.jpeg", where=lambda r: "escalated (1)" in r["status"])
     assert row["device"] == "xray-9" and row["priority"] == "urgent"
     assert row["ttn"] == "1 min"  # received here ~90 s after it was written
+
+
+def test_an_urgent_flag_chimes_once_sound_is_allowed(ward):
+    page = ward.page_a2  # nobody has clicked or typed on this page yet
+    page.execute_script("""
+        window.__tones = 0;
+        const make = AudioContext.prototype.createOscillator;
+        AudioContext.prototype.createOscillator = function () { window.__tones++; return make.call(this); };""")
+    sound = page.find_element(By.ID, "sound")
+    assert sound.get_attribute("aria-pressed") == "true"  # station.chime defaults to on
+    assert sound.text == "Sound on (click to allow)"
+    sound.click()  # the browser lets a page make sound after a click: this one allows it, it does not toggle
+    wait_until(lambda: sound.text == "Sound on", 5, "sound allowed")
+    urgent = {"schema": "pneumoflag.flag/1", "event_id": str(uuid.uuid4()), "device": "xray-1", "file": "chime.jpeg",
+              "sha256": "0" * 64, "probability": 0.99, "priority": "urgent",
+              "scored_at": datetime.now(timezone.utc).isoformat()}
+    publish(ward.broker.address, "pneumoflag/xray-1/flags/urgent", encode(urgent))
+    row = wait_row(page, "chime.jpeg")
+    assert "prio-urgent" in row["cls"]
+    wait_until(lambda: page.execute_script("return window.__tones") == 3, 5, "the three-tone chime")
+    assert "New urgent flag: chime.jpeg on xray-1" in page.find_element(By.ID, "announce").get_attribute(
+        "textContent")
+    routine = {**urgent, "event_id": str(uuid.uuid4()), "file": "no-chime.jpeg", "priority": "routine"}
+    publish(ward.broker.address, "pneumoflag/xray-1/flags/routine", encode(routine))
+    wait_row(page, "no-chime.jpeg")
+    assert page.execute_script("return window.__tones") == 3  # routine rows stay quiet
+    sound.click()  # now that sound is allowed, the button switches it off
+    assert (sound.text, sound.get_attribute("aria-pressed")) == ("Sound off", "false")
 
 
 def test_a_hostile_file_name_renders_as_text_and_runs_nothing(ward):

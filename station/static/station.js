@@ -69,7 +69,7 @@
     button.setAttribute("aria-pressed", String(soundOn));
     localStorage.setItem(SOUND_KEY, soundOn ? "on" : "off");
     if (gesture) unlockAudio();
-    else soundLabel();
+    soundLabel();
   }
 
   function soundLabel() {
@@ -323,8 +323,15 @@
     state.chime = Boolean(s.chime);
     $("station-id").textContent = s.station;
     $("logout").hidden = !s.login;
+    const known = new Set(state.rows.keys());
     state.rows.clear();
     s.rows.forEach((row) => upsertRow(row, false));
+    // urgent flags that came while this page was disconnected
+    const missed = s.rows.filter((r) => state.loaded && !known.has(r.event_id) && !r.ack && r.priority === "urgent");
+    if (missed.length) {
+      chime();
+      announce(`${missed.length} new urgent flag${missed.length > 1 ? "s" : ""}`);
+    }
     for (const [id, tr] of state.trs) {
       if (!state.rows.has(id)) { tr.remove(); state.trs.delete(id); }
     }
@@ -389,7 +396,11 @@
   const name = $("nurse-name");
   name.value = localStorage.getItem(NAME_KEY) || "";
   name.addEventListener("change", () => localStorage.setItem(NAME_KEY, name.value.trim()));
-  $("sound").addEventListener("click", () => setSound(!soundOn, true));
+  $("sound").addEventListener("click", () => {
+    // "Sound on (click to allow)": the click is the permission, not a toggle
+    if (soundOn && (!audio || audio.state !== "running")) unlockAudio();
+    else setSound(!soundOn, true);
+  });
   $("logout").addEventListener("click", async () => {
     await fetch("/logout", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": state.csrf || "" } });
     window.location.assign("/login");
