@@ -9,7 +9,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from .settings import StationError
+from .settings import StationError, StationSettings
 
 EPILOG = """nursing station (needs the 'station' extra: pip install 'pneumoflag[station]'):
   station    web console: live worklist of every appliance, acknowledge, escalations
@@ -45,7 +45,8 @@ def add_station(sub) -> None:
                    "(default: host name)")
     g.add_argument("--password-file", metavar="FILE", help="file holding the console's password "
                    "(also accepted as a bearer token); required to listen beyond loopback")
-    g.add_argument("--insecure", action="store_true", help="allow a non-loopback listen address without a password")
+    g.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a non-loopback listen address without a password")
     g.add_argument("--no-chime", dest="chime", action="store_false", default=None,
                    help="no sound when an urgent flag arrives")
     g.add_argument("--state-dir", help="where the worklist lives when --db is not given")
@@ -61,15 +62,10 @@ OVERRIDES = {"broker": "mqtt.broker", "topic_prefix": "mqtt.topic_prefix", "list
 def run_station(args: argparse.Namespace) -> int:
     from pneumoflag.device.config import EMBEDDED_BROKER, load_config
 
-    overrides = {key: getattr(args, attr) for attr, key in OVERRIDES.items()
-                 if getattr(args, attr, None) is not None and getattr(args, attr) is not False}
-    if args.chime is False:
-        overrides["station.chime"] = False
+    overrides = {key: getattr(args, attr) for attr, key in OVERRIDES.items() if getattr(args, attr) is not None}
     cfg = load_config(args.config, overrides=overrides)
     if not cfg.mqtt.broker:
         cfg.mqtt.broker = EMBEDDED_BROKER
-    from .settings import StationSettings
-
     settings = StationSettings.from_config(cfg)
     settings.check_exposure()
     try:

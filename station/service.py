@@ -31,7 +31,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class AckRefused(ValueError):
-    """An acknowledgement the station will not send (unknown flag, no name); the message is for the nurse."""
+    """An acknowledgement the station will not send (no name, bad request); the message is for the nurse."""
+
+
+class UnknownFlag(AckRefused):
+    """The flag is not in this station's worklist, so the device (the ack's topic) is unknown too."""
 
 
 @dataclass
@@ -50,6 +54,8 @@ def clean_name(by: Any) -> str:
 
 
 class Station:
+    """One station: its worklist, its MQTT link, its open pages, and who may use them."""
+
     def __init__(self, cfg: Config, settings: StationSettings):
         self.cfg = cfg
         self.settings = settings
@@ -156,7 +162,7 @@ class Station:
         name = clean_name(by)
         device = self.worklist.device_of(event_id)
         if device is None:
-            raise AckRefused(f"no flag {event_id} on this station")
+            raise UnknownFlag(f"no flag {event_id} on this station")
         assert self.link is not None
         ack = AckMessage(event_id=event_id, station=self.settings.station_id, by=name)
         delivered = await self.link.publish_ack(device, ack)

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .events import sse_frame
 from .security import cross_site
-from .service import AckRefused, Station
+from .service import AckRefused, Station, UnknownFlag
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             if event is None:
                 break
             await response.write(sse_frame(*event))
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:  # the page went away
         pass
     finally:
         station.hub.unsubscribe(queue)
@@ -172,9 +172,10 @@ async def ack(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": "the body must be a JSON object"}, status=400)
     try:
         result = await _station(request).acknowledge(body.get("event_id"), body.get("by"))
+    except UnknownFlag as exc:
+        return web.json_response({"error": str(exc)}, status=404)
     except AckRefused as exc:
-        status = 404 if str(exc).startswith("no flag") else 400
-        return web.json_response({"error": str(exc)}, status=status)
+        return web.json_response({"error": str(exc)}, status=400)
     return web.json_response({"event_id": result.event_id, "delivered": result.delivered}, status=202)
 
 

@@ -718,11 +718,12 @@ def test_the_mqtt_password_never_reaches_the_browser(tmp_path, brokers, lone_sta
 
 
 def test_a_station_without_a_broker_still_serves_the_page_and_says_so(tmp_path):
-    station = StationProc(tmp_path, f"127.0.0.1:{free_port()}", "no-broker")  # nothing listens there
+    station = StationProc(tmp_path, f"127.0.0.1:{free_port()}", "no-broker", ("--no-chime",))  # no broker there
     try:
         station.start(ready="listening on")
         _, _, body = request("GET", station.url + "/api/state")
-        assert json.loads(body)["link"]["up"] is False
+        state = json.loads(body)
+        assert state["link"]["up"] is False and state["chime"] is False
     finally:
         station.close()
 
