@@ -335,3 +335,45 @@ def test_evaluate_on_the_recorded_validation_split(tiny_run, tmp_path):
     card = json.loads(tiny_run["card"].read_text())
     assert r["auroc"] == pytest.approx(card["validation"]["int8"]["auroc"])
     assert r["operating_points"]["flag"]["tp"] == card["validation"]["int8"]["operating_points"]["flag"]["tp"]
+
+
+def test_the_int8_graph_ends_at_the_logit_so_saturated_scores_keep_their_order(tmp_path):
+    """A sigmoid quantized to 256 levels puts every confident case on the top level and loses their order;
+    the logit does not. The model: a steep sigmoid of the image's mean grey level, on the mini set."""
+    import keras
+
+    from pneumoflag.convert.dataset import load_samples, scan_folder
+    from pneumoflag.convert.float_model import load_float_model, logit_model
+    from pneumoflag.convert.metrics import auroc
+    from pneumoflag.convert.quantize import _int8_scorer, quantize_int8, resolve_spec
+
+    inp = keras.Input((64, 64, 1))
+    mean = keras.layers.GlobalAveragePooling2D()(inp)
+    out = keras.layers.Dense(1, activation="sigmoid", name="steep")(mean)
+    model = keras.Model(inp, out)
+    fm0 = load_float_model(_save(model, tmp_path / "steep.keras"))
+    spec = resolve_spec(fm0, None)
+    data = load_samples(scan_folder(MINI), spec)
+    means = to_float_input(data.x, spec).mean(axis=(1, 2, 3))
+    k = 40.0 / float(means.max() - means.min())  # logits over about 40 units: many far out on the flat top
+    model.get_layer("steep").set_weights([np.array([[k]], np.float32), np.array([-k * np.percentile(means, 30)],
+                                                                                 np.float32)])
+    fm = load_float_model(_save(model, tmp_path / "steep.keras"))
+    p_float = fm.predict(to_float_input(data.x, spec))
+    assert np.mean(p_float > 0.996) > 0.3  # confident about many images, in a clear order
+    auc_float = auroc(data.y, p_float)
+    results = {}
+    for kind, m in (("probability", fm), ("logit", logit_model(fm))):
+        assert m.output == kind
+        path = tmp_path / f"{kind}.tflite"
+        path.write_bytes(quantize_int8(m, data, spec))
+        scorer = _int8_scorer(path, spec, kind)
+        p = np.array([scorer.score(x) for x in data.x])
+        results[kind] = (auroc(data.y, p), len({scorer.raw(x)[0] for x in data.x}))
+    assert abs(results["logit"][0] - auc_float) <= 0.005  # the logit keeps the order
+    assert results["logit"][1] > 2 * results["probability"][1]  # the saturated sigmoid collapses it
+
+
+def _save(model, path: Path) -> Path:
+    model.save(path)
+    return path
