@@ -19,26 +19,22 @@ Guarantees:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 
 from . import __version__
 from .card import CardError
 from .config import EMBEDDED_BROKER, Config
+from .escalation import AckDesk
 from .ingest import Ingest, IngestError, Ready
-from .messages import ACK_SCHEMA, ErrorMessage, EscalationMessage, encode, utc_iso, utc_now
+from .messages import ErrorMessage, encode, utc_iso
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
@@ -47,7 +43,8 @@ from .safe_text import path_text, printable
 from .scorer import load_scorer
 from .sdnotify import Notifier
 from .store import FileSig, FlagRecord, JournalRow, Store, StoreError
-from .vocab import PRIORITIES, Reason
+from .stats import Stats, time_to_notification
+from .vocab import Reason
 
 log = logging.getLogger(__name__)
 
@@ -60,55 +57,6 @@ HEALTH_INTERVAL = 2.0
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says what to fix."""
-
-
-@dataclass
-class Stats:
-    started: float = field(default_factory=time.monotonic)
-    by_priority: Counter = field(default_factory=Counter)
-    errors: int = 0
-    duplicates: int = 0
-    latencies: deque = field(default_factory=lambda: deque(maxlen=1000))
-
-    def snapshot(self, cfg: Config, queue_depth: int, outbox: int, accelerator: str, model: str,
-                 health: dict, ttn: dict) -> dict:
-        lat = np.array(self.latencies) if self.latencies else None
-        return {
-            "schema": "pneumoflag.stats/1",
-            "device": cfg.mqtt.device_id,
-            "at": utc_now(),
-            "uptime_s": round(time.monotonic() - self.started, 1),
-            "scored": {k: self.by_priority.get(k, 0) for k in PRIORITIES},
-            "errors": self.errors,
-            "duplicates": self.duplicates,
-            "queue_depth": queue_depth,
-            "outbox": outbox,
-            "latency_ms": {
-                "p50": round(float(np.percentile(lat, 50)), 2) if lat is not None else None,
-                "p95": round(float(np.percentile(lat, 95)), 2) if lat is not None else None,
-                "n": len(self.latencies),
-            },
-            "accelerator": accelerator,
-            "model": model,
-            "version": __version__,
-            "time_to_notification_s": ttn,
-            **health,
-        }
-
-
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p95": None, "n": 0}
-    a = np.array(values)
-    return {"p50": round(float(np.percentile(a, 50)), 2), "p95": round(float(np.percentile(a, 95)), 2), "n": len(a)}
-
-
-def time_to_notification(rows: list[tuple]) -> dict:
-    """p50/p95 of written -> delivered and delivered -> acknowledged, from ``Store.flag_times`` rows."""
-    written_to_delivered = [d - w for _, w, _, _, d, _, _ in rows if w is not None and d is not None]
-    delivered_to_acked = [a - d for _, _, _, _, d, a, _ in rows if d is not None and a is not None]
-    return {"window_s": 86400, "written_to_delivered": _percentiles(written_to_delivered),
-            "delivered_to_acknowledged": _percentiles(delivered_to_acked)}
 
 
 class Daemon:
@@ -135,7 +83,6 @@ class Daemon:
         self._store_backoff = 5.0
         self._folder_state = "ok"
         self._watch_restarts: list[float] = []
-        self._acks: "queue.Queue[bytes]" = queue.Queue()
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
@@ -164,7 +111,7 @@ class Daemon:
         if not cfg.mqtt.broker:
             self._start_embedded_broker()
         self.publisher = Publisher(cfg, self.store)
-        self.publisher.subscribe(cfg.topic("acks"), self._acks.put)  # journaled on the main loop
+        self.acks = AckDesk(cfg, self.store, self.publisher)
         self.publisher.start()
         points = self.card.raw.get("operating_points", {}).get("source", {})
         log.info(
@@ -216,11 +163,11 @@ class Daemon:
                 item = self.ingest.get(timeout=0.5)
                 if item is not None:
                     self._handle(item)
-                self._process_acks()
+                self.acks.journal_received()
                 now = time.monotonic()
                 if now >= next_escalation:
                     next_escalation = now + 1.0
-                    self._escalate()
+                    self.acks.escalate_due()
                 if now >= next_health:
                     next_health = now + HEALTH_INTERVAL
                     if not self._healthy():
@@ -285,56 +232,6 @@ class Daemon:
             self._folder_state = "ok"
             self._enqueue_backlog("in the new export folder")
         return True
-
-    # ------------------------------------------------------------------ acknowledgements and escalation
-    def _process_acks(self) -> None:
-        """Journal what nursing stations acknowledged (``{prefix}/{device}/acks``)."""
-        while True:
-            try:
-                raw = self._acks.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                ack = json.loads(raw)
-                fields = {k: ack[k] for k in ("event_id", "station", "by", "at")}
-                if ack.get("schema") != ACK_SCHEMA or not all(isinstance(v, str) and v for v in fields.values()):
-                    raise ValueError("not a pneumoflag.ack/1 message")
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignored an acknowledgement that is not %s: %s", ACK_SCHEMA, printable(repr(raw[:200])))
-                log.debug("ack parse error: %s", exc)
-                continue
-            try:
-                known = self.store.record_ack(fields["event_id"], fields["station"], fields["by"], fields["at"])
-            except StoreError as exc:
-                log.error("could not journal an acknowledgement (%s); it is lost unless the station sends it again",
-                          exc)
-                continue
-            log.info("flag %s acknowledged by %s at station %s%s", printable(fields["event_id"]),
-                     printable(fields["by"]), printable(fields["station"]), "" if known else " (not a flag of ours)")
-
-    def _escalate(self) -> None:
-        """Publish again, on .../escalations, urgent flags nobody acknowledged within alerts.escalate_after."""
-        alerts = self.cfg.alerts
-        if alerts.max_escalations <= 0:
-            return
-        try:
-            due = self.store.due_escalations(time.time(), alerts.escalate_after, alerts.max_escalations)
-        except StoreError:
-            return
-        for d in due:
-            n = d.escalations + 1
-            msg = EscalationMessage(event_id=d.event_id, device=self.cfg.mqtt.device_id, escalation=n,
-                                    max_escalations=alerts.max_escalations,
-                                    unacknowledged_s=round(time.time() - d.delivered_at, 1),
-                                    flag=json.loads(d.payload))
-            try:
-                self.store.record_escalation(d.event_id, n, self.cfg.topic("escalations"), encode(msg.to_dict()))
-            except StoreError as exc:
-                log.error("could not queue the escalation of %s: %s", d.event_id, exc)
-                return
-            self.publisher.wake()
-            log.warning("urgent flag %s (%s) unacknowledged for %.0f s: escalation %d of %d", d.event_id,
-                        printable(msg.flag.get("file", "?")), msg.unacknowledged_s, n, alerts.max_escalations)
 
     def _thread_died(self, args: threading.ExceptHookArgs) -> None:
         """threading.excepthook: a worker thread ended with an exception."""
