@@ -105,6 +105,7 @@ class Station:
             row = wl.add_flag(payload, item.device)
             if row:
                 self.hub.publish("row", row.to_json())
+                self._replaced(payload)
         elif item.kind == "ack":
             event_id = wl.add_ack(payload)
             row = wl.row(event_id) if event_id else None
@@ -116,9 +117,16 @@ class Station:
             err = wl.add_error(payload, item.device)
             if err:
                 self.hub.publish("rejected", err.to_json())
+                self._replaced(payload)
         elif item.kind == "stats":
             wl.set_stats(item.device, payload, item.retained)
             self._refresh_devices()
+
+    def _replaced(self, payload: dict) -> None:
+        """A newer result for the same file (``supersedes``): the old row is shown replaced, no longer open."""
+        old = self.worklist.superseded(payload)
+        if old:
+            self.hub.publish("row", old.to_json())
 
     def _on_link(self, up: bool, text: str) -> None:
         self.link_state = {"up": up, "text": text}

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS flags (
     escalation INTEGER NOT NULL DEFAULT 0,
     max_escalations INTEGER,
     escalated_at TEXT,
+    supersedes TEXT,
     payload TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS flags_order ON flags (rank, sort_epoch);
@@ -70,7 +71,8 @@ CREATE TABLE IF NOT EXISTS errors (
     reason TEXT,
     message TEXT,
     at TEXT,
-    received_epoch REAL NOT NULL
+    received_epoch REAL NOT NULL,
+    supersedes TEXT
 );
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY,
@@ -80,6 +82,12 @@ CREATE TABLE IF NOT EXISTS devices (
     stats_epoch REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+#: columns added after the first release of this file, for databases made before them
+LATER_COLUMNS = {"flags": ("supersedes",), "errors": ("supersedes",)}
+INDEXES = """
+CREATE INDEX IF NOT EXISTS flags_supersedes ON flags (supersedes);
+CREATE INDEX IF NOT EXISTS errors_supersedes ON errors (supersedes);
 """
 
 
@@ -139,6 +147,7 @@ class Row:
     max_escalations: int | None
     escalated_at: str | None
     ack: Ack | None
+    superseded_by: str | None  # a newer result (flag or error) for the same file replaced this one
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,7 +181,10 @@ class DeviceState:
 _ROW_SQL = """
 SELECT f.event_id, f.device, f.priority, f.probability, f.file, f.accession_number, f.written_at, f.scored_at,
        f.received_at, f.ttn_s, f.sort_epoch, f.escalation, f.max_escalations, f.escalated_at,
-       a.by_name, a.station, a.at, a.received_epoch
+       a.by_name, a.station, a.at, a.received_epoch,
+       COALESCE((SELECT s.event_id FROM flags s WHERE s.supersedes = f.event_id LIMIT 1),
+                (SELECT e.event_id FROM errors e WHERE e.supersedes = f.event_id LIMIT 1)) AS superseded_by,
+       f.rank
 FROM flags f
 LEFT JOIN (SELECT event_id, by_name, station, MIN(at) AS at, received_epoch FROM acks GROUP BY event_id) a
        ON a.event_id = f.event_id
@@ -183,7 +195,7 @@ def _row(r: tuple) -> Row:
     ack = Ack(by=r[14], station=r[15], at=r[16]) if r[14] is not None else None
     return Row(event_id=r[0], device=r[1], priority=r[2], probability=r[3], file=r[4], accession_number=r[5],
                written_at=r[6], scored_at=r[7], received_at=r[8], ttn_s=r[9], sort_at=utc_iso(r[10]),
-               escalation=r[11], max_escalations=r[12], escalated_at=r[13], ack=ack)
+               escalation=r[11], max_escalations=r[12], escalated_at=r[13], ack=ack, superseded_by=r[18])
 
 
 def _stats_summary(payload: dict) -> dict[str, float]:
@@ -212,6 +224,12 @@ class Worklist:
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = FULL")
         self.db.executescript(SCHEMA)
+        for table, columns in LATER_COLUMNS.items():
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        self.db.executescript(INDEXES)
 
     def close(self) -> None:
         self.db.close()
@@ -234,15 +252,17 @@ class Worklist:
         accession = _text(payload, "accession_number", required=False) or None
         written_at = _text(payload, "written_at", required=False)
         scored_at = _text(payload, "scored_at", required=False)
+        supersedes = _text(payload, "supersedes", required=False) or None
         received = time.time() if received is None else received
         written = parse_time(written_at)
         ttn = round(received - written, 3) if written is not None else None
         sort_epoch = next(t for t in (written, parse_time(scored_at), received) if t is not None)
         cur = self.db.execute(
             "INSERT OR IGNORE INTO flags (event_id, device, priority, rank, probability, file, accession_number, "
-            "written_at, scored_at, received_at, ttn_s, sort_epoch, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "written_at, scored_at, received_at, ttn_s, sort_epoch, supersedes, payload) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (event_id, device, priority, PRIORITIES.index(priority), float(probability), file, accession,
-             written_at, scored_at, utc_iso(received), ttn, sort_epoch, json.dumps(payload)))
+             written_at, scored_at, utc_iso(received), ttn, sort_epoch, supersedes, json.dumps(payload)))
         return self.row(event_id) if cur.rowcount else None
 
     def add_ack(self, payload: dict, received: float | None = None) -> str | None:
@@ -282,9 +302,11 @@ class Worklist:
         err = ErrorRow(event_id=_text(payload, "event_id"),
                        device=_text(payload, "device", required=False) or topic_device,
                        **{k: _text(payload, k, required=False) for k in ("file", "reason", "message", "at")})
-        cur = self.db.execute("INSERT OR IGNORE INTO errors VALUES (?,?,?,?,?,?,?)",
-                              (err.event_id, err.device, err.file, err.reason, err.message, err.at,
-                               time.time() if received is None else received))
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO errors (event_id, device, file, reason, message, at, received_epoch, supersedes) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            (err.event_id, err.device, err.file, err.reason, err.message, err.at,
+             time.time() if received is None else received, _text(payload, "supersedes", required=False) or None))
         return err if cur.rowcount else None
 
     def set_status(self, device: str, status: str, received: float | None = None) -> None:
@@ -312,11 +334,19 @@ class Worklist:
         return _row(r) if r else None
 
     def rows(self, now: float | None = None, limit: int = MAX_ROWS) -> list[Row]:
-        """Open rows first, by priority (urgent, flag, routine) then oldest; then acknowledged rows, same order."""
+        """Open rows first, by priority (urgent, flag, routine) then oldest; then the closed ones (acknowledged,
+        or replaced by a newer result for the same file), same order, for ``ACK_KEEP_S``."""
         now = time.time() if now is None else now
-        sql = (_ROW_SQL + " WHERE a.received_epoch IS NULL OR a.received_epoch >= ? "
-               "ORDER BY (a.by_name IS NOT NULL), f.rank, f.sort_epoch, f.event_id LIMIT ?")
-        return [_row(r) for r in self.db.execute(sql, (now - ACK_KEEP_S, limit))]
+        since = now - ACK_KEEP_S
+        sql = ("SELECT * FROM (" + _ROW_SQL + ") "
+               "WHERE (by_name IS NULL OR received_epoch >= ?) AND (superseded_by IS NULL OR sort_epoch >= ?) "
+               "ORDER BY (by_name IS NOT NULL OR superseded_by IS NOT NULL), rank, sort_epoch, event_id LIMIT ?")
+        return [_row(r) for r in self.db.execute(sql, (since, since, limit))]
+
+    def superseded(self, payload: dict) -> Row | None:
+        """The row a message says it replaces, if this station has it (to show it replaced)."""
+        old = payload.get("supersedes") if isinstance(payload, dict) else None
+        return self.row(old) if isinstance(old, str) and old else None
 
     def device_of(self, event_id: str) -> str | None:
         r = self.db.execute("SELECT device FROM flags WHERE event_id = ?", (event_id,)).fetchone()

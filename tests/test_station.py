@@ -430,6 +430,23 @@ def test_a_hostile_file_name_renders_as_text_and_runs_nothing(ward):
     assert not [e for e in logs if "Content Security Policy" in e["message"]], logs
 
 
+def test_a_file_overwritten_with_other_content_replaces_its_row(ward):
+    name = "overwritten.jpeg"
+    drop_bytes(unique_jpeg(PNEUMONIA[1], "first"), ward.export, name)
+    first = flag_of(ward.sub, name)
+    wait_row(ward.page_b, name)
+    drop_bytes(unique_jpeg(NORMAL[0], "second"), ward.export, name)  # the scanner re-exports under the same name
+    wait_until(lambda: len([f for f in ward.sub.flags() if f["file"] == name]) == 2, 20, "the second result")
+    second = [f for f in ward.sub.flags() if f["file"] == name][-1]
+    assert second["supersedes"] == first["event_id"]
+    old = wait_row(ward.page_b, name, where=lambda r: r["id"] == first["event_id"] and "replaced" in r["status"],
+                   what="replaced")
+    assert "superseded" in old["cls"]
+    assert wait_row(ward.page_b, name, where=lambda r: r["id"] == second["event_id"])["status"] == "open"
+    assert ward.page_b.find_element(By.CSS_SELECTOR, f'tr[data-event-id="{first["event_id"]}"] button').get_attribute(
+        "disabled")
+
+
 def test_errors_panel_shows_the_rejected_file(ward):
     texts = ward.page_a.execute_script("return [...document.querySelectorAll('#errors li')].map(li => li.textContent)")
     assert any("cut-short.jpeg" in t and "xray-1" in t for t in texts), texts

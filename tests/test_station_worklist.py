@@ -14,7 +14,7 @@ from pneumoflag.device.messages import AckMessage, EscalationMessage
 from pneumoflag.station.mqtt_link import classify
 from pneumoflag.station.security import SESSION_TTL_S, Guard
 from pneumoflag.station.settings import StationError, StationSettings, is_loopback
-from pneumoflag.station.worklist import BadMessage, Worklist, utc_iso
+from pneumoflag.station.worklist import SCHEMA, BadMessage, Worklist, utc_iso
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000.0  # a fixed "now" for the tests
@@ -102,6 +102,36 @@ def test_escalation_marks_the_row_and_adds_a_flag_never_seen(wl):
     assert row.file == unseen["file"] and row.escalation == 1
     with pytest.raises(BadMessage):
         wl.add_escalation({"event_id": str(uuid.uuid4()), "escalation": 1, "flag": None}, "xray-1")
+
+
+def test_a_newer_result_for_the_same_file_closes_the_old_row_in_either_order(wl):
+    old, new = flag("urgent"), flag("urgent")
+    new["supersedes"] = old["event_id"]
+    wl.add_flag(old, "xray-1", received=T0)
+    wl.add_flag(new, "xray-1", received=T0 + 1)
+    assert wl.row(old["event_id"]).superseded_by == new["event_id"]
+    assert wl.row(new["event_id"]).superseded_by is None
+    assert [r.event_id for r in wl.rows(now=T0)][-1] == old["event_id"]  # closed rows go last
+    assert wl.superseded(new).event_id == old["event_id"]
+
+    late_old, error = flag("flag"), {"event_id": str(uuid.uuid4()), "device": "xray-1", "file": "x.jpeg",
+                                     "reason": "truncated", "message": "cut short"}
+    error["supersedes"] = late_old["event_id"]
+    wl.add_error(error, "xray-1")  # the error that replaces it comes first
+    assert wl.add_flag(late_old, "xray-1", received=T0).superseded_by == error["event_id"]
+
+
+def test_a_database_from_before_supersedes_is_upgraded(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA.replace("    supersedes TEXT,\n", "").replace(",\n    supersedes TEXT\n", "\n"))
+        assert "supersedes" not in {r[1] for r in db.execute("PRAGMA table_info(flags)")}
+    upgraded = Worklist(path)
+    payload = flag()
+    assert upgraded.add_flag(payload, "xray-1", received=T0).superseded_by is None
+    upgraded.close()
 
 
 @pytest.mark.parametrize("change", [

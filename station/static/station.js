@@ -107,9 +107,11 @@
   }
 
   // ------------------------------------------------------------------ worklist
+  const closed = (row) => Boolean(row.ack || row.superseded_by);
+
   function order(a, b) {
-    const acked = (a.ack ? 1 : 0) - (b.ack ? 1 : 0);
-    if (acked) return acked;
+    const done = (closed(a) ? 1 : 0) - (closed(b) ? 1 : 0);
+    if (done) return done;
     const rank = (PRIORITY_RANK[a.priority] ?? 9) - (PRIORITY_RANK[b.priority] ?? 9);
     if (rank) return rank;
     const age = Date.parse(a.sort_at) - Date.parse(b.sort_at);
@@ -117,7 +119,8 @@
   }
 
   function fillRow(tr, row) {
-    tr.className = `row prio-${row.priority}` + (row.ack ? " acked" : "") + (row.escalation ? " is-escalated" : "");
+    tr.className = `row prio-${row.priority}` + (row.ack ? " acked" : "") + (row.escalation ? " is-escalated" : "")
+      + (row.superseded_by ? " superseded" : "");
     tr.dataset.eventId = row.event_id;
     tr.dataset.priority = row.priority;
     tr.tabIndex = 0;
@@ -148,8 +151,11 @@
 
     const status = el("td", "status");
     if (row.escalation) status.append(el("span", "escalated", `escalated (${row.escalation})`));
+    if (row.superseded_by) status.append(el("span", "replaced", "replaced by a newer result for this file"));
     if (row.ack) {
       status.append(el("span", "ackinfo", `acknowledged by ${row.ack.by} (${row.ack.station}) at ${clock(row.ack.at)}`));
+    } else if (row.superseded_by) {
+      // nothing more to say: the newer result is its own row (or an error)
     } else if (state.pending.has(row.event_id)) {
       status.append(el("span", "pending", "sending acknowledgement…"));
     } else {
@@ -160,7 +166,7 @@
     const action = el("td", "action");
     const button = el("button", "ack", "Acknowledge");
     button.type = "button";
-    button.disabled = Boolean(row.ack);
+    button.disabled = closed(row);
     button.setAttribute("aria-label", `Acknowledge ${row.priority} ${row.accession_number || row.file} on ${row.device}`);
     button.addEventListener("click", () => acknowledge(row.event_id));
     action.append(button);
@@ -187,7 +193,7 @@
       if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null);
     });
     $("empty").hidden = rows.length > 0;
-    const open = rows.filter((r) => !r.ack).length;
+    const open = rows.filter((r) => !closed(r)).length;
     $("open-count").textContent = `${open} open`;
     document.title = open ? `(${open}) pneumoflag station` : "pneumoflag station";
 
@@ -213,7 +219,7 @@
     if (!live) return;
     const isNew = !before;
     const escalatedNow = before && row.escalation > (before.escalation || 0);
-    if (!row.ack && (isNew && row.priority === "urgent" || escalatedNow)) {
+    if (!closed(row) && (isNew && row.priority === "urgent" || escalatedNow)) {
       chime();
       announce(`${escalatedNow ? "Escalated" : "New urgent"} flag: ${row.accession_number || row.file} on ${row.device}`);
     }
@@ -222,7 +228,7 @@
   // ------------------------------------------------------------------ acknowledge
   async function acknowledge(eventId) {
     const row = state.rows.get(eventId);
-    if (!row || row.ack) return;
+    if (!row || closed(row)) return;
     const by = $("nurse-name").value.trim();
     if (!by) {
       say("Type your name in “Acknowledge as” first.");
@@ -327,7 +333,7 @@
     state.rows.clear();
     s.rows.forEach((row) => upsertRow(row, false));
     // urgent flags that came while this page was disconnected
-    const missed = s.rows.filter((r) => state.loaded && !known.has(r.event_id) && !r.ack && r.priority === "urgent");
+    const missed = s.rows.filter((r) => state.loaded && !known.has(r.event_id) && !closed(r) && r.priority === "urgent");
     if (missed.length) {
       chime();
       announce(`${missed.length} new urgent flag${missed.length > 1 ? "s" : ""}`);
