@@ -264,7 +264,7 @@ def test_stop_is_idempotent_and_port_can_be_reused() -> None:
 
 def test_missing_amqtt_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "amqtt.broker", None)  # makes `import amqtt.broker` fail
-    with pytest.raises(BrokerStartError, match=r"pip install amqtt"):
+    with pytest.raises(BrokerStartError, match=r"pip install 'pneumoflag\[demo\]'"):
         EmbeddedBroker(HOST, _free_port()).start(timeout=WAIT)
 
 

@@ -121,9 +121,11 @@ def test_config_command_redacts_the_password():
                          env=env, cwd=str(REPO), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert DAEMON_PASSWORD not in res.stdout + res.stderr
-    assert f'password = "{REDACTED}"' in res.stdout.splitlines()
-    assert f'username = "{DAEMON_USER}"' in res.stdout.splitlines()
-    assert 'broker = "127.0.0.1:1883"' in res.stdout.splitlines()
+    lines = res.stdout.splitlines()
+    assert f'password = "{REDACTED}"  # from environment PNEUMOFLAG_MQTT_PASSWORD' in lines
+    assert f'username = "{DAEMON_USER}"  # from environment PNEUMOFLAG_MQTT_USERNAME' in lines
+    assert 'broker = "127.0.0.1:1883"  # from command line' in lines  # each setting says where it came from
+    assert 'keepalive = 30' in lines  # a default says nothing
 
 
 def test_wrong_password_keeps_running_keeps_the_flag_then_delivers_it(auth_broker, dirs, daemons, subscribers):

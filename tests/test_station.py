@@ -341,7 +341,6 @@ def test_a_key_acknowledges_the_focused_row_and_focus_is_visible(ward):
     assert "acked" in row["cls"]
 
 
-@pytest.mark.xfail(reason="daemon side pending", strict=False)
 def test_the_daemon_journals_the_ack(ward):
     name = "journal-ack.jpeg"
     drop_bytes(unique_jpeg(NORMAL[2], name), ward.export, name)
@@ -761,3 +760,23 @@ def test_the_session_outlives_the_station_process(tmp_path, broker, protocol):
         assert "session resumed" in station.output()
     finally:
         station.close()
+
+
+def test_the_daemon_escalates_an_unacknowledged_urgent_flag_onto_the_page(ward, tmp_path):
+    """Not a hand-made message: a real daemon with a short alerts.escalate_after, and a card with an urgent tier."""
+    from test_notification import _three_tier_model
+
+    export, state = ward.root / "export-esc", ward.root / "state-esc"
+    export.mkdir()
+    state.mkdir()
+    daemon = DaemonProc(export, state, ward.broker.address, device_id="xray-3", model=_three_tier_model(tmp_path),
+                        env={"PNEUMOFLAG_ALERTS_ESCALATE_AFTER": "2", "PNEUMOFLAG_ALERTS_MAX_ESCALATIONS": "1"})
+    ward.extra.append(daemon)
+    daemon.start()
+    name = "nobody-answers.jpeg"
+    drop_bytes(unique_jpeg(PNEUMONIA[1], name), export, name)
+    assert flag_of(ward.sub, name)["priority"] == "urgent"
+    for page in ward.pages:
+        row = wait_row(page, name, timeout=20, where=lambda r: "escalated (1)" in r["status"], what="escalated")
+        assert "is-escalated" in row["cls"] and row["device"] == "xray-3"
+    assert daemon.terminate() == 0
