@@ -19,6 +19,7 @@ device (the appliance):
   watch      the main job: export folder -> score -> MQTT flags
   alerts     print flags as they arrive (nursing-station terminal)
   score      score files now, print the results
+  explain    heat maps of where the model looked, as PNG overlays
   config     print the effective configuration
   selftest   on-site check of hardware, model, samples, latency, broker
   bench      latency, throughput, memory and idle CPU figures
@@ -167,6 +168,77 @@ def _cmd_score(args) -> int:
         else:
             print(f"{str(f):<50} {msg.priority.upper():<8} p={msg.probability:.4f}  "
                   f"({msg.timings_ms.total:.1f} ms on {msg.accelerator})")
+    return 1 if failed else 0
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="heat maps of where the model looked, as PNG overlays (occlusion sensitivity)",
+        description="Decode and score each FILE as the daemon does, then write OUT/STEM.heatmap.png: the "
+        "radiograph with an occlusion-sensitivity map of the int8 model (how much hiding each 24 px patch of "
+        "the 128 px input lowers the evidence for the model's call), a colour bar, the probability, the priority "
+        "and a 'not for diagnostic use' notice. --layers also writes OUT/STEM.layers.png, every conv block's "
+        "activation maps from the float .keras model (needs the toolchain: TensorFlow). Exit status 1 when any "
+        "file could not be explained; the others are still written.",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--out", required=True, type=Path, help="folder for the PNGs (made when missing)")
+    p.add_argument("--layers", action="store_true",
+                   help="also write a contact sheet of each conv block's activation maps (needs TensorFlow)")
+    p.add_argument("--keras", type=Path, help="float model for --layers (default: the card's source model beside "
+                   "the .tflite, else MODEL.keras)")
+    p.add_argument("--size", type=int, default=384, help="overlay size in px, 256-1024 (default 384)")
+    p.add_argument("--cmap", default="inferno", help="colour map: inferno (default), magma or viridis")
+    g = p.add_argument_group("configuration (file < PNEUMOFLAG_* environment < these flags)")
+    g.add_argument("--config", type=Path, help="TOML config file (default /etc/pneumoflag/pneumoflag.toml if present)")
+    g.add_argument("--model", help="int8 .tflite model with its card NAME.json beside it")
+    g.add_argument("--accelerator", choices=ACCELERATORS, help="where the model runs")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args) -> int:
+    from .explain import COLORMAPS, explain_file
+    from .pipeline import Pipeline
+    from .preprocess import ImageDecodeError
+    from .safe_text import printable
+    from .scorer import load_scorer
+
+    if args.cmap not in COLORMAPS:
+        raise CliError(f"--cmap must be one of {', '.join(COLORMAPS)}, not {args.cmap!r}")
+    if not 256 <= args.size <= 1024:
+        raise CliError(f"--size must be 256..1024 px, not {args.size}")
+    cfg = _config(args)
+    scorer, card = load_scorer(cfg.model.path, cfg.model.accelerator, cfg.model.threads)
+    layers = None
+    if args.layers:  # the toolchain, imported only for --layers; it says when TensorFlow is missing
+        from ..convert.layers import ActivationModel, LayersUnavailable, keras_beside
+
+        try:
+            layers = ActivationModel(args.keras or keras_beside(Path(cfg.model.path), card), card)
+        except LayersUnavailable as exc:
+            raise CliError(str(exc)) from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipeline = Pipeline(cfg, scorer, card)
+    failed, seen = 0, {}
+    for f in args.files:
+        try:
+            ex = explain_file(pipeline, f, size=args.size, cmap=args.cmap)
+        except ImageDecodeError as exc:
+            failed += 1
+            print(f"pneumoflag explain: {exc.reason}: {printable(str(exc))}", file=sys.stderr)
+            continue
+        seen[f.stem] = seen.get(f.stem, 0) + 1
+        stem = f.stem if seen[f.stem] == 1 else f"{f.stem}-{seen[f.stem]}"
+        out = args.out / f"{stem}.heatmap.png"
+        out.write_bytes(ex.png)
+        h = ex.heat
+        print(f"{printable(str(out))}  {ex.priority.upper():<8} p={h.probability:.4f}  evidence for {h.target}, "
+              f"peak {float(h.values.max()):.2f} logit  ({h.invokes} invokes, {h.elapsed_ms:.0f} ms, {h.source})")
+        if layers is not None:
+            sheet = args.out / f"{stem}.layers.png"
+            layers.write(ex.pixels, card.preprocessing, sheet, f"{f.name}: {card.name} {card.version}")
+            print(printable(str(sheet)))
     return 1 if failed else 0
 
 
@@ -406,8 +478,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, tuple[type[BaseException], 
     return parser, tuple(errors)
 
 
-SUBCOMMANDS: list[Callable] = [_add_demo, _add_watch, _add_alerts, _add_score, _add_config, _add_selftest, _add_bench,
-                               _add_report]
+SUBCOMMANDS: list[Callable] = [_add_demo, _add_watch, _add_alerts, _add_score, _add_explain, _add_config,
+                               _add_selftest, _add_bench, _add_report]
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:

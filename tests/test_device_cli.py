@@ -6,13 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
-from mqtt_helpers import SHIPPED_MODEL, Mosquitto, drop, wait_until
+from mqtt_helpers import SHIPPED_MODEL, Mosquitto
 from pneumoflag.device.broker import port_in_use
 from pneumoflag.device.card import ModelCard
 from pneumoflag.device.runtime import RuntimeUnavailable
