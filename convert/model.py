@@ -27,7 +27,7 @@ DENSE_UNITS = (32, 16, 5)
 #: --arch name -> (default input size, default channels, one-line description)
 ARCHITECTURES = {
     "reduced-node": (128, 1, "reduced-node CNN (conv 50/40/35/32 + BN, dense 32/16/5, sigmoid)"),
-    "rgb64": (64, 3, "64x64 RGB CNN of the source notebooks (conv 32/64/128 + BN, dense 128, sigmoid)"),
+    "rgb64": (64, 3, "64x64 RGB CNN of the source notebooks (conv 32/64/128 + BN, pool, dense 128, sigmoid)"),
     "small-cnn": (128, 1, "the notebooks' plain CNN (conv 32/64 + BN, dense 64, sigmoid), run at 50 or 128 px"),
 }
 
@@ -84,11 +84,12 @@ def build_model(arch: str, input_shape: Sequence[int], dropout: float = 0.3):
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     if arch == "rgb64":
         x = _conv_blocks(inputs, (32, 64, 128))
+        x = keras.layers.MaxPooling2D(2, name="pool_head")(x)  # 4 x 4 x 128 into dense 128: within budget
         _, outputs = _head(x, (128,), 0.0, max(dropout, 0.5))
     elif arch == "small-cnn":
         x = _conv_blocks(inputs, (32, 64))
         # shrink the flatten so a 128 px input stays within the parameter budget
-        x = keras.layers.MaxPooling2D(4 if min(input_shape[:2]) >= 96 else 1, name="pool_head")(x)
+        x = keras.layers.MaxPooling2D(4 if min(input_shape[:2]) >= 96 else 2, name="pool_head")(x)
         _, outputs = _head(x, (64,), 0.0, max(dropout, 0.5))
     else:
         raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
