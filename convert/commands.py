@@ -51,7 +51,9 @@ def add_train(sub) -> None:
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs")
     p.add_argument("--no-class-weights", dest="class_weights", action="store_false",
                    help="do not weight classes by inverse frequency")
-    p.add_argument("--seed", type=int, default=42, help="seed for split, init, shuffling, augmentation")
+    p.add_argument("--seed", type=int, default=42, help="seed for initialisation, shuffling and augmentation")
+    p.add_argument("--split-seed", type=int, default=42,
+                   help="seed of the patient-level validation split (default 42; ensemble members share it)")
     p.add_argument("--workers", type=int, default=2, help="threads that decode and augment (default 2)")
     p.set_defaults(func=_cmd_train)
 
@@ -65,7 +67,7 @@ def _cmd_train(args) -> int:
         learning_rate=args.learning_rate, val_fraction=args.val_fraction,
         patience=args.patience, augment=args.augment, flip=args.flip,
         label_smoothing=args.label_smoothing, dropout=args.dropout, class_weights=args.class_weights,
-        seed=args.seed, workers=args.workers,
+        seed=args.seed, split_seed=args.split_seed, workers=args.workers,
     )
     meta = train(cfg)
     print(

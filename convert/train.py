@@ -48,7 +48,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dropout: float = 0.3
     class_weights: bool = True
-    seed: int = 42
+    seed: int = 42  # initialisation, shuffling, augmentation
+    split_seed: int = 42  # the patient-level split: keep it to train ensemble members on the same split
     workers: int = 4
 
     def spec(self) -> PreprocessSpec:
@@ -151,10 +152,10 @@ def train(cfg: TrainConfig) -> dict:
         raise DataError(f"output {cfg.out} must end in .keras")
     spec = cfg.spec()
     samples = scan_folder(cfg.data, "training data folder")
-    train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.seed)
+    train_s, val_s = patient_split(samples, cfg.val_fraction, cfg.split_seed)
     log.info(
         "patient-level split (seed %d): %d train images, %d validation images",
-        cfg.seed, len(train_s), len(val_s),
+        cfg.split_seed, len(train_s), len(val_s),
     )
     t0 = time.monotonic()
     src_tr, y_tr, skip_tr = decode_all(train_s, spec, cfg.workers, "decode train")
@@ -227,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
         "data": portable_path(cfg.data, cfg.out.parent),
         "split": {
             "kind": "patient-level, stratified by class",
-            "seed": cfg.seed,
+            "seed": cfg.split_seed,
             "val_fraction": cfg.val_fraction,
             "train_images": len(y_tr),
             "val_images": len(y_va),
@@ -238,6 +239,7 @@ def train(cfg: TrainConfig) -> dict:
         "training": {
             "epochs_run": len(hist.history.get("loss", [])),
             "best_val_loss": float(min(hist.history["val_loss"])),
+            "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate,
             "augment": cfg.augment,
