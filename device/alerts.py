@@ -136,8 +136,8 @@ def run_alerts(cfg: Config, min_priority: str, as_json: bool, count: Optional[in
                              clean=False, notify=sys.stderr)
     listener.start(min(10.0, timeout) if timeout else 10.0)
     colour = out.isatty() and not as_json
-    if not as_json:
-        print(f"listening on {cfg.mqtt.broker} for {', '.join(listener.topics)} (Ctrl-C to stop)", file=sys.stderr)
+    # on stderr, also with --json: a script can wait for it, stdout stays pure JSON
+    print(f"listening on {cfg.mqtt.broker} for {', '.join(listener.topics)} (Ctrl-C to stop)", file=sys.stderr)
     seen = 0
     deadline = time.monotonic() + timeout if timeout else None
     try:

@@ -135,3 +135,31 @@ def test_accelerator_selection(tmp_path, monkeypatch, caplog):
     # cpu never tries the delegate
     s, _ = scorer_mod.load_scorer(model, "cpu")
     assert s.report.edgetpu_reason is None
+
+
+def test_alerts_says_when_it_loses_and_regains_the_broker_and_gets_what_it_missed(tmp_path):
+    broker = Mosquitto(tmp_path / "b").start()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PNEUMOFLAG_MQTT_RECONNECT_MAX": "1"}
+    alerts = subprocess.Popen([*CLI, "alerts", "--broker", broker.address, "--count", "1", "--json",
+                               "--client-id", "desk-terminal"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        assert "listening on" in alerts.stderr.readline()
+        broker.stop()
+        assert "LOST the broker" in alerts.stderr.readline()
+        broker.start()  # same port, persistence on: the terminal's session is still there
+        assert "is back after" in alerts.stderr.readline()
+        import paho.mqtt.client as mqtt
+
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        c.publish("pneumoflag/xr1/flags/urgent", json.dumps({"file": "late.jpeg", "priority": "urgent"}),
+                  qos=1).wait_for_publish(5)
+        c.loop_stop()
+        out, _ = alerts.communicate(timeout=20)
+        assert alerts.returncode == 0 and json.loads(out)["file"] == "late.jpeg"
+    finally:
+        if alerts.poll() is None:
+            alerts.kill()
+        broker.stop()
