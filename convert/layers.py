@@ -161,3 +161,11 @@ def contact_sheet(pixels: np.ndarray, blocks: list[Block], title: str, per_block
     buf = io.BytesIO()
     sheet.save(buf, "PNG", compress_level=6)
     return buf.getvalue()
+
+
+def open_activation_sheet(model_path: Path, card: ModelCard, keras_path: Optional[Path] = None) -> "ActivationModel":
+    """Entry point (group ``pneumoflag.layers``): what ``pneumoflag explain --layers`` draws with.
+
+    The device CLI finds it through the entry point and never imports the toolchain by name.
+    """
+    return ActivationModel(keras_path or keras_beside(model_path, card), card)

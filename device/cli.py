@@ -212,12 +212,7 @@ def _cmd_explain(args) -> int:
     scorer, card = load_scorer(cfg.model.path, cfg.model.accelerator, cfg.model.threads)
     layers = None
     if args.layers:  # the toolchain, imported only for --layers; it says when TensorFlow is missing
-        from ..convert.layers import ActivationModel, LayersUnavailable, keras_beside
-
-        try:
-            layers = ActivationModel(args.keras or keras_beside(Path(cfg.model.path), card), card)
-        except LayersUnavailable as exc:
-            raise CliError(str(exc)) from None
+        layers = _layers_plugin(Path(cfg.model.path), card, args.keras)
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(cfg, scorer, card)
     failed, seen = 0, {}
@@ -240,6 +235,19 @@ def _cmd_explain(args) -> int:
             layers.write(ex.pixels, card.preprocessing, sheet, f"{f.name}: {card.name} {card.version}")
             print(printable(str(sheet)))
     return 1 if failed else 0
+
+
+def _layers_plugin(model: Path, card, keras: Optional[Path]):
+    """The toolchain's activation contact sheet, found through its entry point (the device never imports it)."""
+    from importlib.metadata import entry_points
+
+    eps = list(entry_points(group="pneumoflag.layers"))
+    if not eps:
+        raise CliError("--layers needs the model toolchain (the convert part of pneumoflag), which is not installed")
+    try:
+        return eps[0].load()(model, card, keras)
+    except RuntimeError as exc:  # LayersUnavailable: no TensorFlow, no .keras beside the model
+        raise CliError(str(exc)) from None
 
 
 def _add_config(sub) -> None:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .vocab import ACCELERATORS
+from .vocab import ACCELERATORS, COLORMAPS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -126,6 +126,16 @@ class LogConfig:
 
 
 @dataclass
+class ExplainConfig:
+    """Heat maps (device/explain.py). Off by default: a map directs a reader's eye, which a triage aid
+    must not do unasked."""
+
+    enabled: bool = False  # for each flag and urgent image, after its flag is published
+    size: int = 384  # overlay side, pixels (256-512)
+    cmap: str = "inferno"  # inferno | magma | viridis
+
+
+@dataclass
 class AlertsConfig:
     escalate_after: float = 300.0  # re-publish an urgent flag nobody acknowledged after this many seconds
     max_escalations: int = 3  # at most this many times per flag (0: never escalate)
@@ -153,6 +163,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     station: StationConfig = field(default_factory=StationConfig)
     source: str = "defaults"
@@ -199,9 +210,10 @@ class Config:
 
 
 SECTIONS = {"watch": WatchConfig, "model": ModelConfig, "mqtt": MqttConfig, "dicom": DicomConfig,
-            "state": StateConfig, "log": LogConfig, "gate": GateConfig, "alerts": AlertsConfig,
+            "state": StateConfig, "log": LogConfig, "gate": GateConfig, "explain": ExplainConfig,
+            "alerts": AlertsConfig,
             "station": StationConfig}
-CHOICES = {("model", "accelerator"): ACCELERATORS, ("mqtt", "protocol"): ("3.1.1", "5"),
+CHOICES = {("model", "accelerator"): ACCELERATORS, ("explain", "cmap"): COLORMAPS, ("mqtt", "protocol"): ("3.1.1", "5"),
            ("log", "level"): ("debug", "info", "warning", "error")}
 POSITIVE = {("watch", "poll_interval"), ("watch", "max_file_mb"), ("watch", "max_pixels"), ("model", "threads"),
             ("mqtt", "keepalive"), ("mqtt", "stats_interval"), ("mqtt", "reconnect_min"), ("mqtt", "reconnect_max")}
@@ -343,6 +355,8 @@ def _validate(cfg: Config) -> None:
         v = getattr(cfg.mqtt, key)
         if v and not Path(v).is_file():
             raise ConfigError(f"mqtt.{key}: {v} does not exist")
+    if not 256 <= cfg.explain.size <= 512:
+        raise ConfigError(f"explain.size: {cfg.explain.size} must be between 256 and 512 pixels")
     parse_host_port(cfg.station.listen, "station.listen")
     if cfg.station.password_file and not Path(cfg.station.password_file).is_file():
         raise ConfigError(f"station.password_file: {cfg.station.password_file} does not exist")

@@ -65,6 +65,7 @@ from .card import Thresholds
 from .dicom import is_dicom
 from .preprocess import ImageDecodeError, PreprocessSpec, decode, prepare, preprocess
 from .scorer import Scorer
+from .vocab import COLORMAPS
 
 if TYPE_CHECKING:  # the pipeline may import this module to explain what it scores
     from .pipeline import Pipeline
@@ -93,7 +94,7 @@ _CONTROL = {
                "bc3754c63d4dd04545da4e3ce35933eb6429f1711ff67e14f98c0afb9b06fcaa0ffbba1ff9c932f5d949f2e865f3f586"
                "fcffa4",
 }
-COLORMAPS = tuple(_CONTROL)
+assert set(_CONTROL) == set(COLORMAPS), "device/vocab.py lists the colour maps"
 
 
 def colormap_lut(name: str = "inferno") -> np.ndarray:
@@ -210,7 +211,7 @@ class LogitSource:
     def __call__(self, pixels: np.ndarray) -> float:
         tap = self._tap
         if tap is not None:
-            tap.interp.set_tensor(tap.input_index, self.scorer._in_fn(pixels))
+            tap.interp.set_tensor(tap.input_index, self.scorer.input_tensor(pixels))
             tap.interp.invoke()
             q = tap.interp.get_tensor(tap.logit_index).reshape(-1)[0]
             return float((int(q) - tap.zero_point) * tap.scale) if tap.scale else float(q)

@@ -73,6 +73,10 @@ class Scorer:
 
         return requantize
 
+    def input_tensor(self, pixels: np.ndarray) -> np.ndarray:
+        """Exactly what ``set_tensor`` receives for preprocessed ``pixels`` (batch of one, model dtype)."""
+        return self._in_fn(pixels)
+
     def raw(self, pixels: np.ndarray) -> tuple[int | float, float]:
         """The output tensor's value as stored (a quantized level) and dequantized."""
         self.interp.set_tensor(self._in["index"], self._in_fn(pixels))

@@ -60,6 +60,9 @@ class Reason(_Listed):
     INTERNAL_ERROR = "internal-error"
 
 
+#: perceptual colour maps of the heat-map overlays (device/explain.py holds their tables)
+COLORMAPS = ("inferno", "magma", "viridis")
+
 PRIORITIES = Priority.values()
 ACCELERATORS = Accelerator.values()
 REASONS = Reason.values()

@@ -103,7 +103,7 @@ def test_toolchain_and_device_make_identical_input_tensors(tiny_run):
     samples = scan_folder(tiny_run["data"])[:6]
     loaded = load_samples(samples, spec)
     for s, x in zip(samples, loaded.x, strict=False):
-        device_tensor = scorer._in_fn(preprocess(s.path, spec))  # exactly what set_tensor receives
+        device_tensor = scorer.input_tensor(preprocess(s.path, spec))  # exactly what set_tensor receives
         assert device_tensor.dtype == np.uint8
         assert np.array_equal(device_tensor[0], x)
         assert np.array_equal(to_float_input(x, spec) * 255, x.astype(np.float32) * spec.scale * 255)

@@ -37,3 +37,12 @@ def test_the_readme_names_the_priorities_and_accelerators_as_the_code_does():
     for p in PRIORITIES:
         assert f"`…/flags/{p}`" in contract or f"/flags/{p}`" in contract
     assert f"--accelerator {'|'.join(ACCELERATORS)}" in README
+
+
+def test_the_device_never_imports_the_toolchain_by_name():
+    """The toolchain and the station plug into the device (entry points); the device imports neither."""
+    offenders = [f"{f.name}: {line.strip()}" for f in sorted((REPO / "device").glob("*.py"))
+                 for line in f.read_text().splitlines()
+                 if re.search(r"from \.\.(convert|station)\b|pneumoflag\.(convert|station)\b", line)
+                 and not line.strip().startswith("#")]
+    assert offenders == []
