@@ -44,7 +44,7 @@ from .scorer import load_scorer
 from .sdnotify import Notifier
 from .store import FileSig, FlagRecord, JournalRow, Store, StoreError
 from .stats import Stats, time_to_notification
-from .vocab import Reason
+from .vocab import Priority, Reason
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,12 @@ class Daemon:
             self._start_embedded_broker()
         self.publisher = Publisher(cfg, self.store)
         self.acks = AckDesk(cfg, self.store, self.publisher)
+        self.heatmaps = None
+        if cfg.explain.enabled:
+            from .heatmaps import HeatmapWorker
+
+            self.heatmaps = HeatmapWorker(cfg, self.card, self.pipeline, self.store, self.publisher)
+            self.heatmaps.start()
         self.publisher.start()
         points = self.card.raw.get("operating_points", {}).get("source", {})
         log.info(
@@ -263,6 +269,8 @@ class Daemon:
     def _shutdown(self) -> None:
         self.notifier.stopping()
         self.ingest.stop()
+        if self.heatmaps is not None:
+            self.heatmaps.stop()
         if not self.publisher.drain(timeout=5.0):
             log.warning("%d results still in the outbox: they are sent on the next start",
                         self.store.outbox_depth())
@@ -339,7 +347,7 @@ class Daemon:
             return
         supersedes = prev.event_id if prev is not None else None
         try:
-            msg = self.pipeline.score(fr.data, rel, sha)
+            msg, decoded = self.pipeline.score_decoded(fr.data, rel, sha)
         except ImageDecodeError as exc:
             if exc.reason in INCOMPLETE_REASONS and self._still_arriving(rel, fr.sig):
                 log.debug("%s: %s; still being written? retrying", label, exc.reason)
@@ -362,6 +370,8 @@ class Daemon:
                             message=(self.cfg.topic(msg.topic_suffix()), payload, 1), flag=record):
             return
         self._arriving.pop(rel, None)
+        if self.heatmaps is not None and msg.priority != Priority.ROUTINE:
+            self.heatmaps.submit(msg.event_id, rel, fr.data, decoded.pixels)  # the flag is queued already
         self.processed += 1
         self.stats.by_priority[msg.priority] += 1
         self.stats.latencies.append((time.perf_counter() - t_start) * 1000.0)

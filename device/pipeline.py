@@ -49,6 +49,14 @@ class Pipeline:
         self.gate = GateLimits(g.enabled, g.min_side, g.max_aspect, g.min_dynamic_range, g.min_smoothness,
                                g.strict_jpeg)
 
+    def dicom_options(self) -> dict:
+        """What ``read_dicom`` takes from the configuration (shared with the heat-map worker)."""
+        d = self.cfg.dicom
+        return {"include_patient_identifiers": d.include_patient_identifiers,
+                "accept_modalities": d.accept_modalities, "accept_body_parts": d.accept_body_parts,
+                "accept_views": d.accept_views, "max_pixels": self.cfg.watch.max_pixels,
+                "max_bytes": int(self.cfg.watch.max_decode_mb * 2**20)}
+
     def decode(self, data: bytes, name: str) -> Decoded:
         """Bytes -> the model's input: decode (JPEG/PNG, or DICOM through pydicom), the plausibility
         gate, then the shared ``resize`` and ``finish`` steps of the one preprocessing function."""
@@ -56,16 +64,7 @@ class Pipeline:
         ids, acquired = None, None
         max_bytes = int(self.cfg.watch.max_decode_mb * 2**20)
         if is_dicom(data[:132]):
-            gray, info = read_dicom(
-                data,
-                name=name,
-                include_patient_identifiers=self.cfg.dicom.include_patient_identifiers,
-                accept_modalities=self.cfg.dicom.accept_modalities,
-                accept_body_parts=self.cfg.dicom.accept_body_parts,
-                accept_views=self.cfg.dicom.accept_views,
-                max_pixels=self.cfg.watch.max_pixels,
-                max_bytes=max_bytes,
-            )
+            gray, info = read_dicom(data, name=name, **self.dicom_options())
             ids = info.ids()
             acquired = info.acquired_at.timestamp() if info.acquired_at else None
             check_source(SourceInfo(gray.shape[1], gray.shape[0], "DICOM", "L"), self.gate, name)
@@ -81,6 +80,10 @@ class Pipeline:
 
     def score(self, data: bytes, rel_path: str, sha256: str) -> FlagMessage:
         """Raises :class:`ImageDecodeError` for input that cannot be scored."""
+        return self.score_decoded(data, rel_path, sha256)[0]
+
+    def score_decoded(self, data: bytes, rel_path: str, sha256: str) -> tuple[FlagMessage, Decoded]:
+        """The flag, and the model's input it was scored on (the heat map reuses it)."""
         t0 = time.perf_counter()
         d = self.decode(data, rel_path)
         t1 = time.perf_counter()
@@ -101,7 +104,7 @@ class Pipeline:
             dicom=d.dicom_ids,
             written_at=utc_iso(d.acquired_at) if d.acquired_at is not None else None,
             written_ts=d.acquired_at,
-        )
+        ), d
 
 
 def score_file(pipeline: Pipeline, path: Path, root: Optional[Path] = None) -> FlagMessage:

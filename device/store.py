@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS flags (
     acked_by       TEXT,
     ack_station    TEXT,
     escalations    INTEGER NOT NULL DEFAULT 0,
-    last_escalated REAL
+    last_escalated REAL,
+    heatmap        TEXT             -- the overlay's file name under STATE/heatmaps (explain.enabled)
 );
 CREATE INDEX IF NOT EXISTS flags_open ON flags(priority, acked_at);
 -- every acknowledgement received, in order (a flag may be acknowledged by several stations)
@@ -76,7 +77,8 @@ CREATE TABLE IF NOT EXISTS acks (
 );
 """
 #: columns added after the first release: (table, column, type)
-MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"))
+MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"), ("journal", "heatmap", "TEXT"),
+              ("flags", "heatmap", "TEXT"))
 
 
 class StoreError(RuntimeError):
@@ -307,6 +309,17 @@ class Store:
             db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
                        (f"{event_id}#escalation-{n}", topic, payload, 1, now))
             db.execute("UPDATE flags SET escalations=?, last_escalated=? WHERE event_id=?", (n, now, event_id))
+
+        self._write(tx)
+
+    def record_heatmap(self, event_id: str, name: str, topic: str, png: bytes) -> None:
+        """Name a flag's heat map in the journal and queue it (after the flag, by outbox order)."""
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE journal SET heatmap=? WHERE event_id=?", (name, event_id))
+            db.execute("UPDATE flags SET heatmap=? WHERE event_id=?", (name, event_id))
+            db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
+                       (f"{event_id}#heatmap", topic, png, 1, time.time()))
 
         self._write(tx)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +323,47 @@ def test_explain_cli_layers_says_when_tensorflow_is_missing(tmp_path, capsys, mo
     assert rc == 2
     assert "--layers needs TensorFlow" in err and "pip install 'pneumoflag[convert]'" in err
     assert not out.exists()  # refused before any work
+
+
+def test_the_daemon_publishes_a_heat_map_after_its_flag_when_enabled(broker, dirs, daemons, tmp_path):
+    """explain.enabled: flag and urgent images get an overlay under STATE/heatmaps, named in the journal and
+    published on {prefix}/{device}/heatmaps/{event_id} after the flag; routine ones get none."""
+    import sqlite3
+
+    from mqtt_helpers import Subscriber, drop, new_daemon, wait_until
+
+    import paho.mqtt.client as mqtt
+
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    raw: dict[str, bytes] = {}  # the PNG bytes as published
+    host, port = broker.address.rsplit(":", 1)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    c.on_message = lambda cl, u, m: raw.__setitem__(m.topic, m.payload)
+    c.connect(host, int(port))
+    c.subscribe("pneumoflag/+/heatmaps/+", qos=1)
+    c.loop_start()
+    new_daemon(daemons, watch, state, broker.address, env={"PNEUMOFLAG_EXPLAIN_ENABLED": "true"}).start()
+    pneumonia = sorted((SAMPLES / "PNEUMONIA").glob("*.jpeg"))[0]
+    normal = sorted((SAMPLES / "NORMAL").glob("*.jpeg"))[0]
+    drop(pneumonia, watch)
+    drop(normal, watch)
+    flags = {f["file"]: f for f in sub.wait_flags(2)}
+    flagged = flags[pneumonia.name]
+    assert flagged["priority"] in ("flag", "urgent") and flags[normal.name]["priority"] == "routine"
+    topic = f"pneumoflag/test/heatmaps/{flagged['event_id']}"
+    wait_until(lambda: sub.where(lambda m: m.topic == topic), 30, "the heat map")
+    time.sleep(1)
+    maps = sub.where(lambda m: "/heatmaps/" in m.topic)
+    assert [m.topic for m in maps] == [topic] and not maps[0].retain  # none for the routine image
+    flag_msg = next(m for m in sub.where(lambda m: "/flags/" in m.topic) if m.payload["file"] == pneumonia.name)
+    assert flag_msg.at <= maps[0].at  # after its flag
+    wait_until(lambda: topic in raw, 10, "the raw PNG")
+    c.loop_stop()
+    on_disk = state / "heatmaps" / f"{flagged['event_id']}.png"
+    assert raw[topic] == on_disk.read_bytes()
+    img = Image.open(on_disk)
+    assert img.format == "PNG" and img.size == (384, 384)
+    with sqlite3.connect(state / "pneumoflag.db") as db:
+        (name,) = db.execute("SELECT heatmap FROM journal WHERE event_id=?", (flagged["event_id"],)).fetchone()
+    assert name == on_disk.name
