@@ -355,6 +355,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--e2e-rounds", type=int, default=5, help="passes over the images for end-to-end latency")
     p.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU measurement window")
     p.add_argument("--no-source", dest="source", action="store_false", help="skip the Keras source path")
+    p.add_argument("--no-explain", dest="explain", action="store_false",
+                   help="skip the heat-map figures (their cost, and the end-to-end latency with maps on)")
     p.add_argument("--stages-only", action="store_true",
                    help="only the per-stage latency (decode, preprocess, infer): no daemon, no broker, no source path")
     p.add_argument("--json", dest="json_out", type=Path, help="also write the figures as JSON")
@@ -370,7 +372,7 @@ def _cmd_bench(args) -> int:
     cfg = BenchConfig(images=args.images, model=args.model or Path(default_model_path()), broker=args.broker,
                       burst=args.burst, repeats=args.repeats, e2e_rounds=args.e2e_rounds,
                       idle_seconds=args.idle_seconds, keras=args.keras, source=args.source and not args.stages_only,
-                      stages_only=args.stages_only)
+                      stages_only=args.stages_only, explain=args.explain)
     res = run_bench(cfg)
     print(format_report(res))
     if args.json_out:
