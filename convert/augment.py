@@ -10,6 +10,11 @@ Profiles (``--augment``):
     the decoded image as it is.
 ``geometric``
     positioning: rotation, zoom, shift (about what 1.0.0 was trained with).
+``export``
+    ``geometric`` plus what differs between two exports of the same radiograph:
+    another window (a little of either end clipped) and gamma, a different
+    downscaling filter and size, JPEG re-compression. The decoded grey levels
+    change, the anatomy does not: one radiograph should get one answer.
 ``scanner``
     ``geometric`` (with a wider zoom: collimation differs between sites) plus what differs between scanners, exports and decoders and
     is the known shift of this data set: gamma and window, haze (contrast
@@ -28,7 +33,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-AUGMENTATIONS = ("none", "geometric", "scanner")
+AUGMENTATIONS = ("none", "geometric", "export", "scanner")
 _RESAMPLERS = (
     Image.Resampling.NEAREST,
     Image.Resampling.BOX,
@@ -59,14 +64,18 @@ def _lut(img: Image.Image, table: np.ndarray) -> Image.Image:
     return img.point(np.clip(np.round(table), 0, 255).astype(np.uint8).tolist())
 
 
-def _photometric(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+def _window(img: Image.Image, rng: np.random.Generator, gamma: tuple[float, float]) -> Image.Image:
     x = np.arange(256, dtype=np.float64) / 255.0
     if rng.random() < 0.8:  # gamma: exposure and detector response
-        x = x ** rng.uniform(0.6, 1.6)
+        x = x ** rng.uniform(*gamma)
     if rng.random() < 0.5:  # another window: clip a little of either end
         lo, hi = rng.uniform(0.0, 0.08), rng.uniform(0.92, 1.0)
         x = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-    img = _lut(img, x * 255.0)
+    return _lut(img, x * 255.0)
+
+
+def _photometric(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    img = _window(img, rng, (0.6, 1.6))
     if rng.random() < 0.4:  # haze: local contrast pulled towards a blurred copy
         k = int(rng.integers(6, 17))  # a cheap wide blur: shrink, then enlarge again
         fog = img.reduce(k).resize(img.size, Image.Resampling.BILINEAR)
@@ -109,8 +118,11 @@ def make_augmenter(profile: str, min_side: int, flip: bool = False) -> Callable[
         img = Image.fromarray(gray, "L")
         if flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if profile == "geometric":
+        if profile in ("geometric", "export"):
             img = _geometric(img, rng)
+        if profile == "export":
+            img = _window(img, rng, (0.8, 1.25))
+            img = _resample(img, rng, min_side)
         if profile == "scanner":
             # collimation differs between sites too: a wider zoom range
             img = _geometric(img, rng, (0.85, 1.25), 0.08)

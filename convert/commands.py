@@ -38,8 +38,9 @@ def add_train(sub) -> None:
     p.add_argument("--crop", type=float, default=0.0,
                    help="cut this share of each side before resizing (0-0.25; default 0)")
     p.add_argument("--augment", choices=AUGMENTATIONS, default="geometric",
-                   help="geometric: rotation/zoom/shift (default); scanner: also gamma, window, haze, blur, "
-                   "noise, JPEG re-compression and other downscaling; none")
+                   help="geometric: rotation/zoom/shift (default); export: also another window and gamma, "
+                   "another downscaling, JPEG re-compression; scanner: export's, stronger, plus haze, blur, "
+                   "noise and a wider zoom; none")
     p.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
     p.add_argument("--flip", action="store_true", help="also flip left-right at random")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="binary cross-entropy label smoothing")
