@@ -106,11 +106,14 @@ def logit_model(fm: "FloatModel") -> "FloatModel":
                       parameters=fm.parameters, output="logit")
 
 
-def ensemble(models: "list[FloatModel]") -> "FloatModel":
-    """One graph that averages the logits of several models on the same input.
+def ensemble(models: "list[FloatModel]", member_channel: Optional[list[int]] = None,
+             input_shape: Optional[tuple[int, int, int]] = None) -> "FloatModel":
+    """One graph that averages the logits of several models.
 
     Shipped as one int8 file: one invoke, one card, and the Edge TPU maps the
-    average (ADD, MUL) like the rest.
+    average (ADD, MUL) like the rest. With ``member_channel``, member ``i`` reads
+    only channel ``member_channel[i]`` of a multi-channel input (members
+    trained on different contrast steps; a STRIDED_SLICE each).
     """
     import keras
 
@@ -120,15 +123,20 @@ def ensemble(models: "list[FloatModel]") -> "FloatModel":
         raise ModelLoadError(f"ensemble members take different inputs: {sorted(shapes)}")
     if any(fm.output != "logit" or fm.keras_model is None for fm in members):
         raise ModelLoadError("an ensemble needs Keras models that end in a sigmoid (their logits are averaged)")
-    inp = keras.Input(shape=members[0].input_shape, name="image")
+    shape = tuple(input_shape or members[0].input_shape)
+    inp = keras.Input(shape=shape, name="image")
     outs = []
     for i, fm in enumerate(members):
         sub = fm.keras_model
         sub.name = f"member{i}"
-        outs.append(sub(inp))
+        x = inp
+        if member_channel is not None and shape[-1] > 1:
+            j = member_channel[i]
+            x = keras.layers.Lambda(lambda t, j=j: t[..., j : j + 1], name=f"view{i}")(inp)
+        outs.append(sub(x))
     avg = keras.layers.Average(name="logit")(outs)
     m = keras.Model(inp, avg, name="ensemble")
-    return FloatModel(path=members[0].path, kind="ensemble", input_shape=members[0].input_shape,
+    return FloatModel(path=members[0].path, kind="ensemble", input_shape=shape,
                       call=lambda x: m(x, training=False), keras_model=m,
                       summary=[f"average of the logits of {len(members)} members"] + members[0].summary,
                       parameters=int(m.count_params()), output="logit")

@@ -165,12 +165,35 @@ def _calibration_samples(cfg: ConvertConfig, exclude: set[Path]) -> list[Sample]
     return stratified_subset(kept or samples, cfg.num_calibration, cfg.seed)
 
 
-def _load_float(cfg: ConvertConfig) -> FloatModel:
+def _load_float(cfg: ConvertConfig) -> tuple[FloatModel, PreprocessSpec, Optional[dict]]:
+    """The model to quantize (cut at the logit; several: one ensemble graph), its preprocessing, its record.
+
+    Ensemble members may have been trained with different contrast steps: the
+    ensemble then takes one channel per step (``equalize+clahe``) and hands
+    each member its own.
+    """
     try:
         models = [load_float_model(m) for m in cfg.models]
-        return ensemble(models) if len(models) > 1 else logit_model(models[0])
     except ModelLoadError as exc:
         raise ConvertError(str(exc)) from None
+    metas = [_training_meta(m) for m in cfg.models]
+    specs = [resolve_spec(fm, meta, cfg.contrast, cfg.input_scale) for fm, meta in zip(models, metas, strict=True)]
+    if len(models) == 1:
+        return logit_model(models[0]), specs[0], metas[0]
+    first = specs[0]
+    for m, sp in zip(cfg.models[1:], specs[1:], strict=True):
+        if replace(sp, contrast=first.contrast) != first:
+            raise ConvertError(f"ensemble member {m} takes other input than {cfg.models[0]}: "
+                               f"{sp.to_dict()['description']} vs {first.to_dict()['description']}")
+    views = list(dict.fromkeys(sp.contrast for sp in specs))
+    if len(views) > 1 and first.channels != 1:
+        raise ConvertError("ensemble members with different contrast steps must take one channel each")
+    spec = replace(first, contrast="+".join(views), channels=len(views) if len(views) > 1 else first.channels)
+    try:
+        fm = ensemble(models, [views.index(sp.contrast) for sp in specs], spec.shape)
+    except ModelLoadError as exc:
+        raise ConvertError(str(exc)) from None
+    return fm, spec, metas[0]
 
 
 def quantize_int8(fm: FloatModel, calib: LoadedSet, spec: PreprocessSpec) -> bytes:
@@ -285,9 +308,7 @@ def convert(cfg: ConvertConfig) -> dict:
     name = cfg.name or out.stem
     card_path = out.with_suffix(".json")
 
-    fm = _load_float(cfg)
-    meta = _training_meta(cfg.models[0])
-    spec = resolve_spec(fm, meta, cfg.contrast, cfg.input_scale)
+    fm, spec, meta = _load_float(cfg)
     log.info("model %s (%s, output %s), input %s, preprocessing %s", ", ".join(map(str, cfg.models)), fm.kind,
              fm.output, fm.input_shape, spec.to_dict()["description"])
 

@@ -18,7 +18,10 @@ Steps, in order:
      same invariance locally, and it lifts the low-contrast, hazy lung fields
      that separate this data set's test split from its training split;
      ``none``;
-  5. replicate to the model's channel count; dtype uint8.
+     several, joined with ``+`` (``equalize+clahe``), make one channel each:
+     an ensemble whose members were trained on different contrast steps
+     takes them as one multi-channel input (one file, one invoke);
+  5. replicate to the model's channel count (a single view); dtype uint8.
 
 An optional border ``crop`` (a fraction of each side, before the resize)
 keeps burned-in markers and exposure text in the corners away from the model.
@@ -81,10 +84,15 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         if self.height < 8 or self.width < 8:
             raise ValueError(f"input size {self.height}x{self.width} is too small (min 8x8)")
-        if self.channels not in (1, 3):
+        bad = [v for v in self.views if v not in CONTRASTS]
+        if bad or len(set(self.views)) != len(self.views):
+            raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)} (or several joined with '+', each "
+                             f"once), not {self.contrast!r}")
+        if len(self.views) > 1:
+            if self.channels != len(self.views):
+                raise ValueError(f"contrast {self.contrast!r} makes {len(self.views)} channels, not {self.channels}")
+        elif self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, not {self.channels}")
-        if self.contrast not in CONTRASTS:
-            raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, not {self.contrast!r}")
         if self.resize != "squash-bilinear":
             raise ValueError(f"unknown resize method {self.resize!r}")
         if not 0.0 <= self.crop < 0.25:
@@ -101,13 +109,22 @@ class PreprocessSpec:
     def shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, self.channels)
 
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The contrast steps, one per channel when there are several."""
+        return tuple(self.contrast.split("+"))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        contrast = {
-            "equalize": "global histogram equalisation; ",
-            "clahe": f"CLAHE (clip {self.clahe_clip:g}, {self.clahe_grid}x{self.clahe_grid} tiles); ",
-            "none": "",
-        }[self.contrast]
+        names = {
+            "equalize": "global histogram equalisation",
+            "clahe": f"CLAHE (clip {self.clahe_clip:g}, {self.clahe_grid}x{self.clahe_grid} tiles)",
+            "none": "no contrast step",
+        }
+        if len(self.views) > 1:
+            contrast = "one channel each: " + ", ".join(names[v] for v in self.views) + "; "
+        else:
+            contrast = "" if self.contrast == "none" else names[self.contrast] + "; "
         d["description"] = (
             "grayscale; "
             + (f"crop {self.crop:.0%} of each side; " if self.crop else "")
@@ -431,14 +448,20 @@ def resize(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def contrast_step(small: np.ndarray, view: str, spec: PreprocessSpec) -> np.ndarray:
+    if view == "equalize":
+        return equalize_histogram(small)
+    if view == "clahe":
+        return clahe(small, spec.clahe_clip, spec.clahe_grid)
+    return small
+
+
 def finish(small: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Steps 4-5: the contrast step and the channel count: the model's uint8 input (H, W, C)."""
-    out = small
-    if spec.contrast == "equalize":
-        out = equalize_histogram(out)
-    elif spec.contrast == "clahe":
-        out = clahe(out, spec.clahe_clip, spec.clahe_grid)
-    out = out[:, :, None]
+    """Steps 4-5: the contrast step(s) and the channel count: the model's uint8 input (H, W, C)."""
+    views = spec.views
+    if len(views) > 1:
+        return np.ascontiguousarray(np.stack([contrast_step(small, v, spec) for v in views], axis=2))
+    out = contrast_step(small, views[0], spec)[:, :, None]
     if spec.channels == 3:
         out = np.repeat(out, 3, axis=2)
     return np.ascontiguousarray(out)

@@ -377,3 +377,38 @@ def test_the_int8_graph_ends_at_the_logit_so_saturated_scores_keep_their_order(t
 def _save(model, path: Path) -> Path:
     model.save(path)
     return path
+
+
+def test_an_ensemble_of_members_with_different_contrast_steps_is_one_model(tiny_run, mini_data, tmp_path):
+    """Two members, one trained on equalised and one on CLAHE images: one .tflite with one channel per step,
+    each member reading its own, the logits averaged; every op int8 and Edge-TPU-mapped."""
+    import keras
+
+    from pneumoflag.convert.float_model import load_float_model
+    from pneumoflag.convert.train import sidecar_paths
+
+    other = tmp_path / "clahe.keras"
+    assert run_cli("train", "--data", mini_data, "--out", other, "--size", "32", "--epochs", "1",
+                   "--val-fraction", "0.3", "--seed", "3", "--contrast", "clahe") == 0
+    out = tmp_path / "ens.tflite"
+    assert run_cli("convert", tiny_run["keras"], other, "--calibration", mini_data, "--out", out,
+                   "--validation", mini_data, "--num-calibration", "8", "--max-auroc-drop", "1", "--single-tier") == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["preprocessing"]["contrast"] == "equalize+clahe" and card["tflite"]["input"]["shape"] == [1, 32, 32, 2]
+    assert "ensemble of 2" in card["architecture"]["description"]
+    assert card["edgetpu_compatibility"]["all_mapped"] and "STRIDED_SLICE" in {
+        o["op"] for o in card["edgetpu_compatibility"]["ops"]}
+    # the int8 ensemble follows the float mean of the members' logits, each on its own contrast step
+    from pneumoflag.device.preprocess import PreprocessSpec
+
+    scorer, mc = load_scorer(out, "cpu")
+    assert mc.preprocessing.shape == (32, 32, 2)
+    f = sorted(mini_data.rglob("*.jpeg"))[0]
+    z = []
+    for path in (tiny_run["keras"], other):
+        fm = load_float_model(path)
+        spec = PreprocessSpec.from_dict(json.loads(sidecar_paths(path)["meta"].read_text())["preprocessing"])
+        logit = keras.Model(fm.keras_model.inputs[0], fm.keras_model.get_layer("logit").output)
+        z.append(float(np.asarray(logit(to_float_input(preprocess(f, spec)[None], spec))).ravel()[0]))
+    p_float = 1 / (1 + np.exp(-np.mean(z)))
+    assert scorer.score(preprocess(f, mc.preprocessing)) == pytest.approx(p_float, abs=0.05)
