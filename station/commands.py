@@ -19,7 +19,8 @@ EPILOG = """nursing station (needs the 'station' extra: pip install 'pneumoflag[
 DESCRIPTION = """\
 Serve the nursing-station web console: one live page with the worklist of every appliance under the
 topic prefix (urgent, flag, routine, oldest first), their time to notification, an acknowledge button
-per row, escalations, the appliances' online/offline/silent state and recent errors.
+per row, a detail panel per row with the appliance's heat map (explain.enabled), escalations, the
+appliances' online/offline/silent state and recent errors.
 
 The station subscribes with a persistent MQTT session under the client id pneumoflag-station-ID, so
 flags published while it was down arrive when it comes back, and keeps its worklist in SQLite

@@ -5,7 +5,8 @@ Guarantees:
 - client id ``pneumoflag-station-<station_id>`` with ``clean_session = false`` (MQTT 3.1.1) or
   ``clean_start = false`` and a week's session expiry (MQTT 5) (``device.publisher.make_client(clean=False)``):
   the broker queues the QoS 1 flags published while this station is down and delivers them when it is back;
-- every subscription is QoS 1 (stats arrive as the daemon sends them, QoS 0);
+- every subscription is QoS 1 (stats arrive as the daemon sends them, QoS 0), heat maps
+  (``{prefix}/+/heatmaps/+``, raw PNG bytes) included;
 - a QoS 1 message is acknowledged to the broker (paho's manual ack) only once the handler has stored it,
   so a station that dies half-way gets the message again (and drops the repeat by event_id);
 - an ack the nurse sends while the broker is away waits in paho's queue and goes out after the reconnect
@@ -31,19 +32,20 @@ log = logging.getLogger(__name__)
 
 #: topic suffixes the station subscribes to under ``{prefix}/+/``, and the kind each carries
 KINDS = {"flags/+": "flag", "errors": "error", "status": "status", "stats": "stats", "acks": "ack",
-         "escalations": "escalation"}
+         "escalations": "escalation", "heatmaps/+": "heatmap"}
 
 
 @dataclass
 class Incoming:
     """One message off the broker, parsed on paho's thread and handled on the event loop's."""
 
-    kind: str  # flag | error | status | stats | ack | escalation
+    kind: str  # flag | error | status | stats | ack | escalation | heatmap
     device: str  # from the topic
-    payload: dict[str, Any] | str  # JSON object, or the status text
+    payload: dict[str, Any] | str | bytes  # JSON object, the status text, or a heat map's PNG bytes
     retained: bool
     mid: int
     qos: int
+    event_id: str | None = None  # a heat map's, from its topic
 
 
 def classify(prefix: str, topic: str) -> tuple[str, str] | None:
@@ -54,6 +56,8 @@ def classify(prefix: str, topic: str) -> tuple[str, str] | None:
     device, rest = parts[1], parts[2:]
     if len(rest) == 2 and rest[0] == "flags":
         return "flag", device
+    if len(rest) == 2 and rest[0] == "heatmaps":
+        return "heatmap", device
     if len(rest) == 1 and rest[0] in KINDS:
         return KINDS[rest[0]], device
     return None
@@ -127,8 +131,10 @@ class MqttLink:
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         where = classify(self.prefix, message.topic)
-        payload: dict[str, Any] | str | None = None
-        if where is not None:
+        payload: dict[str, Any] | str | bytes | None = None
+        if where is not None and where[0] == "heatmap":
+            payload = bytes(message.payload)  # checked (PNG, size) where it is stored
+        elif where is not None:
             try:
                 text = message.payload.decode()
                 payload = text if where[0] == "status" else json.loads(text)
@@ -138,7 +144,8 @@ class MqttLink:
             client.ack(message.mid, message.qos)
             return
         item = Incoming(kind=where[0], device=where[1], payload=payload, retained=bool(message.retain),
-                        mid=message.mid, qos=message.qos)
+                        mid=message.mid, qos=message.qos,
+                        event_id=message.topic.rsplit("/", 1)[1] if where[0] == "heatmap" else None)
         self.loop.call_soon_threadsafe(self._handle, item)
 
     # ------------------------------------------------------------------ the event loop's thread

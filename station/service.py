@@ -1,8 +1,10 @@
 """The station process: MQTT link -> worklist (SQLite) -> open pages, and the acks going the other way.
 
 Source to sink, one way: a message from the broker is stored in the worklist, acknowledged to the broker,
-then pushed to every open page. An acknowledgement a nurse gives goes to the broker only; the row turns
-acknowledged when the ack comes back on ``{prefix}/+/acks``, the same way it does on every other station.
+then pushed to every open page (a heat map goes out as its row, now saying it has one: the PNG itself is
+fetched by the page that shows it, not pushed to all). An acknowledgement a nurse gives goes to the broker
+only; the row turns acknowledged when the ack comes back on ``{prefix}/+/acks``, the same way it does on
+every other station.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import logging
 import re
 import signal
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,7 @@ from .worklist import BadMessage, DeviceState, Worklist
 log = logging.getLogger(__name__)
 
 MAX_NAME = 64
+PRUNE_EVERY_S = 60.0  # heat maps of rows that left the page are dropped this often
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -87,7 +91,8 @@ class Station:
         try:
             self._dispatch(item)
         except BadMessage as exc:
-            log.warning("dropped a %s message from %s: %s", item.kind, item.device, exc)
+            about = f" ({item.event_id[:80]!r})" if item.event_id else ""
+            log.warning("dropped a %s message from %s%s: %s", item.kind, item.device, about, exc)
         except sqlite3.Error as exc:
             log.error("worklist write failed, message left unacknowledged for redelivery: %s", exc)
             return False
@@ -98,6 +103,15 @@ class Station:
         if item.kind == "status":
             wl.set_status(item.device, str(payload).strip())
             self._refresh_devices()
+            return
+        if item.kind == "heatmap":
+            if not isinstance(payload, bytes) or item.event_id is None:
+                raise BadMessage("a heat map must be PNG bytes on .../heatmaps/EVENT_ID")
+            if wl.add_heatmap(item.event_id, item.device, payload):
+                row = wl.row(item.event_id)
+                log.info("heat map of %s from %s stored (%d bytes)", item.event_id, item.device, len(payload))
+                if row:
+                    self.hub.publish("row", row.to_json())
             return
         if not isinstance(payload, dict):
             raise BadMessage("not a JSON object")
@@ -141,12 +155,16 @@ class Station:
                 self.hub.publish("device", data)
 
     async def _tick(self) -> None:
+        pruned = 0.0
         while True:
-            await asyncio.sleep(1.0)
             try:
                 self._refresh_devices()
+                if time.monotonic() - pruned >= PRUNE_EVERY_S or not pruned:
+                    pruned = time.monotonic()
+                    self.worklist.prune_heatmaps()
             except sqlite3.Error as exc:
-                log.error("reading devices failed: %s", exc)
+                log.error("worklist upkeep failed: %s", exc)
+            await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------------ for the pages
     def snapshot(self, csrf: str | None) -> dict[str, Any]:

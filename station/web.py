@@ -6,6 +6,7 @@ Routes:
 - ``GET /events`` server-sent events: a ``snapshot`` first, then ``row``, ``device``, ``rejected``, ``link``
 - ``GET /api/state`` the same snapshot as JSON
 - ``POST /api/ack`` ``{"event_id", "by"}`` with the ``X-CSRF-Token`` header: publishes the ack (202)
+- ``GET /heatmap/EVENT_ID.png`` the appliance's heat-map overlay for that flag (404 when the station has none)
 - ``GET|POST /login``, ``POST /logout`` when a password is configured
 
 Every response carries a strict Content-Security-Policy (no inline script, nothing from elsewhere). The
@@ -24,6 +25,7 @@ from aiohttp import web
 from .events import sse_frame
 from .security import cross_site
 from .service import AckRefused, Station, UnknownFlag
+from .worklist import EVENT_ID
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,19 @@ async def ack(request: web.Request) -> web.StreamResponse:
     return web.json_response({"event_id": result.event_id, "delivered": result.delivered}, status=202)
 
 
+async def heatmap(request: web.Request) -> web.StreamResponse:
+    """The PNG as the appliance sent it; never stored by a shared cache (it is about a patient)."""
+    name = request.match_info["name"]
+    event_id = name.removesuffix(".png")
+    if event_id == name or not EVENT_ID.match(event_id):
+        return web.json_response({"error": "not a heat map name: /heatmap/EVENT_ID.png"}, status=400)
+    png = _station(request).worklist.heatmap(event_id)
+    if png is None:
+        return web.json_response({"error": f"no heat map for {event_id}"}, status=404)
+    return web.Response(body=png, content_type="image/png",
+                        headers={"Cache-Control": "private, no-store"})
+
+
 def make_app(station: Station) -> web.Application:
     app = web.Application(middlewares=[headers_middleware, guard_middleware], client_max_size=64 * 1024)
     app[STATION_KEY] = station
@@ -192,6 +207,7 @@ def make_app(station: Station) -> web.Application:
         web.get("/api/state", state),
         web.get("/events", events),
         web.post("/api/ack", ack),
+        web.get("/heatmap/{name}", heatmap),
         web.static("/static", STATIC, show_index=False, follow_symlinks=False),
     ])
 

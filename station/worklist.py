@@ -7,7 +7,10 @@ Guarantees, in the order a message meets them:
 - a write is committed (``synchronous = FULL``) before the method returns, and ``mqtt_link`` acknowledges
   the message to the broker only after that, so a crash loses nothing the broker still holds for us;
 - an ack or an escalation may arrive before its flag (different topics, different publishers): acks are
-  kept on their own and joined, an escalation carries the flag and adds the row.
+  kept on their own and joined, an escalation carries the flag and adds the row;
+- a heat map (a PNG, ``explain.enabled`` on the appliance) is kept as a BLOB beside its flag, in the same
+  transaction discipline, and only while its row is on the page (``prune_heatmaps``): the images are the
+  bulk of the database. One whose flag has not come (yet) is kept for ``ORPHAN_KEEP_S``, then dropped.
 
 All methods run on the event loop's thread; the connection is not shared.
 """
@@ -17,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -34,6 +38,15 @@ ACK_KEEP_S = 12 * 3600
 MAX_ROWS = 1000
 MAX_TEXT = 1024
 DEVICE_STATES = ("online", "offline", "silent", "unknown")
+#: heat maps: the most a payload may weigh (the daemon's are ~100-200 KB), and the PNG signature
+MAX_HEATMAP_BYTES = 2 * 1024 * 1024
+MAX_HEATMAP_SIDE = 4096  # pixels: a small file may still decompress to a huge image in the browser
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: a heat map whose flag this station has not seen is kept this long (the flag may still come), then dropped
+ORPHAN_KEEP_S = 3600
+MAX_ORPHANS = 100
+#: event ids as they may appear in a heat map's topic and URL: the daemon's are UUIDs; no dots, no slashes
+EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flags (
@@ -82,6 +95,12 @@ CREATE TABLE IF NOT EXISTS devices (
     stats_epoch REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS heatmaps (
+    event_id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    png BLOB NOT NULL,
+    received_epoch REAL NOT NULL
+);
 """
 #: columns added after the first release of this file, for databases made before them
 LATER_COLUMNS = {"flags": ("supersedes",), "errors": ("supersedes",)}
@@ -148,6 +167,7 @@ class Row:
     escalated_at: str | None
     ack: Ack | None
     superseded_by: str | None  # a newer result (flag or error) for the same file replaced this one
+    heatmap: bool  # the appliance's heat-map overlay is here (GET /heatmap/EVENT_ID.png)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,7 +204,8 @@ SELECT f.event_id, f.device, f.priority, f.probability, f.file, f.accession_numb
        a.by_name, a.station, a.at, a.received_epoch,
        COALESCE((SELECT s.event_id FROM flags s WHERE s.supersedes = f.event_id LIMIT 1),
                 (SELECT e.event_id FROM errors e WHERE e.supersedes = f.event_id LIMIT 1)) AS superseded_by,
-       f.rank
+       f.rank,
+       EXISTS (SELECT 1 FROM heatmaps h WHERE h.event_id = f.event_id) AS heatmap
 FROM flags f
 LEFT JOIN (SELECT event_id, by_name, station, MIN(at) AS at, received_epoch FROM acks GROUP BY event_id) a
        ON a.event_id = f.event_id
@@ -195,7 +216,24 @@ def _row(r: tuple) -> Row:
     ack = Ack(by=r[14], station=r[15], at=r[16]) if r[14] is not None else None
     return Row(event_id=r[0], device=r[1], priority=r[2], probability=r[3], file=r[4], accession_number=r[5],
                written_at=r[6], scored_at=r[7], received_at=r[8], ttn_s=r[9], sort_at=utc_iso(r[10]),
-               escalation=r[11], max_escalations=r[12], escalated_at=r[13], ack=ack, superseded_by=r[18])
+               escalation=r[11], max_escalations=r[12], escalated_at=r[13], ack=ack, superseded_by=r[18],
+               heatmap=bool(r[20]))
+
+
+def check_png(data: bytes) -> None:
+    """Refuse what a browser should not be handed as a heat map: not a PNG, too heavy, or too many pixels.
+
+    The IHDR chunk must come first (PNG requires it), so its width and height are at fixed offsets.
+    """
+    if len(data) > MAX_HEATMAP_BYTES:
+        raise BadMessage(f"{len(data)} bytes, over the {MAX_HEATMAP_BYTES} byte limit")
+    if not data.startswith(PNG_SIGNATURE):
+        raise BadMessage("not a PNG (no PNG signature)")
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise BadMessage("not a PNG (no IHDR header)")
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if not (0 < width <= MAX_HEATMAP_SIDE and 0 < height <= MAX_HEATMAP_SIDE):
+        raise BadMessage(f"{width}x{height} pixels, over the {MAX_HEATMAP_SIDE} pixel limit")
 
 
 def _stats_summary(payload: dict) -> dict[str, float]:
@@ -327,6 +365,49 @@ class Worklist:
         self.db.execute("INSERT INTO devices (device, stats, stats_epoch) VALUES (?,?,?) ON CONFLICT(device) "
                         "DO UPDATE SET stats = excluded.stats, stats_epoch = excluded.stats_epoch",
                         (device, json.dumps(_stats_summary(payload)), when))
+
+    def add_heatmap(self, event_id: str, topic_device: str, png: bytes, received: float | None = None) -> bool:
+        """Store a heat map (checked by ``check_png``); False for a repeat delivery (the first copy stays)."""
+        if not EVENT_ID.match(event_id):
+            raise BadMessage(f"event id {event_id[:80]!r} is not of the form {EVENT_ID.pattern}")
+        check_png(png)
+        received = time.time() if received is None else received
+        cur = self.db.execute("INSERT OR IGNORE INTO heatmaps (event_id, device, png, received_epoch) "
+                              "VALUES (?,?,?,?)", (event_id, topic_device, png, received))
+        if cur.rowcount and self.device_of(event_id) is None:
+            log.info("heat map %s came before its flag (or without one): kept for %d s", event_id, ORPHAN_KEEP_S)
+            self._prune_orphans(received)
+        return bool(cur.rowcount)
+
+    def heatmap(self, event_id: str) -> bytes | None:
+        r = self.db.execute("SELECT png FROM heatmaps WHERE event_id = ?", (event_id,)).fetchone()
+        return bytes(r[0]) if r else None
+
+    def prune_heatmaps(self, now: float | None = None) -> int:
+        """Drop the heat maps of rows no longer on the page (closed for over ``ACK_KEEP_S``, or beyond
+        ``MAX_ROWS``), and those whose flag never came; the number dropped."""
+        now = time.time() if now is None else now
+        shown = {r.event_id for r in self.rows(now)}
+        gone = [e for (e,) in self.db.execute(
+            "SELECT h.event_id FROM heatmaps h JOIN flags f ON f.event_id = h.event_id")
+            if e not in shown]
+        for event_id in gone:
+            self.db.execute("DELETE FROM heatmaps WHERE event_id = ?", (event_id,))
+        dropped = len(gone) + self._prune_orphans(now)
+        if dropped:
+            log.info("dropped %d heat maps (their rows left the page, or their flag never came)", dropped)
+        return dropped
+
+    def _prune_orphans(self, now: float) -> int:
+        """Heat maps without a flag: older than ``ORPHAN_KEEP_S``, or beyond the newest ``MAX_ORPHANS``."""
+        cur = self.db.execute(
+            "DELETE FROM heatmaps WHERE event_id IN (SELECT h.event_id FROM heatmaps h "
+            "WHERE NOT EXISTS (SELECT 1 FROM flags f WHERE f.event_id = h.event_id) "
+            "AND (h.received_epoch < ? OR h.event_id NOT IN (SELECT o.event_id FROM heatmaps o "
+            "WHERE NOT EXISTS (SELECT 1 FROM flags g WHERE g.event_id = o.event_id) "
+            "ORDER BY o.received_epoch DESC, o.rowid DESC LIMIT ?)))",
+            (now - ORPHAN_KEEP_S, MAX_ORPHANS))
+        return cur.rowcount
 
     # ------------------------------------------------------------------ reads
     def row(self, event_id: str) -> Row | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ import pytest
 from mqtt_helpers import REPO, DaemonProc, Mosquitto, Subscriber, free_port, wait_until
 from pneumoflag.device.messages import ESCALATION_SCHEMA, EscalationMessage, encode
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -191,6 +192,9 @@ def flag_of(sub: Subscriber, file: str, timeout: float = 20) -> dict:
 def screenshot(driver: webdriver.Chrome, name: str) -> None:
     if WRITE_SCREENSHOTS:
         (REPO / "docs").mkdir(exist_ok=True)
+        # two frames, so that what was just drawn (a modal's backdrop) is painted, not half-way
+        driver.execute_async_script("const done = arguments[0];"
+                                    "requestAnimationFrame(() => requestAnimationFrame(() => done()));")
         driver.save_screenshot(str(REPO / "docs" / name))
 
 
@@ -780,3 +784,165 @@ def test_the_daemon_escalates_an_unacknowledged_urgent_flag_onto_the_page(ward, 
         row = wait_row(page, name, timeout=20, where=lambda r: "escalated (1)" in r["status"], what="escalated")
         assert "is-escalated" in row["cls"] and row["device"] == "xray-3"
     assert daemon.terminate() == 0
+
+
+# ----------------------------------------------------------------------------- heat maps (explain.enabled)
+
+
+def fetch_bytes(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """GET as raw bytes (``request`` decodes text)."""
+    host_port, _, path = url.removeprefix("http://").partition("/")
+    host, port = host_port.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/" + path, headers=headers or {})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+
+def make_png(side: int = 384) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (220, 90, 20)).save(out, "PNG")
+    return out.getvalue()
+
+
+PANEL_JS = """const d = document.getElementById('detail'); const img = document.getElementById('detail-img');
+    const t = (id) => document.getElementById(id).textContent;
+    return {open: d.open, file: t('detail-file'), prio: t('detail-prio'), probability: t('detail-probability'),
+            accession: t('detail-accession'), image: t('detail-image'), notice: d.querySelector('.notice').textContent,
+            src: img ? img.getAttribute('src') : null, width: img && img.complete ? img.naturalWidth : 0,
+            focus: document.activeElement.id || document.activeElement.dataset.eventId || ''};"""
+
+
+def panel(driver: webdriver.Chrome) -> dict:
+    return driver.execute_script(PANEL_JS)
+
+
+def click_cell(driver: webdriver.Chrome, event_id: str, cell: str) -> None:
+    """Click a cell of a row as a nurse would; a live update may redraw the cells between find and click."""
+    for _ in range(5):
+        try:
+            driver.find_element(By.CSS_SELECTOR, f'tr[data-event-id="{event_id}"] td.{cell}').click()
+            return
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    raise AssertionError(f"the {cell} cell of {event_id} kept being redrawn")
+
+
+def focus_row(driver: webdriver.Chrome, event_id: str):
+    driver.execute_script("document.querySelector(`tr[data-event-id='${arguments[0]}']`).focus()", event_id)
+    return driver.switch_to.active_element
+
+
+def test_opening_a_row_shows_the_heat_map_the_daemon_drew(ward):
+    """A real daemon with explain.enabled: its flag's overlay, byte for byte, in the row's detail panel."""
+    export, state = ward.root / "export-heat", ward.root / "state-heat"
+    export.mkdir()
+    state.mkdir()
+    daemon = DaemonProc(export, state, ward.broker.address, device_id="xray-h",
+                        env={"PNEUMOFLAG_EXPLAIN_ENABLED": "true"})
+    ward.extra.append(daemon)
+    daemon.start()
+    name, routine_name = "heat-map.jpeg", "heat-routine.jpeg"
+    drop_bytes(unique_jpeg(PNEUMONIA[0], name), export, name)
+    drop_bytes(unique_jpeg(NORMAL[0], routine_name), export, routine_name)
+    flag = flag_of(ward.sub, name)
+    routine = flag_of(ward.sub, routine_name)
+    assert (flag["priority"], routine["priority"]) == ("flag", "routine")
+    page = ward.page_b
+    wait_row(page, name, timeout=20)
+    click_cell(page, flag["event_id"], "file")
+    wait_until(lambda: panel(page)["width"] == 384, 60, "the heat map in the open panel")  # SSE if it came later
+    shown = panel(page)
+    assert shown["open"] and shown["file"] == name and shown["prio"] == "flag"
+    assert shown["probability"] == f'{flag["probability"]:.3f}' and shown["accession"] == "—"
+    assert "triage aid, not a diagnostic device" in shown["notice"]
+    assert shown["src"] == f'/heatmap/{flag["event_id"]}.png' and shown["focus"] == "detail-close"
+    # the very bytes the daemon wrote, served to this page's session, and cached by nobody else
+    written = (state / "heatmaps" / f'{flag["event_id"]}.png').read_bytes()
+    cookie = page.get_cookie("pneumoflag_station_desk-b")["value"]
+    status, headers, body = fetch_bytes(ward.desk_b.url + shown["src"], {"Cookie": f"pneumoflag_station_desk-b={cookie}"})
+    assert status == 200 and body == written
+    assert headers["content-type"] == "image/png" and "no-store" in headers["cache-control"]
+    assert "private" in headers["cache-control"] and headers["x-content-type-options"] == "nosniff"
+    screenshot(page, "station-heatmap.png")
+    # Esc closes it and gives the focus back to the row; Enter and Space open the focused row
+    page.switch_to.active_element.send_keys(Keys.ESCAPE)
+    wait_until(lambda: not panel(page)["open"], 5, "Esc to close the panel")
+    wait_until(lambda: panel(page)["focus"] == flag["event_id"], 5, "the focus back on the row")
+    assert panel(page)["src"] is None  # the image leaves with the panel
+    for key in (Keys.ENTER, Keys.SPACE):
+        focus_row(page, flag["event_id"]).send_keys(key)
+        wait_until(lambda: panel(page)["width"] == 384, 10, f"{key!r} to open the panel")
+        page.find_element(By.ID, "detail-close").click()
+        wait_until(lambda: not panel(page)["open"], 5, "the Close button")
+    # the appliance draws no map for a routine image: the panel says so
+    focus_row(page, routine["event_id"]).send_keys(Keys.ENTER)
+    wait_until(lambda: panel(page)["open"], 5, "the routine row's panel")
+    shown = panel(page)
+    assert shown["file"] == routine_name and shown["prio"] == "routine" and shown["src"] is None
+    assert "no heat map for this image" in shown["image"]
+    assert not (state / "heatmaps" / f'{routine["event_id"]}.png').exists()
+    page.switch_to.active_element.send_keys(Keys.ESCAPE)
+    wait_until(lambda: not panel(page)["open"], 5, "Esc to close the panel")
+    # the row's own controls still do what they did: Acknowledge opens nothing, `a` acknowledges
+    type_name(page, "Nurse Bo")
+    page.find_element(By.CSS_SELECTOR, f'tr[data-event-id="{routine["event_id"]}"] button.ack').click()
+    wait_row(page, routine_name, where=lambda r: "acknowledged by Nurse Bo" in r["status"], what="acknowledged")
+    focus_row(page, flag["event_id"]).send_keys("a")
+    wait_row(page, name, where=lambda r: "acknowledged by Nurse Bo" in r["status"], what="acknowledged with a")
+    assert not panel(page)["open"]
+    assert page.execute_script("return window.__dialogs") == []
+    assert not [e for e in page.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert daemon.terminate() == 0
+
+
+def test_a_heat_map_that_arrives_while_the_row_is_open_shows_at_once(ward):
+    page = ward.page_a
+    flag = {"schema": "pneumoflag.flag/1", "event_id": str(uuid.uuid4()), "device": "xray-1", "file": "late-map.jpeg",
+            "sha256": "0" * 64, "probability": 0.93, "priority": "flag", "accession_number": "<b>A77</b>",
+            "scored_at": datetime.now(timezone.utc).isoformat()}
+    publish(ward.broker.address, "pneumoflag/xray-1/flags/flag", encode(flag))
+    wait_row(page, "Acc. <b>A77</b>late-map.jpeg")
+    click_cell(page, flag["event_id"], "prob")
+    wait_until(lambda: panel(page)["open"], 5, "the panel")
+    shown = panel(page)
+    assert "no heat map for this image" in shown["image"] and shown["accession"] == "<b>A77</b>"  # text, not HTML
+    data = make_png(384)
+    publish(ward.broker.address, f'pneumoflag/xray-1/heatmaps/{flag["event_id"]}', data)
+    wait_until(lambda: panel(page)["width"] == 384, 10, "the heat map pushed into the open panel")
+    page.switch_to.active_element.send_keys(Keys.ESCAPE)
+    wait_until(lambda: not panel(page)["open"], 5, "Esc to close the panel")
+
+
+def test_the_heat_map_endpoint_wants_a_login_a_good_id_and_a_real_png(lone_station, broker, tmp_path):
+    pw = tmp_path / "station.password"
+    pw.write_text("correct horse battery\n")
+    station, flag = lone_station("--password-file", str(pw))
+    bearer = {"Authorization": "Bearer correct horse battery"}
+    url = f'{station.url}/heatmap/{flag["event_id"]}.png'
+    topic = f'pneumoflag/xray-t/heatmaps/{flag["event_id"]}'
+    # refused, and said why: not a PNG, over the size limit, an event id that could not be one
+    publish(broker.address, topic, b"GIF89a" + bytes(200))
+    publish(broker.address, topic, b"\x89PNG\r\n\x1a\n" + bytes(2 * 1024 * 1024))
+    publish(broker.address, "pneumoflag/xray-t/heatmaps/..", make_png(8))
+    wait_until(lambda: station.output().count("dropped a heatmap message") == 3, 10, "three refusals in the log")
+    out = station.output()
+    assert "not a PNG" in out and "byte limit" in out and "event id '..'" in out
+    assert fetch_bytes(url, bearer)[0] == 404
+    # a good one
+    data = make_png(384)
+    publish(broker.address, topic, data)
+    wait_until(lambda: fetch_bytes(url, bearer)[0] == 200, 10, "the heat map stored")
+    status, headers, body = fetch_bytes(url, bearer)
+    assert body == data and headers["content-type"] == "image/png" and headers["cache-control"] == "private, no-store"
+    assert fetch_bytes(url)[0] == 401  # not without the password
+    assert fetch_bytes(url, {"Authorization": "Bearer wrong"})[0] == 401
+    for bad in ("..%2F..%2Fetc%2Fpasswd.png", "%2e%2e.png", ".png", f'{flag["event_id"]}.gif', flag["event_id"],
+                "a" * 200 + ".png", "x%00.png"):
+        status, _, body = fetch_bytes(f"{station.url}/heatmap/{bad}", bearer)
+        assert status == 400 and b"not a heat map name" in body, (bad, status)
+    assert fetch_bytes(f"{station.url}/heatmap/{uuid.uuid4()}.png", bearer)[0] == 404

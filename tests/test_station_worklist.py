@@ -2,6 +2,7 @@
 session, topic routing, and the CLI plug-in. Real SQLite files, no mocks."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ from pneumoflag.device.messages import AckMessage, EscalationMessage
 from pneumoflag.station.mqtt_link import classify
 from pneumoflag.station.security import SESSION_TTL_S, Guard
 from pneumoflag.station.settings import StationError, StationSettings, is_loopback
-from pneumoflag.station.worklist import SCHEMA, BadMessage, Worklist, utc_iso
+from pneumoflag.station.worklist import (ACK_KEEP_S, MAX_HEATMAP_BYTES, MAX_ORPHANS, ORPHAN_KEEP_S, SCHEMA,
+                                        BadMessage, Worklist, utc_iso)
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000.0  # a fixed "now" for the tests
@@ -134,6 +136,69 @@ def test_a_database_from_before_supersedes_is_upgraded(tmp_path):
     upgraded.close()
 
 
+def png(side: int = 8) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 40, 0)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_heat_map_is_stored_once_and_marks_its_row(wl):
+    payload, data = flag("flag"), png()
+    wl.add_flag(payload, "xray-1", received=T0)
+    assert wl.row(payload["event_id"]).heatmap is False
+    assert wl.add_heatmap(payload["event_id"], "xray-1", data, received=T0) is True
+    assert wl.add_heatmap(payload["event_id"], "xray-1", png(16), received=T0 + 1) is False  # a repeat: first stays
+    assert wl.heatmap(payload["event_id"]) == data
+    assert wl.row(payload["event_id"]).heatmap is True and wl.rows(now=T0)[0].heatmap is True
+    assert wl.heatmap(str(uuid.uuid4())) is None
+
+
+@pytest.mark.parametrize("event_id, data, why", [
+    ("ok-id", b"GIF89a" + bytes(64), "not a PNG"),
+    ("ok-id", b"\x89PNG\r\n\x1a\n" + bytes(64), "no IHDR"),
+    ("ok-id", b"\x89PNG\r\n\x1a\n" + bytes(MAX_HEATMAP_BYTES), "byte limit"),
+    ("ok-id", png()[:16] + (100_000).to_bytes(4, "big") + png()[20:], "pixel limit"),  # a decompression bomb
+    ("../../etc/passwd", None, "event id"),
+    (".hidden", None, "event id"),
+    ("a" * 129, None, "event id"),
+    ("", None, "event id"),
+])
+def test_a_heat_map_that_is_not_a_sane_png_or_has_a_bad_id_is_refused(wl, event_id, data, why):
+    with pytest.raises(BadMessage, match=why):
+        wl.add_heatmap(event_id, "xray-1", png() if data is None else data)
+    assert wl.db.execute("SELECT COUNT(*) FROM heatmaps").fetchone()[0] == 0
+
+
+def test_heat_maps_leave_with_their_rows_and_orphans_after_an_hour(wl):
+    open_, acked = flag("urgent"), flag("flag")
+    for p in (open_, acked):
+        wl.add_flag(p, "xray-1", received=T0)
+        wl.add_heatmap(p["event_id"], "xray-1", png(), received=T0)
+    wl.add_ack(AckMessage(acked["event_id"], "desk-a", "Ada").to_dict(), received=T0)
+    assert wl.prune_heatmaps(now=T0 + ACK_KEEP_S - 1) == 0  # the acknowledged row is still on the page
+    assert wl.prune_heatmaps(now=T0 + ACK_KEEP_S + 1) == 1
+    assert wl.heatmap(acked["event_id"]) is None and wl.row(acked["event_id"]).heatmap is False
+    assert wl.heatmap(open_["event_id"]) is not None  # open rows stay on the page, and their maps with them
+    # a heat map before (or without) its flag: kept an hour, and shown once the flag comes
+    early, never = flag("flag"), flag("flag")
+    wl.add_heatmap(early["event_id"], "xray-1", png(), received=T0)
+    wl.add_heatmap(never["event_id"], "xray-1", png(), received=T0)
+    assert wl.prune_heatmaps(now=T0 + ORPHAN_KEEP_S - 1) == 0
+    assert wl.add_flag(early, "xray-1", received=T0 + 10).heatmap is True
+    assert wl.prune_heatmaps(now=T0 + ORPHAN_KEEP_S + 1) == 1
+    assert wl.heatmap(never["event_id"]) is None and wl.heatmap(early["event_id"]) is not None
+
+
+def test_heat_maps_without_a_flag_are_capped(wl):
+    ids = [f"orphan-{i:04d}" for i in range(MAX_ORPHANS + 5)]
+    for i, event_id in enumerate(ids):
+        wl.add_heatmap(event_id, "xray-1", png(), received=T0 + i)
+    kept = {e for (e,) in wl.db.execute("SELECT event_id FROM heatmaps")}
+    assert kept == set(ids[5:])  # the newest MAX_ORPHANS
+
+
 @pytest.mark.parametrize("change", [
     {"priority": "critical"}, {"probability": 1.5}, {"probability": "0.9"}, {"event_id": ""}, {"file": None},
 ])
@@ -192,6 +257,8 @@ def test_topics_route_to_kinds():
     assert classify("pneumoflag", "pneumoflag/xray-1/flags/urgent") == ("flag", "xray-1")
     assert classify("pneumoflag", "pneumoflag/xray-1/acks") == ("ack", "xray-1")
     assert classify("pneumoflag", "pneumoflag/xray-1/escalations") == ("escalation", "xray-1")
+    assert classify("pneumoflag", "pneumoflag/xray-1/heatmaps/4f0c-aa") == ("heatmap", "xray-1")
+    assert classify("pneumoflag", "pneumoflag/xray-1/heatmaps") is None
     assert classify("pneumoflag", "pneumoflag/xray-1/selftest") is None
     assert classify("pneumoflag", "other/xray-1/status") is None
 

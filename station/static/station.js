@@ -225,6 +225,84 @@
     }
   }
 
+  // ------------------------------------------------------------------ the detail panel (heat map)
+  const detail = { id: null, shown: null };  // the open row, and the event whose <img> is in the panel
+
+  function statusText(row) {
+    const parts = [];
+    if (row.escalation) parts.push(`escalated (${row.escalation})`);
+    if (row.superseded_by) parts.push("replaced by a newer result for this file");
+    if (row.ack) parts.push(`acknowledged by ${row.ack.by} (${row.ack.station}) at ${clock(row.ack.at)}`);
+    else if (!row.superseded_by) parts.push(state.pending.has(row.event_id) ? "sending acknowledgement…" : "open");
+    return parts.join(" · ");
+  }
+
+  function noHeatmap(row, text) {
+    const box = el("div", "no-heatmap");
+    box.append(el("p", "no-heatmap-text", text));
+    if (row.priority !== "routine" && !row.heatmap) {
+      box.append(el("p", "hint", "An appliance with heat maps on sends one for flag and urgent images shortly "
+        + "after the flag; it appears here when it arrives."));
+    }
+    return box;
+  }
+
+  function renderDetail() {
+    const row = state.rows.get(detail.id);
+    if (!row) return;
+    const badge = $("detail-priority");
+    badge.className = `badge badge-${row.priority}`;
+    badge.textContent = String(row.priority).toUpperCase();
+    $("detail-file").textContent = row.file;
+    $("detail-accession").textContent = row.accession_number || "—";
+    $("detail-prio").textContent = row.priority;
+    $("detail-probability").textContent = Number(row.probability).toFixed(3);
+    $("detail-device").textContent = row.device;
+    const written = Date.parse(row.written_at);
+    $("detail-written").textContent = isNaN(written) ? "—" : new Date(written).toLocaleString();
+    $("detail-status").textContent = statusText(row);
+    const frame = $("detail-image");
+    if (!row.heatmap) {
+      frame.replaceChildren(noHeatmap(row, "no heat map for this image"));
+      detail.shown = null;
+    } else if (detail.shown !== row.event_id) {  // the map of an event never changes: load it once
+      const img = document.createElement("img");
+      img.id = "detail-img";
+      img.alt = `Heat-map overlay of ${row.accession_number || row.file}`;
+      img.addEventListener("error", () => {
+        if (detail.id === row.event_id) {
+          frame.replaceChildren(noHeatmap(row, "the heat map could not be loaded (reload the page to try again)"));
+        }
+      });
+      img.src = `/heatmap/${encodeURIComponent(row.event_id)}.png`;
+      frame.replaceChildren(img);
+      detail.shown = row.event_id;
+    }
+  }
+
+  function openDetail(eventId) {
+    if (!state.rows.has(eventId)) return;
+    detail.id = eventId;
+    detail.shown = null;
+    renderDetail();
+    const dialog = $("detail");
+    if (!dialog.open) dialog.showModal();
+    $("detail-close").focus();
+  }
+
+  function closeDetail() {
+    const dialog = $("detail");
+    if (dialog.open) dialog.close();
+  }
+
+  function onDetailClosed() {
+    const tr = state.trs.get(detail.id);
+    detail.id = null;
+    detail.shown = null;
+    $("detail-image").replaceChildren();
+    if (tr && tr.isConnected) tr.focus();  // back where the nurse was
+  }
+
   // ------------------------------------------------------------------ acknowledge
   async function acknowledge(eventId) {
     const row = state.rows.get(eventId);
@@ -350,6 +428,9 @@
     renderDevices();
     renderErrors();
     renderLink(link, true);
+    if (detail.id !== null) {
+      if (state.rows.has(detail.id)) renderDetail(); else closeDetail();
+    }
     document.body.dataset.ready = "true";
   }
 
@@ -357,7 +438,11 @@
     const source = new EventSource("/events");
     const on = (kind, fn) => source.addEventListener(kind, (ev) => fn(JSON.parse(ev.data)));
     on("snapshot", applySnapshot);
-    on("row", (row) => { upsertRow(row, true); renderRows(); });
+    on("row", (row) => {
+      upsertRow(row, true);
+      renderRows();
+      if (row.event_id === detail.id) renderDetail();  // a heat map (or an ack) for the open row
+    });
     on("device", (d) => { state.devices.set(d.device, d); renderDevices(); });
     on("rejected", (e) => {
       if (state.errors.some((x) => x.event_id === e.event_id)) return;
@@ -388,8 +473,16 @@
   document.addEventListener("keydown", (ev) => {
     unlockAudio();
     const t = ev.target;
+    if ($("detail").open) {  // the panel is modal: Esc closes it, Tab stays inside, the row keys wait
+      if (ev.key === "Escape") { closeDetail(); ev.preventDefault(); }
+      return;
+    }
     if (ev.ctrlKey || ev.metaKey || ev.altKey || (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA"))) return;
-    if (ev.key === "ArrowDown" || ev.key === "j") { moveFocus(1); ev.preventDefault(); }
+    if ((ev.key === "Enter" || ev.key === " ") && t && t.matches && t.matches("tr[data-event-id]")) {
+      openDetail(t.dataset.eventId);  // on the row itself; on its button, Enter and Space press the button
+      ev.preventDefault();
+    }
+    else if (ev.key === "ArrowDown" || ev.key === "j") { moveFocus(1); ev.preventDefault(); }
     else if (ev.key === "ArrowUp" || ev.key === "k") { moveFocus(-1); ev.preventDefault(); }
     else if (ev.key === "a" || ev.key === "A") {
       const tr = t && t.closest ? t.closest("tr[data-event-id]") : null;
@@ -397,6 +490,17 @@
     }
   });
   document.addEventListener("pointerdown", unlockAudio);
+  $("rows").addEventListener("click", (ev) => {
+    const tr = ev.target.closest("tr[data-event-id]");
+    if (!tr || ev.target.closest("button")) return;  // the Acknowledge button does its own thing
+    if (String(window.getSelection()).length) return;  // selecting text to copy it, not opening the row
+    openDetail(tr.dataset.eventId);
+  });
+  $("detail").addEventListener("close", onDetailClosed);
+  $("detail-close").addEventListener("click", closeDetail);
+  $("detail").addEventListener("click", (ev) => {
+    if (ev.target === $("detail")) closeDetail();  // a click on the backdrop (the panel itself has no padding)
+  });
 
   // ------------------------------------------------------------------ start
   const name = $("nurse-name");
