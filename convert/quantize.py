@@ -224,6 +224,39 @@ def quantize_int8(fm: FloatModel, calib: LoadedSet, spec: PreprocessSpec) -> byt
         ) from None
 
 
+def layout_template(samples: list[Sample], spec: PreprocessSpec) -> np.ndarray:
+    """The mean radiograph of these images at 32 x 32, as the gate's layout check compares (see device/gate.py)."""
+    from ..device.gate import layout_vector
+    from ..device.preprocess import ImageDecodeError, decode, resize
+
+    vectors = []
+    for s in samples:
+        try:
+            vectors.append(layout_vector(resize(decode(s.path, spec), spec)))
+        except ImageDecodeError:
+            continue
+    if not vectors:
+        raise DataError("no readable calibration image for the layout template")
+    return np.mean(vectors, axis=0)
+
+
+def _layout_stats(samples: list[Sample], spec: PreprocessSpec, template: np.ndarray) -> dict:
+    from ..device.gate import layout_similarity
+    from ..device.preprocess import ImageDecodeError, decode, resize
+
+    sims = []
+    for s in samples:
+        try:
+            sims.append(layout_similarity(resize(decode(s.path, spec), spec), template))
+        except ImageDecodeError:
+            continue
+    up = np.array([a for a, _ in sims])
+    turned = np.array([b - a for a, b in sims])
+    return {"n": len(sims), "similarity_min": round(float(up.min()), 3),
+            "similarity_p1": round(float(np.percentile(up, 1)), 3),
+            "upside_down_gain_max": round(float(turned.max()), 3)}
+
+
 def _refuse_float_ops(checks: list) -> None:
     float_ops = non_int8_ops(checks)
     if float_ops:
@@ -360,6 +393,13 @@ def convert(cfg: ConvertConfig) -> dict:
             tmp.unlink()
 
     card = _card(cfg, name, fm, meta, spec, scorer, out, ops, th, scored, agreement, calib, checks)
+    template = layout_template(calib_samples, spec)
+    card["plausibility"] = {
+        "template": [round(float(v), 2) for v in template],
+        "side": 32,
+        "source": "the mean of the calibration images, equalised, at 32 x 32 (device/gate.py's layout check)",
+        "on_data": {n: _layout_stats(smp, spec, template) for n, _, smp in sets},
+    }
     write_card(card, card_path)
     result = {"card": card, "card_path": card_path, "report": format_report(checks)}
     if cfg.edgetpu:

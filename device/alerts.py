@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 COLOURS = {Priority.URGENT: "\033[1;97;41m", Priority.FLAG: "\033[1;30;43m", Priority.ROUTINE: "\033[32m"}
 RESET = "\033[0m"
 PRIORITY_ORDER = PRIORITIES[::-1]  # least pressing first
+#: a flag is about 1 KB; anything far larger is not one of ours
+MAX_MESSAGE_BYTES = 256 * 1024
 
 
 def _text(msg: dict, key: str, default: str = "?") -> str:
@@ -109,10 +111,17 @@ class AlertListener:
                   "no flags arrive until it is back; reconnecting")
 
     def _on_message(self, client, userdata, message) -> None:
+        # runs on paho's thread: nothing from the broker may raise here, or the terminal goes deaf
+        if len(message.payload) > MAX_MESSAGE_BYTES:
+            log.warning("ignored a %d-byte message on %s", len(message.payload), printable(message.topic))
+            return
         try:
             payload = json.loads(message.payload)
-        except (ValueError, UnicodeDecodeError):
-            log.warning("ignored a non-JSON message on %s", message.topic)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            log.warning("ignored a message on %s that is not JSON", printable(message.topic))
+            return
+        if not isinstance(payload, dict):
+            log.warning("ignored a message on %s that is not a JSON object", printable(message.topic))
             return
         self.queue.put((message.topic, payload))
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from .preprocess import PreprocessSpec
 from .vocab import Priority
 
@@ -98,6 +100,12 @@ class ModelCard:
     edgetpu_file: Optional[str] = None
     edgetpu_sha256: Optional[str] = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def layout_template(self) -> Optional[np.ndarray]:
+        """The mean training radiograph at 32 x 32 (``plausibility.template``), for the gate's layout check."""
+        t = (self.raw.get("plausibility") or {}).get("template")
+        return np.asarray(t, dtype=np.float64) if t else None
 
     @classmethod
     def load(cls, path: Path | str) -> "ModelCard":

@@ -65,6 +65,7 @@ class WatchConfig:
     max_decode_mb: float = 96.0  # memory one decode may take, budgeted from the header; more is too-large
     ignore: list = field(default_factory=lambda: ["*.part", "*.tmp", "~*", ".*", "*.crdownload", "*.swp"])
     backlog: bool = True  # score files that arrived while the daemon was down
+    rescan_interval: float = 300.0  # look for files the watcher missed this often (0: never); also after lost events
 
 
 @dataclass
@@ -113,6 +114,9 @@ class GateConfig:
     min_dynamic_range: float = 40.0  # 1st-99th percentile grey range at the model's size, of 255
     min_smoothness: float = 0.5  # neighbour-pixel correlation at the model's size
     strict_jpeg: bool = True  # refuse JPEGs whose data stream the decoder had to repair
+    min_detail: float = 0.03  # mean |Laplacian| / std at the model's size: a gradient or a blob has none
+    max_uniform: float = 0.5  # share of the most common grey level: a document or a screenshot
+    min_template_similarity: float = 0.2  # layout vs the card's mean training radiograph (inverted: negative)
 
 
 @dataclass
@@ -217,8 +221,10 @@ CHOICES = {("model", "accelerator"): ACCELERATORS, ("explain", "cmap"): COLORMAP
            ("log", "level"): ("debug", "info", "warning", "error")}
 POSITIVE = {("watch", "poll_interval"), ("watch", "max_file_mb"), ("watch", "max_pixels"), ("model", "threads"),
             ("mqtt", "keepalive"), ("mqtt", "stats_interval"), ("mqtt", "reconnect_min"), ("mqtt", "reconnect_max")}
-NON_NEGATIVE = {("watch", "settle_seconds"), ("watch", "incomplete_timeout"), ("alerts", "max_escalations")}
-POSITIVE |= {("alerts", "escalate_after"), ("station", "silent_after"), ("watch", "max_decode_mb"),
+NON_NEGATIVE = {("watch", "settle_seconds"), ("watch", "incomplete_timeout"), ("alerts", "max_escalations"),
+                ("watch", "rescan_interval")}
+NON_NEGATIVE |= {("gate", "min_detail")}
+POSITIVE |= {("gate", "max_uniform"), ("alerts", "escalate_after"), ("station", "silent_after"), ("watch", "max_decode_mb"),
              ("gate", "min_side"), ("gate", "max_aspect")}
 
 

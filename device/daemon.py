@@ -23,6 +23,8 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -83,6 +85,7 @@ class Daemon:
         self._store_backoff = 5.0
         self._folder_state = "ok"
         self._watch_restarts: list[float] = []
+        self._next_rescan = time.monotonic() + cfg.watch.rescan_interval
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
@@ -105,6 +108,10 @@ class Daemon:
         try:
             self.store = Store(state)
         except StoreError as exc:
+            if exc.corrupt:
+                raise StartupError(f"state.dir {state}: the state database is corrupt ({exc}): move "
+                                   f"{state / 'pneumoflag.db'} aside; a new one starts empty and the files still in "
+                                   "the export folder are then scored again") from None
             raise StartupError(f"state.dir {state}: {exc} (the daemon needs a writable state folder)") from None
         if cfg.watch.archive_dir:
             Path(cfg.watch.archive_dir).mkdir(parents=True, exist_ok=True)
@@ -152,6 +159,9 @@ class Daemon:
     def run(self) -> int:
         """Watch until stopped; 0 on a clean stop, 1 when a worker died (systemd restarts us)."""
         threading.excepthook = self._thread_died  # before any worker thread starts
+        # a recursive watch walks folder chains as deep as PATH_MAX allows (about 2,000 levels) with
+        # recursive code (watchdog, os.walk): give it the frames rather than dying at 1,000
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
         self._start()
         self._install_signals()
         self.ingest.start()  # events first, so nothing arriving during the backlog scan is missed
@@ -209,12 +219,18 @@ class Daemon:
         if self._fatal:
             log.critical("%s; exiting with status 1 so the service manager restarts pneumoflag", self._fatal)
             return False
+        self._restore_store()
         state = self.ingest.folder_state()
         if state != self._folder_state:
             if state == "missing":
                 log.error("export folder %s is gone: waiting for it to come back (no file is seen meanwhile)",
                           self.root)
+            elif state == "link":
+                log.error("export folder %s was replaced by a link to %s: not followed; waiting for the folder "
+                          "to come back (no file is seen meanwhile)", self.root, os.path.realpath(self.root))
             self._folder_state = state
+        if state in ("missing", "link"):
+            return True
         if state == "ok" and not self.ingest.alive():
             # inotify ends its watch when the folder is deleted; a folder made again may even get
             # the same inode number. Watch it again, unless that keeps failing.
@@ -237,6 +253,17 @@ class Daemon:
                 return True
             self._folder_state = "ok"
             self._enqueue_backlog("in the new export folder")
+            return True
+        now = time.monotonic()
+        if self.ingest.rescan_wanted.is_set():
+            self.ingest.rescan_wanted.clear()
+            log.warning("file events were lost (inotify queue overflow, or a folder made readable again): scanning "
+                        "the export folder for what was missed")
+            self._enqueue_backlog("missed while events were lost")
+            self._next_rescan = now + self.cfg.watch.rescan_interval
+        elif self.cfg.watch.rescan_interval and now >= self._next_rescan:
+            self._next_rescan = now + self.cfg.watch.rescan_interval
+            self._enqueue_backlog("not seen by the watcher (periodic rescan)")
         return True
 
     def _thread_died(self, args: threading.ExceptHookArgs) -> None:
@@ -271,15 +298,27 @@ class Daemon:
         self.ingest.stop()
         if self.heatmaps is not None:
             self.heatmaps.stop()
-        if not self.publisher.drain(timeout=5.0):
-            log.warning("%d results still in the outbox: they are sent on the next start",
-                        self.store.outbox_depth())
+        try:
+            self._restore_store()
+            if not self.publisher.drain(timeout=5.0):
+                log.warning("%d results still in the outbox: they are sent on the next start",
+                            self.store.outbox_depth())
+        except StoreError as exc:
+            log.error("state database unusable at shutdown: %s", exc)
         self.publish_stats()
         self.publisher.stop()
         if self.broker is not None:
             self.broker.stop()
         self.store.close()
         log.info("stopped")
+
+    def _restore_store(self) -> None:
+        try:
+            if self.store.restore_if_deleted():
+                log.error("the state database %s was deleted while the daemon ran: written back from its open copy "
+                          "(deleting it would make a restart alert every file again)", self.store.path)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("the state database %s was deleted and cannot be written back: %s", self.store.path, exc)
 
     def publish_stats(self) -> None:
         try:
@@ -325,16 +364,24 @@ class Daemon:
                 return  # this version was already processed (restart, repeated event)
         except StoreError as exc:
             return self._store_failed(path, exc)
+        try:
+            prev = self.store.last_for_path(rel)
+        except StoreError as exc:
+            return self._store_failed(path, exc)
+        if prev is not None and prev.status != "error" and (prev.size, prev.mtime_ns) == (sig.size, sig.mtime_ns):
+            # a scored file whose size and modification time are as they were: only its attributes changed
+            # (chmod, chown); it is not read again, so a chmod 000 cannot turn it into an error
+            self._record(path, rel, prev.sha256, sig, "unchanged", event_id=prev.event_id)
+            return
         roots = [self.root] + ([Path(self.cfg.watch.archive_dir)] if self.cfg.watch.archive_dir else [])
         try:
             fr = read_export_file(path, roots, int(self.cfg.watch.max_file_mb * 1024 * 1024), label)
         except ImageDecodeError as exc:
             if exc.reason != Reason.NOT_FOUND:
-                self._finish_error(path, rel, None, sig, exc.reason, str(exc))
+                self._finish_error(path, rel, None, sig, exc.reason, str(exc), prev=prev)
             return
         sha = sha256_bytes(fr.data)
         try:
-            prev = self.store.last_for_path(rel)
             first = self.store.by_hash(sha)
         except StoreError as exc:
             return self._store_failed(path, exc)
@@ -353,12 +400,12 @@ class Daemon:
                 log.debug("%s: %s; still being written? retrying", label, exc.reason)
                 self.ingest.retry_later(path, max(self.cfg.watch.settle_seconds, 0.2))
                 return
-            self._finish_error(path, rel, sha, fr.sig, exc.reason, str(exc), supersedes)
+            self._finish_error(path, rel, sha, fr.sig, exc.reason, str(exc), prev=prev)
             return
         except Exception as exc:
             log.exception("%s: scoring failed", label)
             self._finish_error(path, rel, sha, fr.sig, Reason.INTERNAL_ERROR, f"{rel}: {type(exc).__name__}: {exc}",
-                               supersedes)
+                               prev=prev)
             return
         written = msg.written_ts if msg.written_ts is not None else fr.sig.mtime_ns / 1e9
         msg.written_at = utc_iso(written)
@@ -420,7 +467,14 @@ class Daemon:
                      printable(first.path), what)
 
     def _finish_error(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, reason: str, message: str,
-                      supersedes: Optional[str] = None) -> None:
+                      prev: Optional[JournalRow] = None) -> None:
+        if prev is not None and prev.status == "error" and prev.reason == str(reason) and prev.sha256 == sha:
+            # the same error for the same content (or, unread, the same reason again after a touch or
+            # chmod): said once already
+            self._record(path, rel, sha, sig, "unchanged", reason=str(reason), event_id=prev.event_id)
+            self._arriving.pop(rel, None)
+            return
+        supersedes = prev.event_id if prev is not None else None
         err = ErrorMessage(device=self.cfg.mqtt.device_id, file=rel, reason=str(reason), message=message,
                            sha256=sha, supersedes=supersedes)
         log.warning("rejected %s: %s", printable(rel), printable(message))
@@ -432,6 +486,10 @@ class Daemon:
 
     def _store_failed(self, path: Path, exc: StoreError) -> None:
         """Disk full or read-only state: keep the file, say so once per episode, retry with backoff."""
+        if exc.corrupt:
+            self._fatal = (f"state database corrupt ({exc}); move it aside and restart: pneumoflag starts a new one, "
+                           "and the files still in the export folder are scored again")
+            return
         if self._disk_full_since is None:
             self._disk_full_since = time.monotonic()
             free = shutil.disk_usage(self.cfg.state.dir).free if os.path.isdir(self.cfg.state.dir) else -1

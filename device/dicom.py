@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -132,11 +133,44 @@ def _int(ds: Any, keyword: str, default: Optional[int]) -> Optional[int]:
         return default
 
 
-def _parse(source: DicomSource, name: str, pydicom: Any) -> Any:
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _meta_end(data: bytes) -> Optional[int]:
+    """Where the file meta group ends (after its mandatory group length element), if it says."""
+    if len(data) < 144 or data[132:134] != b"\x02\x00" or data[134:136] != b"\x00\x00":
+        return None
+    return 144 + int.from_bytes(data[140:144], "little")
+
+
+def _check_inflated_size(data: bytes, name: str, max_bytes: int) -> None:
+    """A deflated dataset is inflated whole by the reader: measure it first, in bounded steps."""
+    end = _meta_end(data)
+    if end is None or DEFLATED.encode() not in data[:end]:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size, pos = 0, end
+    try:
+        while pos < len(data) or inflater.unconsumed_tail:
+            chunk = inflater.unconsumed_tail or data[pos : pos + 65536]
+            if not inflater.unconsumed_tail:
+                pos += 65536
+            size += len(inflater.decompress(chunk, 1 << 20))
+            if size > max_bytes:
+                raise ImageDecodeError(Reason.TOO_LARGE, f"{name}: a deflated DICOM dataset that inflates to more "
+                                       f"than {max_bytes / 2**20:.0f} MiB (watch.max_decode_mb)")
+            if inflater.eof:
+                break
+    except zlib.error as exc:
+        raise ImageDecodeError(Reason.DICOM_INVALID, f"{name}: deflated data is corrupt ({exc})") from None
+
+
+def _parse(source: DicomSource, name: str, pydicom: Any, max_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> Any:
     """Read the whole dataset; anything pydicom cannot make sense of is dicom-invalid."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageDecodeError("empty-file", f"{name}: empty input (0 bytes)")
+        _check_inflated_size(source, name, max_bytes)
         fp: Any = io.BytesIO(source)
     else:
         path = Path(source)
@@ -224,7 +258,7 @@ def read_dicom(
             f"{name}: DICOM support needs pydicom: pip install 'pneumoflag[dicom]'",
         ) from None
 
-    ds = _parse(source, name, pydicom)
+    ds = _parse(source, name, pydicom, max_bytes)
 
     modality = _text(ds, "Modality")
     body_part = _text(ds, "BodyPartExamined")
@@ -280,11 +314,15 @@ def read_dicom(
             f"{max_pixels:,} (possible decompression bomb)",
         )
     bits = _int(ds, "BitsAllocated", 16) or 16
+    if bits > 16:
+        raise ImageDecodeError(Reason.DICOM_UNSUPPORTED,
+                               f"{name}: {bits}-bit pixel data: a radiograph has at most 16 bits a pixel")
     # decompression may hold the raster twice; then the 8-bit image
     need = rows * cols * frames * (-(-bits // 8)) * 2 + rows * cols
     if need > max_bytes:
         raise too_large(name, f"{cols}x{rows} {bits}-bit DICOM", need, max_bytes)
     _check_decodable(ds, name)
+    _check_pixel_data_size(ds, rows, cols, bits, name, max_bytes)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -324,6 +362,57 @@ def _plausible_radiograph(ds: Any, accept_views: Sequence[str], name: str) -> No
     if view and accept_views:
         _require(view, accept_views, Reason.NOT_A_RADIOGRAPH,
                  f"{name}: view {view} is not a frontal chest radiograph the model reads")
+
+
+def _check_pixel_data_size(ds: Any, rows: int, cols: int, bits: int, name: str, max_bytes: int) -> None:
+    """The pixel data must be what the header describes, before a decoder trusts either.
+
+    Native data longer than Rows x Columns makes a decoder read extra frames;
+    a compressed frame can hold a far larger image than the header says.
+    """
+    data = ds.PixelData
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        expected = (rows * cols * bits + 7) // 8
+        if len(data) > expected + 1:  # one byte of padding to an even length
+            raise ImageDecodeError(Reason.DICOM_INVALID, f"{name}: the pixel data holds {len(data):,} bytes, but "
+                                   f"the header describes {expected:,} ({cols}x{rows}, {bits} bits)")
+        return
+    try:
+        from pydicom.encaps import generate_frames
+
+        first = next(generate_frames(data, number_of_frames=1))
+    except Exception as exc:  # noqa: BLE001 - a malformed encapsulation, whatever pydicom calls it
+        raise ImageDecodeError(Reason.DICOM_INVALID, f"{name}: encapsulated pixel data is malformed ({exc})") from None
+    size = frame_size(first)
+    if size is None:
+        return
+    w, h = size
+    if (w, h) != (cols, rows):
+        raise ImageDecodeError(Reason.DICOM_INVALID, f"{name}: the compressed frame is {w}x{h}, but the header "
+                               f"says {cols}x{rows}")
+
+
+def frame_size(frame: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from a JPEG, JPEG-LS or JPEG 2000 codestream's own header, when it has one."""
+    if frame[:2] == b"\xff\xd8":  # JPEG / JPEG-LS: the first SOF marker
+        i = 2
+        while i + 9 < len(frame):
+            if frame[i] != 0xFF:
+                return None
+            marker = frame[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            length = int.from_bytes(frame[i + 2 : i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xF7:
+                return int.from_bytes(frame[i + 7 : i + 9], "big"), int.from_bytes(frame[i + 5 : i + 7], "big")
+            i += 2 + length
+        return None
+    at = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # JPEG 2000: SIZ follows SOC (also inside a JP2 box)
+    if at >= 0 and at + 28 <= len(frame):
+        xsiz, ysiz, x0, y0 = (int.from_bytes(frame[at + 8 + 4 * k : at + 12 + 4 * k], "big") for k in range(4))
+        return xsiz - x0, ysiz - y0
+    return None
 
 
 def _display_uint8(arr: np.ndarray, ds: Any, invert: bool, name: str) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import time
 
 from .config import Config
@@ -22,38 +23,109 @@ from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
+#: an ack is a few hundred bytes; anything much larger is not one (and is never parsed)
+MAX_ACK_BYTES = 4096
+#: acks journaled per pass of the main loop, so a flood cannot hold up the next radiograph
+ACKS_PER_PASS = 50
+#: at most this many messages waiting (a flood beyond it is dropped, and counted)
+MAX_WAITING = 10_000
+_EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_FIELD_LIMITS = {"station": 200, "by": 200, "at": 64}
+
+
+class AckError(ValueError):
+    """Not an acknowledgement this daemon can journal; the message says why."""
+
+
+def parse_ack(raw: bytes) -> dict[str, str]:
+    """The four fields of a ``pneumoflag.ack/1`` message, or :class:`AckError`.
+
+    Anything on the acks topic is untrusted: size, nesting, types, text that
+    is not valid UTF-8 (a lone surrogate) and field lengths are checked before
+    anything is stored or logged.
+    """
+    if len(raw) > MAX_ACK_BYTES:
+        raise AckError(f"over {MAX_ACK_BYTES} bytes")
+    try:
+        ack = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise AckError(f"not JSON ({type(exc).__name__})") from None
+    if not isinstance(ack, dict) or ack.get("schema") != ACK_SCHEMA:
+        raise AckError(f"not a {ACK_SCHEMA} message")
+    fields = {}
+    for key in ("event_id", "station", "by", "at"):
+        value = ack.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise AckError(f"{key} missing or not text")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AckError(f"{key} is not valid UTF-8") from None
+        if key == "event_id" and not _EVENT_ID.fullmatch(value):
+            raise AckError("event_id is not an event id")
+        if len(value) > _FIELD_LIMITS.get(key, 128):
+            raise AckError(f"{key} longer than {_FIELD_LIMITS.get(key, 128)} characters")
+        fields[key] = value
+    return fields
+
 
 class AckDesk:
     """Receives acks on paho's thread, journals them and escalates on the daemon's main loop."""
 
     def __init__(self, cfg: Config, store: Store, publisher: Publisher):
         self.cfg, self.store, self.publisher = cfg, store, publisher
-        self._received: "queue.Queue[bytes]" = queue.Queue()
-        publisher.subscribe(cfg.topic("acks"), self._received.put)
+        self._received: "queue.Queue[bytes]" = queue.Queue(MAX_WAITING)
+        self._dropped = 0  # acks beyond MAX_WAITING, since the last report
+        self._refused: dict[str, int] = {}  # why -> count, since the last report
+        self._last_report = 0.0
+        publisher.subscribe(cfg.topic("acks"), self._receive)
+
+    def _receive(self, raw: bytes) -> None:
+        try:
+            self._received.put_nowait(bytes(raw))
+        except queue.Full:
+            self._dropped += 1
 
     def journal_received(self) -> None:
-        """Journal what nursing stations acknowledged since the last call."""
-        while True:
+        """Journal up to ACKS_PER_PASS acknowledgements (the rest wait for the next pass)."""
+        good: list[dict[str, str]] = []
+        for _ in range(ACKS_PER_PASS):
             try:
                 raw = self._received.get_nowait()
             except queue.Empty:
-                return
+                break
             try:
-                ack = json.loads(raw)
-                fields = {k: ack[k] for k in ("event_id", "station", "by", "at")}
-                if ack.get("schema") != ACK_SCHEMA or not all(isinstance(v, str) and v for v in fields.values()):
-                    raise ValueError("not a pneumoflag.ack/1 message")
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignored an acknowledgement that is not %s: %s", ACK_SCHEMA, printable(repr(raw[:200])))
-                continue
+                good.append(parse_ack(raw))
+            except AckError as exc:
+                self._refused[str(exc)] = self._refused.get(str(exc), 0) + 1
+        if good:
             try:
-                known = self.store.record_ack(fields["event_id"], fields["station"], fields["by"], fields["at"])
+                results = self.store.record_acks(good)
             except StoreError as exc:
-                log.error("could not journal an acknowledgement (%s); it is lost unless the station sends it again",
-                          exc)
-                continue
-            log.info("flag %s acknowledged by %s at station %s%s", printable(fields["event_id"]),
-                     printable(fields["by"]), printable(fields["station"]), "" if known else " (not a flag of ours)")
+                log.error("could not journal %d acknowledgements (%s); they are lost unless the stations send them "
+                          "again", len(good), exc)
+                results = []
+            for ack, (known, new) in zip(good, results, strict=False):
+                if new and len(good) <= 5:  # one line per ack, not per ack of a flood
+                    log.info("flag %s acknowledged by %s at station %s%s", printable(ack["event_id"]),
+                             printable(ack["by"]), printable(ack["station"]), "" if known else " (not a flag of ours)")
+            if len(good) > 5:
+                log.info("%d acknowledgements journaled in one pass", sum(new for _, new in results))
+        self._report()
+
+    def _report(self) -> None:
+        """Refused and dropped acks: one summary line a minute at most (a flood must not flood the log)."""
+        now = time.monotonic()
+        if not (self._refused or self._dropped) or now - self._last_report < 60:
+            return
+        self._last_report = now
+        parts = [f"{why}: {n}" for why, n in sorted(self._refused.items())]
+        if self._dropped:
+            parts.append(f"dropped, more than {MAX_WAITING} waiting: {self._dropped}")
+        log.warning("ignored messages on %s that are not acknowledgements: %s", self.cfg.topic("acks"),
+                    printable("; ".join(parts)))
+        self._refused.clear()
+        self._dropped = 0
 
     def escalate_due(self) -> None:
         """Queue an escalation for each urgent flag that has waited too long, and say so."""

@@ -12,6 +12,14 @@ that failed, what no chest radiograph looks like:
 - noise-like: neighbouring pixels at the model's size correlating less than
   ``gate.min_smoothness`` (radiographs are smooth at that scale: 0.91-0.99 on
   every image of this project's data; random noise is near 0);
+- no detail: a gradient or a smooth blob (mean |Laplacian| over the standard
+  deviation under ``gate.min_detail``; radiographs: 0.066 and up);
+- mostly one grey level: a document or a screenshot (the most common level
+  over ``gate.max_uniform`` of the image; radiographs: at most 0.27);
+- not laid out like a chest film: the image at 32 x 32 correlates less than
+  ``gate.min_template_similarity`` with the mean training radiograph that
+  ``convert`` stores in the card (radiographs here: 0.33 and up; an inverted
+  image is negative), or it matches that template clearly better upside down;
 - a JPEG the decoder had to repair (bit errors, a damaged stream): refused as
   ``corrupt``, found by decoding it once more with libjpeg-turbo in strict mode
   at 1/8 scale (about 0.5 ms);
@@ -19,19 +27,30 @@ that failed, what no chest radiograph looks like:
   MR acquisition tags, lateral views).
 
 Each limit was set against every real image here (the sample set, site_dev,
-the full-resolution images and 400 training images): none is refused.
+the full-resolution images and 1,000 training images): none is refused
+(``tests/test_hardening.py`` checks the sample set, the mini set, site_dev and
+the full-resolution images).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+from PIL import Image
 
-from .preprocess import ImageDecodeError, SourceInfo
+from .preprocess import ImageDecodeError, SourceInfo, equalize_histogram
 from .vocab import Reason
 
 log = logging.getLogger(__name__)
+
+
+#: side of the layout template (the card stores TEMPLATE_SIDE**2 values)
+TEMPLATE_SIDE = 32
+#: how much better an image may match the template upside down before it counts as upside down
+#: (radiographs here: at most 0.12 better, on the validation split; an upside-down film: 0.25 better)
+UPSIDE_DOWN_MARGIN = 0.18
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,43 @@ class GateLimits:
     min_dynamic_range: float = 40.0
     min_smoothness: float = 0.5
     strict_jpeg: bool = True
+    min_detail: float = 0.03
+    max_uniform: float = 0.5
+    min_template_similarity: float = 0.2
+    template: Optional[np.ndarray] = None  # from the model card; None: no layout check
+
+
+def layout_vector(small: np.ndarray) -> np.ndarray:
+    """The image as the layout check sees it: equalised, 32 x 32, zero mean."""
+    eq = Image.fromarray(equalize_histogram(np.ascontiguousarray(small)), "L")
+    v = np.asarray(eq.resize((TEMPLATE_SIDE, TEMPLATE_SIDE), Image.Resampling.BOX), np.float64).ravel()
+    return v - v.mean()
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    d = float(np.sqrt((a @ a) * (b @ b)))
+    return float(a @ b / d) if d > 0 else 0.0
+
+
+def layout_similarity(small: np.ndarray, template: np.ndarray) -> tuple[float, float]:
+    """Correlation with the template, upright and upside down."""
+    v = layout_vector(small)
+    t = template - template.mean()
+    flipped = t.reshape(TEMPLATE_SIDE, TEMPLATE_SIDE)[::-1].ravel()
+    return _correlation(v, t), _correlation(v, flipped)
+
+
+def detail(small: np.ndarray) -> float:
+    """Mean absolute Laplacian over the standard deviation: fine structure, whatever the contrast."""
+    a = small.astype(np.float64)
+    lap = np.abs(4 * a[1:-1, 1:-1] - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:]).mean()
+    return float(lap / a.std()) if a.std() > 0 else 0.0
+
+
+def uniform_share(small: np.ndarray) -> float:
+    """The share of the image taken by its most common grey level."""
+    counts = np.bincount(small.ravel(), minlength=256)
+    return float(counts.max() / counts.sum())
 
 
 def smoothness(small: np.ndarray) -> float:
@@ -109,4 +165,33 @@ def check_pixels(small: np.ndarray, limits: GateLimits, name: str) -> None:
             Reason.NOT_A_RADIOGRAPH,
             f"{name}: looks like noise, not a chest radiograph (neighbour correlation {smooth:.2f}, under "
             f"gate.min_smoothness = {limits.min_smoothness:g})",
+        )
+    d = detail(small)
+    if d < limits.min_detail:
+        raise ImageDecodeError(
+            Reason.NOT_A_RADIOGRAPH,
+            f"{name}: no fine structure, not a chest radiograph (detail {d:.3f}, under gate.min_detail = "
+            f"{limits.min_detail:g}): a gradient or a smooth shape?",
+        )
+    u = uniform_share(small)
+    if u > limits.max_uniform:
+        raise ImageDecodeError(
+            Reason.NOT_A_RADIOGRAPH,
+            f"{name}: {u:.0%} of the image is one grey level (over gate.max_uniform = {limits.max_uniform:g}): "
+            "a document or a screenshot, not a chest radiograph",
+        )
+    if limits.template is None:
+        return
+    upright, upside_down = layout_similarity(small, limits.template)
+    if upright < limits.min_template_similarity:
+        raise ImageDecodeError(
+            Reason.NOT_A_RADIOGRAPH,
+            f"{name}: not laid out like a frontal chest radiograph (similarity {upright:.2f} to the training "
+            f"images, under gate.min_template_similarity = {limits.min_template_similarity:g}; an inverted "
+            "image is negative)",
+        )
+    if upside_down - upright > UPSIDE_DOWN_MARGIN:
+        raise ImageDecodeError(
+            Reason.NOT_A_RADIOGRAPH,
+            f"{name}: looks upside down (similarity {upright:.2f} upright, {upside_down:.2f} turned over)",
         )

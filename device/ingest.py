@@ -69,6 +69,11 @@ def _folder_id(path: Path) -> Optional[tuple[int, int]]:
     return (st.st_dev, st.st_ino)
 
 
+#: the signature of a file that is there but cannot be looked at (a path longer than PATH_MAX): it is
+#: handed over anyway, so the reader can say what is wrong with it instead of nothing happening
+UNSTATABLE = (-1, -1, -1)
+
+
 def _sig(path: Path) -> Optional[tuple[int, int, int]]:
     """Size and times of the file (of the link itself when it leads nowhere); None when gone."""
     try:
@@ -76,9 +81,23 @@ def _sig(path: Path) -> Optional[tuple[int, int, int]]:
     except OSError:
         try:
             st = path.lstat()
-        except OSError:
+        except FileNotFoundError:
             return None
+        except OSError:
+            return UNSTATABLE
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class _OverflowWatch(logging.Handler):
+    """watchdog reports a full inotify queue (events lost) only in its log: turn that into a rescan."""
+
+    def __init__(self, ingest: "Ingest"):
+        super().__init__(logging.WARNING)
+        self.ingest = ingest
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.ingest.rescan_wanted.set()
 
 
 class Ingest(FileSystemEventHandler):
@@ -97,7 +116,7 @@ class Ingest(FileSystemEventHandler):
         self.polling = polling
         self.poll_interval = poll_interval
         self.settle = settle_seconds
-        self.ignore = tuple(ignore)
+        self.ignore = tuple(p.lower() for p in ignore)  # Windows exporters write CR0001.TMP as well as .tmp
         self.exclude = tuple(Path(p).resolve() for p in exclude)
         self._cond = threading.Condition()
         self._ready: deque[Ready] = deque()
@@ -107,7 +126,10 @@ class Ingest(FileSystemEventHandler):
         self._n = 0
         self._observer = None
         self._root_id: Optional[tuple[int, int]] = None
+        self._root_real = os.path.realpath(self.root)
         self.failed_events = 0
+        self._unlistable: set[str] = set()  # folders the backlog scan could not list (said once each)
+        self.rescan_wanted = threading.Event()  # events were lost: the daemon scans the folder again
 
     # ------------------------------------------------------------------ setup
     def check_root(self) -> None:
@@ -120,6 +142,9 @@ class Ingest(FileSystemEventHandler):
 
     def start(self) -> None:
         self.check_root()
+        if not hasattr(self, "_overflow"):
+            self._overflow = _OverflowWatch(self)
+            logging.getLogger("watchdog").addHandler(self._overflow)
         if self.polling:
             from watchdog.observers.polling import PollingObserver
 
@@ -135,6 +160,9 @@ class Ingest(FileSystemEventHandler):
                  ", recursive" if self.recursive else "")
 
     def stop(self) -> None:
+        if hasattr(self, "_overflow"):
+            logging.getLogger("watchdog").removeHandler(self._overflow)
+            del self._overflow
         self._stop_observer()
         with self._cond:
             self._cond.notify_all()
@@ -156,10 +184,13 @@ class Ingest(FileSystemEventHandler):
         return all(e.is_alive() for e in getattr(obs, "emitters", ()))
 
     def folder_state(self) -> str:
-        """``ok``, ``missing`` or ``replaced`` (removed and made again, or another folder moved in)."""
+        """``ok``, ``missing``, ``replaced`` (removed and made again, or another folder moved in), or
+        ``link`` (replaced by a link that leads elsewhere: not followed)."""
         now = _folder_id(self.root)
         if now is None:
             return "missing"
+        if os.path.realpath(self.root) != self._root_real:
+            return "link"
         return "ok" if now == self._root_id else "replaced"
 
     def restart(self) -> None:
@@ -174,8 +205,8 @@ class Ingest(FileSystemEventHandler):
         watcher thread. Links are not followed here; the reader checks where
         they point.
         """
-        name = path.name
-        if any(fnmatch.fnmatch(name, pat) for pat in self.ignore):
+        name = path.name.lower()
+        if any(fnmatch.fnmatchcase(name, pat) for pat in self.ignore):
             return True
         try:
             rel = path.relative_to(self.root)
@@ -192,16 +223,43 @@ class Ingest(FileSystemEventHandler):
         return any(parent == ex or ex in parent.parents for ex in self.exclude)
 
     def backlog(self) -> list[Path]:
-        """Files (and links to files, which the reader then checks) already in the folder, oldest first."""
-        pattern = "**/*" if self.recursive else "*"
+        """Everything but folders already in the folder, oldest first: links, FIFOs and sockets too,
+        which the reader then refuses with their reason."""
         files = []
-        for p in self.root.glob(pattern):
-            try:
-                if (p.is_symlink() or p.is_file()) and not self.ignored(p):
-                    files.append((p.lstat().st_mtime_ns, str(p), p))
-            except OSError:
+        for p in self._walk(self.root):
+            if self.ignored(p):
                 continue
+            try:
+                files.append((p.lstat().st_mtime_ns, str(p), p))
+            except OSError:
+                files.append((0, str(p), p))
         return [p for _, _, p in sorted(files)]
+
+    def _walk(self, top: Path) -> list[Path]:
+        """Non-folders under ``top`` (one level unless recursive); iterative, so no depth is too deep."""
+        out, todo = [], [top]
+        while todo:
+            folder = todo.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # say so: files below it are not seen (ENAMETOOLONG past PATH_MAX, EACCES)
+                if str(folder) not in self._unlistable:
+                    self._unlistable.add(str(folder))
+                    log.warning("cannot list %s (%s): files in it are not seen", folder, exc.strerror or exc)
+                continue
+            for e in entries:
+                try:
+                    is_dir = e.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if self.recursive and not e.name.startswith("."):
+                        todo.append(Path(e.path))
+                else:
+                    out.append(Path(e.path))
+        return out
 
     def enqueue_backlog(self, paths: Sequence[Path]) -> None:
         now = time.time()
@@ -303,6 +361,9 @@ class Ingest(FileSystemEventHandler):
 
     @_never_raise
     def on_attrib(self, event) -> None:
+        if event.is_directory:  # a folder made readable again: what arrived meanwhile was never seen
+            self.rescan_wanted.set()
+            return
         # a chmod (IN_ATTRIB) that makes a rejected file readable brings it back
         self._changed(event)
 

@@ -47,7 +47,8 @@ class Pipeline:
         self.model_ref = ModelRef(card.name, card.version, card.tflite_sha256)
         g = cfg.gate
         self.gate = GateLimits(g.enabled, g.min_side, g.max_aspect, g.min_dynamic_range, g.min_smoothness,
-                               g.strict_jpeg)
+                               g.strict_jpeg, g.min_detail, g.max_uniform, g.min_template_similarity,
+                               card.layout_template)
 
     def dicom_options(self) -> dict:
         """What ``read_dicom`` takes from the configuration (shared with the heat-map worker)."""

@@ -112,6 +112,7 @@ class Publisher:
         self._handed_up_to = 0  # highest outbox seq handed to paho in this process
         self._thread: Optional[threading.Thread] = None
         self._subscriptions: list[str] = []
+        self._last_read_error = -1e9
 
     def subscribe(self, topic: str, handler) -> None:
         """Receive ``topic`` (QoS 1) on every (re)connection; ``handler(payload: bytes)`` runs on paho's thread."""
@@ -231,7 +232,10 @@ class Publisher:
             try:
                 rows = self.store.pending(limit=MAX_INFLIGHT * 2, after_seq=self._handed_up_to)
             except StoreError as exc:
-                log.error("outbox read failed: %s", exc)
+                now = time.monotonic()
+                if now - self._last_read_error > 60:  # once a minute, not twice a second
+                    self._last_read_error = now
+                    log.error("outbox read failed: %s", exc)
                 continue
             for row in rows:
                 if self._stop.is_set() or not self.connected.is_set():

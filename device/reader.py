@@ -4,8 +4,8 @@ The export folder is written by another system, and a link in it can point
 anywhere (``shadow.jpeg -> /etc/shadow``). A file is read only when its real
 path lies inside the export folder (or the archive folder), it is a regular
 file (a FIFO would block the daemon forever), and it fits the size limit. The
-checks are made on the opened descriptor, so a link swapped in between the
-check and the read cannot slip through.
+real path is checked again on the opened descriptor (``/proc/self/fd``), so a
+link or folder swapped in between the check and the open cannot slip through.
 """
 from __future__ import annotations
 
@@ -36,10 +36,35 @@ def file_sig(st: os.stat_result) -> FileSig:
 
 
 def lstat_sig(path: Path) -> FileSig | None:
-    """The file's signature without following a link at the end; None when it is gone."""
+    """The file's signature without following a link at the end; None when it is gone.
+
+    A file that is there but cannot be looked at (a path longer than PATH_MAX)
+    gets an impossible signature, so it is read (and refused with its reason)
+    instead of disappearing without a word.
+    """
     try:
         return file_sig(path.lstat())
+    except FileNotFoundError:
+        return None
     except OSError:
+        return FileSig(-1, -1, -1)
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a non-regular file is, for the error message; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def _descriptor_path(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: the checks before the open stand alone
         return None
 
 
@@ -65,6 +90,12 @@ def read_export_file(path: Path, roots: Sequence[Path], max_bytes: int, label: s
             f"{label}: a link to a file outside the export folder; not read",
         )
     try:
+        kind = _not_regular(os.stat(real).st_mode)
+    except OSError:
+        kind = None  # the open below says what is wrong
+    if kind:  # sockets cannot even be opened; say what it is instead
+        raise ImageDecodeError(Reason.NOT_A_FILE, f"{label}: not a regular file ({kind})")
+    try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the
         # resolved path must not have become a link since.
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -78,24 +109,29 @@ def read_export_file(path: Path, roots: Sequence[Path], max_bytes: int, label: s
             raise ImageDecodeError(Reason.OUTSIDE_FOLDER, f"{label}: replaced by a link while reading") from None
         raise ImageDecodeError(Reason.UNREADABLE, f"{label}: {exc.strerror}") from None
     try:
+        opened = _descriptor_path(fd)
+        if opened is not None and not _inside(opened, real_roots):  # swapped between the check and the open
+            raise ImageDecodeError(Reason.OUTSIDE_FOLDER, f"{label}: led outside the export folder when opened; "
+                                   "not read")
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageDecodeError(Reason.NOT_A_FILE, f"{label}: not a regular file (a FIFO, socket or device)")
+        kind = _not_regular(st.st_mode)
+        if kind:
+            raise ImageDecodeError(Reason.NOT_A_FILE, f"{label}: not a regular file ({kind})")
         if st.st_size > max_bytes:
             raise ImageDecodeError(
                 Reason.TOO_LARGE,
                 f"{label}: {st.st_size / 1e6:.1f} MB exceeds watch.max_file_mb = {max_bytes / 1048576:g}",
             )
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > max_bytes:  # grew while we read
+        # one buffer of the size the file says (+1 to see growth), not chunks and then their join
+        data = os.read(fd, st.st_size + 1)
+        chunks = [data]
+        while data:
+            if sum(len(c) for c in chunks) > max_bytes:  # grew while we read
                 raise ImageDecodeError(Reason.TOO_LARGE, f"{label}: grew over watch.max_file_mb while being read")
-            chunks.append(chunk)
-        return FileRead(b"".join(chunks), file_sig(st))
+            data = os.read(fd, 1 << 20)
+            if data:
+                chunks.append(data)
+        return FileRead(chunks[0] if len(chunks) == 1 else b"".join(chunks), file_sig(st))
     except OSError as exc:
         raise ImageDecodeError(Reason.UNREADABLE, f"{label}: {exc.strerror or exc}") from None
     finally:

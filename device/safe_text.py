@@ -11,8 +11,9 @@ import logging
 import os
 import re
 
-# C0 controls, DEL and C1 controls; also the Unicode line/paragraph separators
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 controls, DEL and C1 controls, the Unicode line/paragraph separators, and lone surrogates
+# (from undecodable bytes or hostile JSON: they cannot even be written to a UTF-8 terminal)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -15,6 +15,7 @@ When the state disk is full every write raises :class:`StoreError` with
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -84,9 +85,10 @@ MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEX
 class StoreError(RuntimeError):
     """The state database cannot be written (disk full, read-only, I/O error)."""
 
-    def __init__(self, message: str, disk_full: bool = False):
+    def __init__(self, message: str, disk_full: bool = False, corrupt: bool = False):
         super().__init__(message)
         self.disk_full = disk_full
+        self.corrupt = corrupt
 
 
 @dataclass
@@ -105,6 +107,8 @@ class JournalRow:
     status: str
     reason: Optional[str]
     event_id: Optional[str]
+    size: Optional[int] = None
+    mtime_ns: Optional[int] = None
 
 
 @dataclass
@@ -151,8 +155,50 @@ class Store:
                 have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            self._db.execute("PRAGMA quick_check").fetchone()
+            # a write now, not at the first radiograph: a read-only state folder fails the start
+            self._db.execute("PRAGMA user_version = 1")
+            if not os.access(self.path.parent, os.W_OK):
+                raise OSError(f"the folder {self.path.parent} is not writable")
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc)) from None
+            raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc), _is_corrupt(exc)) from None
+        self._inode = self.path.stat().st_ino
+
+    def restore_if_deleted(self) -> bool:
+        """The database file was deleted while open: write it back from the open copy (True when it did).
+
+        Without this a restart would start an empty journal and alert every file in the folder again.
+        """
+        try:
+            if self.path.stat().st_ino == self._inode:
+                return False
+        except FileNotFoundError:
+            pass
+        with self._lock:
+            tmp = self.path.with_name(f".{self.path.name}.restore")
+            tmp.unlink(missing_ok=True)
+            target = sqlite3.connect(str(tmp))
+            try:
+                self._db.backup(target)
+            finally:
+                target.close()
+            os.replace(tmp, self.path)
+            self._db.close()
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._inode = self.path.stat().st_ino
+        return True
+
+    def _read(self, sql: str, args: tuple = (), one: bool = False):
+        """A query; any SQLite failure (a corrupt or vanished database) becomes :class:`StoreError`."""
+        with self._lock:
+            try:
+                cur = self._db.execute(sql, args)
+                return cur.fetchone() if one else cur.fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc),
+                                 corrupt=_is_corrupt(exc)) from None
 
     def close(self) -> None:
         with self._lock:
@@ -174,34 +220,29 @@ class Store:
                             log.debug("rollback after a failed write also failed", exc_info=True)
                     raise
             except sqlite3.Error as exc:
-                raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc)) from None
+                raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc),
+                                 corrupt=_is_corrupt(exc)) from None
 
     # ------------------------------------------------------------------ journal
     def seen(self, path: str, sig: FileSig) -> bool:
         """This exact version of the file (path, size, mtime, ctime) was already processed."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM journal WHERE path=? AND size=? AND mtime_ns=? AND (ctime_ns=? OR ctime_ns IS NULL) "
-                "LIMIT 1", (path, sig.size, sig.mtime_ns, sig.ctime_ns)
-            ).fetchone()
+        row = self._read(
+            "SELECT 1 FROM journal WHERE path=? AND size=? AND mtime_ns=? AND (ctime_ns=? OR ctime_ns IS NULL) "
+            "LIMIT 1", (path, sig.size, sig.mtime_ns, sig.ctime_ns), one=True)
         return row is not None
 
     def last_for_path(self, path: str) -> Optional[JournalRow]:
         """The latest result journaled for this path (not counting unchanged versions)."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT path, sha256, status, reason, event_id FROM journal "
-                "WHERE path=? AND status != 'unchanged' ORDER BY id DESC LIMIT 1", (path,)
-            ).fetchone()
+        row = self._read(
+            "SELECT path, sha256, status, reason, event_id, size, mtime_ns FROM journal "
+            "WHERE path=? AND status != 'unchanged' ORDER BY id DESC LIMIT 1", (path,), one=True)
         return JournalRow(*row) if row else None
 
     def by_hash(self, sha256: str) -> Optional[JournalRow]:
         """The first scored (or rejected) file with this content, if any."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT path, sha256, status, reason, event_id FROM journal "
-                "WHERE sha256=? AND status NOT IN ('duplicate', 'unchanged') ORDER BY id LIMIT 1", (sha256,)
-            ).fetchone()
+        row = self._read(
+            "SELECT path, sha256, status, reason, event_id, size, mtime_ns FROM journal "
+            "WHERE sha256=? AND status NOT IN ('duplicate', 'unchanged') ORDER BY id LIMIT 1", (sha256,), one=True)
         return JournalRow(*row) if row else None
 
     def record(
@@ -244,19 +285,14 @@ class Store:
         return self._write(tx)
 
     def journal(self, limit: int = 1000) -> list[JournalRow]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT path, sha256, status, reason, event_id FROM journal ORDER BY id LIMIT ?", (limit,)
-            ).fetchall()
+        rows = self._read("SELECT path, sha256, status, reason, event_id, size, mtime_ns FROM journal "
+                          "ORDER BY id LIMIT ?", (limit,))
         return [JournalRow(*r) for r in rows]
 
     # ------------------------------------------------------------------ outbox
     def pending(self, limit: int = 100, after_seq: int = 0) -> list[OutboxRow]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, event_id, topic, payload, qos FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, limit),
-            ).fetchall()
+        rows = self._read("SELECT seq, event_id, topic, payload, qos FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                          (after_seq, limit))
         return [OutboxRow(*r) for r in rows]
 
     def ack(self, seqs: list[int]) -> None:
@@ -275,30 +311,41 @@ class Store:
         self._write(tx)
 
     # ------------------------------------------------------------------ acknowledgements and escalation
-    def record_ack(self, event_id: str, station: str, by: str, at: str) -> bool:
-        """Journal a nursing station's acknowledgement; True when it names one of our flags."""
+    def record_acks(self, acks: list[dict[str, str]]) -> list[tuple[bool, bool]]:
+        """Journal acknowledgements in one transaction; per ack (a flag of ours?, not seen before?).
+
+        Acks for event ids that are not our flags are not stored (counted by the caller), and a repeat of
+        the same (event, station, nurse) adds nothing: a flood cannot grow the database.
+        """
         now = time.time()
 
-        def tx(db: sqlite3.Connection) -> bool:
-            known = db.execute("SELECT 1 FROM flags WHERE event_id=?", (event_id,)).fetchone() is not None
-            db.execute("INSERT INTO acks (event_id, station, by_name, at, received_at, known_flag) "
-                       "VALUES (?,?,?,?,?,?)", (event_id, station, by, at, now, int(known)))
-            if known:
-                db.execute("UPDATE flags SET acked_at=?, acked_by=?, ack_station=? WHERE event_id=? "
-                           "AND acked_at IS NULL", (now, by, station, event_id))
-            return known
+        def tx(db: sqlite3.Connection) -> list[tuple[bool, bool]]:
+            out = []
+            for a in acks:
+                known = db.execute("SELECT 1 FROM flags WHERE event_id=?", (a["event_id"],)).fetchone() is not None
+                new = known and db.execute("SELECT 1 FROM acks WHERE event_id=? AND station=? AND by_name=?",
+                                           (a["event_id"], a["station"], a["by"])).fetchone() is None
+                if new:
+                    db.execute("INSERT INTO acks (event_id, station, by_name, at, received_at, known_flag) "
+                               "VALUES (?,?,?,?,?,1)", (a["event_id"], a["station"], a["by"], a["at"], now))
+                    db.execute("UPDATE flags SET acked_at=?, acked_by=?, ack_station=? WHERE event_id=? "
+                               "AND acked_at IS NULL", (now, a["by"], a["station"], a["event_id"]))
+                out.append((known, new))
+            return out
 
         return self._write(tx)
 
+    def record_ack(self, event_id: str, station: str, by: str, at: str) -> bool:
+        """One acknowledgement (see :meth:`record_acks`); True when it names one of our flags."""
+        return self.record_acks([{"event_id": event_id, "station": station, "by": by, "at": at}])[0][0]
+
     def due_escalations(self, now: float, after_s: float, max_escalations: int) -> list[DueEscalation]:
         """Urgent flags delivered, unacknowledged, and quiet for ``after_s`` since delivery or the last escalation."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT event_id, payload, escalations, delivered_at FROM flags WHERE priority='urgent' "
-                "AND acked_at IS NULL AND delivered_at IS NOT NULL AND escalations < ? "
-                "AND ? - COALESCE(last_escalated, delivered_at) >= ? ORDER BY delivered_at",
-                (max_escalations, now, after_s),
-            ).fetchall()
+        rows = self._read(
+            "SELECT event_id, payload, escalations, delivered_at FROM flags WHERE priority='urgent' "
+            "AND acked_at IS NULL AND delivered_at IS NOT NULL AND escalations < ? "
+            "AND ? - COALESCE(last_escalated, delivered_at) >= ? ORDER BY delivered_at",
+            (max_escalations, now, after_s))
         return [DueEscalation(*r) for r in rows]
 
     def record_escalation(self, event_id: str, n: int, topic: str, payload: bytes) -> None:
@@ -325,14 +372,17 @@ class Store:
 
     def flag_times(self, since: float) -> list[tuple]:
         """(priority, written_at, seen_at, scored_at, delivered_at, acked_at, escalations) of flags scored since."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT priority, written_at, seen_at, scored_at, delivered_at, acked_at, escalations FROM flags "
-                "WHERE scored_at >= ? ORDER BY scored_at", (since,)).fetchall()
+        return self._read(
+            "SELECT priority, written_at, seen_at, scored_at, delivered_at, acked_at, escalations FROM flags "
+            "WHERE scored_at >= ? ORDER BY scored_at", (since,))
 
     def outbox_depth(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        return int(self._read("SELECT COUNT(*) FROM outbox", one=True)[0])
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or \
+        "malformed" in str(exc) or "not a database" in str(exc)
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -126,7 +126,7 @@ class Subscriber:
         def on_message(c, u, m):
             try:
                 payload = json.loads(m.payload)
-            except ValueError:
+            except (ValueError, RecursionError):
                 payload = m.payload.decode(errors="replace")
             with self.lock:
                 self.messages.append(Received(m.topic, payload, bool(m.retain), time.monotonic()))

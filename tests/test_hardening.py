@@ -9,6 +9,7 @@ secrets echoed in errors.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -443,3 +444,183 @@ def test_sigterm_after_hostile_input_still_exits_0(broker, dirs, daemons):
     wait_until(lambda: "pipe.jpeg: not a regular file" in d.output(), 20, "the FIFO to be rejected, unread")
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(20) == 0
+
+
+# ============================================================================= round 2 (a hostile tester's findings)
+
+def _publish(broker: str, topic: str, payload: bytes) -> None:
+    import paho.mqtt.client as mqtt
+
+    host, port = broker.rsplit(":", 1)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    c.connect(host, int(port))
+    c.loop_start()
+    c.publish(topic, payload, qos=1).wait_for_publish(5)
+    c.loop_stop()
+    c.disconnect()
+
+
+def test_hostile_acknowledgements_never_stop_the_daemon(broker, dirs, daemons):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    for payload in (b'{"schema":"pneumoflag.ack/1","event_id":"\\ud800","station":"s","by":"b","at":"t"}',
+                    b"[" * 100_000, b'{"a":' * 50_000, b"x" * 100_000, b"\xff\xfe not utf-8",
+                    b'{"schema":"pneumoflag.ack/1","event_id":"../../x","station":"s","by":"b","at":"t"}'):
+        _publish(broker.address, "pneumoflag/test/acks", payload)
+    drop(GOOD, watch, "after-the-acks.jpeg")
+    assert [f["file"] for f in sub.wait_flags(1)] == ["after-the-acks.jpeg"]
+    assert d.proc.poll() is None
+    wait_until(lambda: "that are not acknowledgements" in d.output(), 70, "one summary line of what was refused")
+    assert d.output().count("that are not acknowledgements") == 1
+
+
+def test_the_terminal_survives_hostile_flag_messages(broker, tmp_path):
+    alerts = subprocess.Popen([sys.executable, "-m", "pneumoflag.device.cli", "alerts", "--broker", broker.address,
+                               "--count", "1", "--client-id", "hostile-terminal"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert "listening on" in alerts.stderr.readline()
+        _publish(broker.address, "pneumoflag/evil/flags/urgent", b"[" * 100_000)
+        _publish(broker.address, "pneumoflag/evil/flags/urgent", b'{"file": "x\\ud800\\u001b[2J.jpeg", "priority": 7}')
+        out, _ = alerts.communicate(timeout=30)
+        assert alerts.returncode == 0 and "\\ud800" in out and "\x1b" not in out
+    finally:
+        if alerts.poll() is None:
+            alerts.kill()
+
+
+def _encapsulated_jpeg_dicom(path: Path, frame_side: int, header_side: int) -> Path:
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+    from test_dicom import write_test_dicom
+
+    buf = io.BytesIO()
+    Image.open(GOOD).convert("L").resize((frame_side, frame_side)).save(buf, "JPEG", quality=20)
+    write_test_dicom(path, np.zeros((header_side, header_side), np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    return path
+
+
+def _deflated_dicom(path: Path, side: int) -> Path:
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from test_dicom import write_test_dicom
+
+    write_test_dicom(path, np.zeros((side, side), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_that_lies_about_its_size_is_refused_before_it_is_decoded(broker, dirs, daemons, tmp_path):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    staging = tmp_path / "s"
+    staging.mkdir()
+    _encapsulated_jpeg_dicom(staging / "lie.dcm", 9000, 512)  # says 512 x 512, holds 9000 x 9000
+    _deflated_dicom(staging / "deflated.dcm", 8000)  # a few hundred KB that inflate to 128 MB
+    for f in staging.iterdir():
+        drop(f, watch)
+    drop(GOOD, watch, "next.jpeg")
+    errors = {e["file"]: e for e in sub.wait_errors(2, timeout=60)}
+    assert errors["lie.dcm"]["reason"] == "dicom-invalid" and "9000x9000" in errors["lie.dcm"]["message"]
+    assert errors["deflated.dcm"]["reason"] == "too-large"
+    sub.wait_flags(1)
+    assert _vm_hwm_mb(d.proc.pid) <= 300
+
+
+def test_no_second_message_for_a_file_only_its_attributes_change(broker, dirs, daemons, tmp_path):
+    """chmod 000 then 644 of a scored file, touching a rejected file: nothing new to say, so nothing said."""
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    new_daemon(daemons, watch, state, broker.address, wrapper=_no_dac_override()).start()
+    drop(GOOD, watch, "scan.jpeg")
+    sub.wait_flags(1)
+    os.mkfifo(watch / "pipe.jpeg")
+    sub.wait_errors(1)
+    (watch / "scan.jpeg").chmod(0o000)
+    time.sleep(1)
+    (watch / "scan.jpeg").chmod(0o644)
+    for _ in range(3):
+        os.utime(watch / "pipe.jpeg")
+        time.sleep(0.4)
+    drop(SAMPLE_FILES[1], watch, "next.jpeg")
+    wait_until(lambda: len(sub.flags()) == 2, 20, "the next flag")
+    time.sleep(1)
+    assert [f["file"] for f in sub.flags()] == ["scan.jpeg", "next.jpeg"] and len(sub.errors()) == 1
+
+
+def test_upper_case_temporary_names_are_ignored(broker, dirs, daemons):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    new_daemon(daemons, watch, state, broker.address).start()
+    for tmp in ("CR0001.TMP", "CR0002.PART", "CR0003.Tmp"):
+        shutil.copyfile(GOOD, watch / tmp)
+        os.replace(watch / tmp, watch / (tmp.split(".")[0] + ".jpeg"))
+    flags = sub.wait_flags(1)
+    time.sleep(1)
+    assert [f["file"] for f in sub.flags()] == ["CR0001.jpeg"] and [e["reason"] for e in sub.errors()] == [
+        "duplicate-of", "duplicate-of"] and flags
+
+
+def test_events_lost_while_paused_are_found_by_a_rescan(broker, dirs, daemons):
+    """SIGSTOP (a VM pause) while more files arrive than the inotify queue holds: every file still gets its
+    result, found by the scan that the lost-events warning starts."""
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    n = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) // 3 + 500
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        for i in range(n):  # tiny distinct files: the gate refuses them, quickly, each with its own message
+            (watch / f"f{i:05d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + i.to_bytes(4, "big"))
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    wait_until(lambda: len(sub.errors()) >= n, 240, f"{n} results")
+    assert "scanning the export folder for what was missed" in d.output()
+    assert len({e["file"] for e in sub.errors()}) == n
+
+
+def test_an_export_folder_replaced_by_a_link_is_not_followed(broker, dirs, daemons, tmp_path):
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(GOOD, elsewhere / "private.jpeg")
+    watch.rename(tmp_path / "old-export")
+    watch.symlink_to(elsewhere)
+    wait_until(lambda: "was replaced by a link" in d.output(), 15, "the daemon to notice")
+    time.sleep(2.5)
+    assert sub.flags() == [] and d.proc.poll() is None
+
+
+def test_a_deleted_state_database_is_written_back(broker, dirs, daemons):
+    """Deleting the journal under a running daemon would make the next start alert every file again."""
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    drop(GOOD, watch, "a.jpeg")
+    sub.wait_flags(1)
+    (state / "pneumoflag.db").unlink()
+    wait_until(lambda: (state / "pneumoflag.db").exists(), 15, "the database written back")
+    assert "written back from its open copy" in d.output()
+    assert d.terminate() == 0
+    new_daemon(daemons, watch, state, broker.address).start()
+    time.sleep(2)
+    assert len(sub.flags()) == 1
+
+
+def test_a_read_only_or_corrupt_state_database_stops_the_start_with_the_reason(tmp_path, dirs, capsys):
+    watch, state = dirs
+    (state / "pneumoflag.db").write_bytes(b"this is not an SQLite database" * 100)
+    assert run_cli("watch", watch, "--state-dir", state, "--broker", "127.0.0.1:1") == 2
+    assert "corrupt" in capsys.readouterr().err
