@@ -182,15 +182,19 @@ def _load_float(cfg: ConvertConfig) -> tuple[FloatModel, PreprocessSpec, Optiona
         return logit_model(models[0]), specs[0], metas[0]
     first = specs[0]
     for m, sp in zip(cfg.models[1:], specs[1:], strict=True):
-        if replace(sp, contrast=first.contrast) != first:
+        if replace(sp, contrast=first.contrast, crop=first.crop) != first:
             raise ConvertError(f"ensemble member {m} takes other input than {cfg.models[0]}: "
                                f"{sp.to_dict()['description']} vs {first.to_dict()['description']}")
-    views = list(dict.fromkeys(sp.contrast for sp in specs))
+    # one view (channel) per distinct (contrast step, crop); a member reads its own
+    views = list(dict.fromkeys(sp.contrast if sp.crop == first.crop else f"{sp.contrast}@{sp.crop:g}"
+                               for sp in specs))
     if len(views) > 1 and first.channels != 1:
-        raise ConvertError("ensemble members with different contrast steps must take one channel each")
+        raise ConvertError("ensemble members with different contrast steps or crops must take one channel each")
     spec = replace(first, contrast="+".join(views), channels=len(views) if len(views) > 1 else first.channels)
+    member_view = [views.index(sp.contrast if sp.crop == first.crop else f"{sp.contrast}@{sp.crop:g}")
+                   for sp in specs]
     try:
-        fm = ensemble(models, [views.index(sp.contrast) for sp in specs], spec.shape)
+        fm = ensemble(models, member_view, spec.shape)
     except ModelLoadError as exc:
         raise ConvertError(str(exc)) from None
     return fm, spec, metas[0]

@@ -75,9 +75,10 @@ class Pipeline:
             if src.format == "JPEG":  # Pillow repairs a damaged stream silently; a strict decoder does not
                 check_jpeg_stream(data, self.gate, name)
         small = resize(gray, self.spec)
-        del gray
         check_pixels(small, self.gate, name)
-        return Decoded(finish(small, self.spec), ids, (time.perf_counter() - t0) * 1000.0, acquired)
+        pixels = finish(small, self.spec, gray)
+        del gray
+        return Decoded(pixels, ids, (time.perf_counter() - t0) * 1000.0, acquired)
 
     def score(self, data: bytes, rel_path: str, sha256: str) -> FlagMessage:
         """Raises :class:`ImageDecodeError` for input that cannot be scored."""

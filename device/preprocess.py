@@ -20,7 +20,8 @@ Steps, in order:
      ``none``;
      several, joined with ``+`` (``equalize+clahe``), make one channel each:
      an ensemble whose members were trained on different contrast steps
-     takes them as one multi-channel input (one file, one invoke);
+     takes them as one multi-channel input (one file, one invoke); a view
+     may name its own border crop (``equalize+equalize@0.08``);
   5. replicate to the model's channel count (a single view); dtype uint8.
 
 An optional border ``crop`` (a fraction of each side, before the resize)
@@ -34,7 +35,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -84,10 +85,14 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         if self.height < 8 or self.width < 8:
             raise ValueError(f"input size {self.height}x{self.width} is too small (min 8x8)")
-        bad = [v for v in self.views if v not in CONTRASTS]
-        if bad or len(set(self.views)) != len(self.views):
-            raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)} (or several joined with '+', each "
-                             f"once), not {self.contrast!r}")
+        try:
+            views = self.view_list()
+        except ValueError:
+            views = []
+        bad = not views or any(c not in CONTRASTS or not 0.0 <= crop < 0.25 for c, crop in views)
+        if bad or len(set(views)) != len(views):
+            raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)} (or several views joined with '+', "
+                             f"each once, a view optionally @CROP), not {self.contrast!r}")
         if len(self.views) > 1:
             if self.channels != len(self.views):
                 raise ValueError(f"contrast {self.contrast!r} makes {len(self.views)} channels, not {self.channels}")
@@ -111,8 +116,16 @@ class PreprocessSpec:
 
     @property
     def views(self) -> tuple[str, ...]:
-        """The contrast steps, one per channel when there are several."""
+        """The views, one per channel when there are several (``contrast`` or ``contrast@crop``)."""
         return tuple(self.contrast.split("+"))
+
+    def view_list(self) -> list[tuple[str, float]]:
+        """(contrast step, border crop) of each view."""
+        out = []
+        for token in self.views:
+            name, at, crop = token.partition("@")
+            out.append((name, float(crop) if at else self.crop))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,7 +135,9 @@ class PreprocessSpec:
             "none": "no contrast step",
         }
         if len(self.views) > 1:
-            contrast = "one channel each: " + ", ".join(names[v] for v in self.views) + "; "
+            contrast = "one channel each: " + ", ".join(
+                names[c] + (f" with {crop:.0%} cropped" if crop != self.crop else "")
+                for c, crop in self.view_list()) + "; "
         else:
             contrast = "" if self.contrast == "none" else names[self.contrast] + "; "
         d["description"] = (
@@ -456,12 +471,24 @@ def contrast_step(small: np.ndarray, view: str, spec: PreprocessSpec) -> np.ndar
     return small
 
 
-def finish(small: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Steps 4-5: the contrast step(s) and the channel count: the model's uint8 input (H, W, C)."""
-    views = spec.views
+def finish(small: np.ndarray, spec: PreprocessSpec, gray: Optional[np.ndarray] = None) -> np.ndarray:
+    """Steps 4-5: the contrast step(s) and the channel count: the model's uint8 input (H, W, C).
+
+    ``small`` is :func:`resize` of the decoded image; views with a crop of their
+    own are resized again from ``gray``.
+    """
+    views = spec.view_list()
     if len(views) > 1:
-        return np.ascontiguousarray(np.stack([contrast_step(small, v, spec) for v in views], axis=2))
-    out = contrast_step(small, views[0], spec)[:, :, None]
+        smalls = {spec.crop: small}
+        channels = []
+        for contrast, crop in views:
+            if crop not in smalls:
+                if gray is None:
+                    raise ValueError("a view with its own crop needs the decoded image")
+                smalls[crop] = resize(gray, replace(spec, crop=crop, contrast=contrast, channels=1))
+            channels.append(contrast_step(smalls[crop], contrast, spec))
+        return np.ascontiguousarray(np.stack(channels, axis=2))
+    out = contrast_step(small, views[0][0], spec)[:, :, None]
     if spec.channels == 3:
         out = np.repeat(out, 3, axis=2)
     return np.ascontiguousarray(out)
@@ -469,7 +496,7 @@ def finish(small: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def prepare(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Resize a decoded grayscale array and finish it as the model's uint8 input (H, W, C)."""
-    return finish(resize(gray, spec), spec)
+    return finish(resize(gray, spec), spec, gray)
 
 
 def preprocess(source: Source, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
