@@ -105,6 +105,8 @@ def build_report(db_path: Path, since_s: float, now: Optional[float] = None) -> 
 def _fmt_s(v: Optional[float]) -> str:
     if v is None:
         return "-"
+    if v < 1:
+        return f"{v * 1000:.0f} ms"
     return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
 
 
