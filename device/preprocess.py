@@ -7,8 +7,8 @@ Steps, in order:
   1. decode to grayscale (JPEG via Pillow's draft mode, so a 2,000 px scan is
      decoded at 1/2..1/8 scale straight from the DCT; PNG 8/16-bit; arrays);
   2. squash-resize to the model's input size: first a box reduction by 2, 4
-     or 8 as JPEG draft decoding does (so PNG and DICOM sources match JPEG
-     ones), then bilinear, antialiased;
+     or 8 on the grid JPEG draft decoding uses (so PNG and DICOM sources match
+     JPEG ones), then the border crop, then bilinear, antialiased;
   3. (before 2, at full resolution) map to 8 bits: 16-bit and float
      sources min-max to 0..255, so every format takes the same 8-bit path;
   4. contrast, one of (integer arithmetic, so bit-exact on every machine):
@@ -35,7 +35,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -141,10 +141,10 @@ class PreprocessSpec:
         else:
             contrast = "" if self.contrast == "none" else names[self.contrast] + "; "
         d["description"] = (
-            "grayscale; "
+            "grayscale; 16-bit/float min-max to 8-bit; "
+            "box-reduce by 2/4/8 as JPEG draft decoding does; "
             + (f"crop {self.crop:.0%} of each side; " if self.crop else "")
-            + "box-reduce by 2/4/8 as JPEG draft decoding does, then squash-resize (bilinear, antialiased) "
-            "to height x width; 16-bit/float min-max to 8-bit; "
+            + "squash-resize (bilinear, antialiased) to height x width; "
             + contrast
             + "uint8 pixels (float model input = pixels * scale)"
         )
@@ -281,9 +281,10 @@ def decode_with_info(
     try:
         info = SourceInfo(img.width, img.height, str(img.format), img.mode)
         if img.format == "JPEG":
-            # Decode straight to luma at the smallest DCT scale that is still
-            # >= the model's input size: 5-20x faster for scanner images.
-            img.draft("L", (spec.width, spec.height))
+            # Decode straight to luma at a reduced DCT scale (source_reduction):
+            # 5-20x faster for scanner images, and the same grid as a box-reduce.
+            k = source_reduction(img.width, img.height, spec)
+            img.draft("L", (max(1, img.width // k), max(1, img.height // k)))
         w, h = img.size
         cost = decode_cost(img.mode, w, h)
         if cost > max_bytes:
@@ -433,31 +434,48 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def reduce_factor(width: int, height: int, spec: PreprocessSpec) -> int:
-    """The largest of 8, 4, 2 that keeps the image at least the model's size, else 1.
-
-    JPEG draft decoding shrinks by exactly this factor inside the decoder (the
-    DCT's block average). Box-reducing a PNG or DICOM by the same factor before
-    the resize makes one radiograph give one tensor, whichever format it came in.
-    """
+    """The largest of 8, 4, 2 that keeps the image at least the model's size, else 1."""
     for k in (8, 4, 2):
         if -(-width // k) >= spec.width and -(-height // k) >= spec.height:
             return k
     return 1
 
 
-def resize(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Steps 1-2: crop, box-reduce and squash-resize a decoded image to the model's size (uint8, H x W)."""
+def _crop_margins(width: int, height: int, crop: float) -> tuple[int, int]:
+    dx, dy = int(round(width * crop)), int(round(height * crop))
+    return (dx, dy) if width - 2 * dx >= 1 and height - 2 * dy >= 1 else (0, 0)
+
+
+def source_reduction(width: int, height: int, spec: PreprocessSpec) -> int:
+    """The one shrink factor for a source of this size: JPEG draft decode and box-reduce both use it.
+
+    It is :func:`reduce_factor` of the region the most-cropped view keeps, so
+    every view still has at least the model's size. JPEG draft decoding shrinks
+    by exactly this factor inside the decoder (the DCT's block average, blocks
+    aligned at the image's corner); PNG and DICOM sources are box-reduced by the
+    same factor, from the same corner, *before* the crop, so one radiograph gives
+    one tensor whichever format it came in.
+    """
+    crop = max(c for _, c in spec.view_list())
+    dx, dy = _crop_margins(width, height, crop)
+    return reduce_factor(width - 2 * dx, height - 2 * dy, spec)
+
+
+def resize(gray: np.ndarray, spec: PreprocessSpec, crop: Optional[float] = None) -> np.ndarray:
+    """Steps 1-2: box-reduce, crop and squash-resize a decoded image to the model's size (uint8, H x W).
+
+    ``crop`` overrides ``spec.crop`` for a view with a crop of its own; the
+    reduction factor is the file's (:func:`source_reduction`), the same for all views.
+    """
     size = (spec.width, spec.height)
-    if spec.crop:
-        gh, gw = gray.shape
-        dy, dx = int(round(gh * spec.crop)), int(round(gw * spec.crop))
-        if gh - 2 * dy >= 1 and gw - 2 * dx >= 1:
-            gray = gray[dy : gh - dy, dx : gw - dx]
     gray = to_uint8(gray)
-    k = reduce_factor(gray.shape[1], gray.shape[0], spec)
+    k = source_reduction(gray.shape[1], gray.shape[0], spec)
     img = Image.fromarray(np.ascontiguousarray(gray), "L")
     if k > 1:
         img = img.reduce(k)
+    dx, dy = _crop_margins(img.width, img.height, spec.crop if crop is None else crop)
+    if dx or dy:
+        img = img.crop((dx, dy, img.width - dx, img.height - dy))
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -485,7 +503,7 @@ def finish(small: np.ndarray, spec: PreprocessSpec, gray: Optional[np.ndarray] =
             if crop not in smalls:
                 if gray is None:
                     raise ValueError("a view with its own crop needs the decoded image")
-                smalls[crop] = resize(gray, replace(spec, crop=crop, contrast=contrast, channels=1))
+                smalls[crop] = resize(gray, spec, crop)
             channels.append(contrast_step(smalls[crop], contrast, spec))
         return np.ascontiguousarray(np.stack(channels, axis=2))
     out = contrast_step(small, views[0][0], spec)[:, :, None]

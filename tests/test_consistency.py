@@ -24,7 +24,10 @@ def fullres_images() -> list[Path]:
     """Every full-resolution radiograph at hand: the bundled samples, and the data set's scanner images."""
     files = sorted((REPO / "tests" / "data" / "samples").rglob("*.jpeg"))
     files += sorted(SHARED_FULLRES.rglob("*.jpeg"))
-    return files
+    unique: dict[str, Path] = {}
+    for f in files:  # a bundled sample may also be one of the scanner images: score it once
+        unique.setdefault(f.name, f)
+    return list(unique.values())
 
 
 def as_png(gray: np.ndarray) -> bytes:

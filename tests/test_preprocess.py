@@ -68,6 +68,25 @@ def test_jpeg_draft_decodes_large_scans_at_reduced_scale(tmp_path: Path):
     assert preprocess(tmp_path / "big.jpg", SPEC).shape == (128, 128, 1)
 
 
+@pytest.mark.parametrize("crop, contrast", [(0.0, "equalize"), (0.08, "equalize"), (0.12, "equalize+equalize@0.04")])
+def test_jpeg_draft_and_full_decode_give_one_tensor(tmp_path: Path, crop: float, contrast: str):
+    """Draft decoding and a box-reduce of the full decode share one grid, whatever the crop.
+
+    A crop used to be taken before the PNG path's reduction but after the
+    JPEG's: for a 1376 x 1048 scan the two paths then read the image at 1/4 and
+    1/8 scale, several grey levels apart after equalisation.
+    """
+    spec = PreprocessSpec(128, 128, len(contrast.split("+")), contrast=contrast, crop=crop)
+    big = _xray(1048, 1376, seed=3)
+    Image.fromarray(big, "L").save(tmp_path / "scan.jpg", quality=95)
+    full = np.asarray(Image.open(tmp_path / "scan.jpg").convert("L"))
+    Image.fromarray(full, "L").save(tmp_path / "scan.png")
+    draft, png = preprocess(tmp_path / "scan.jpg", spec), preprocess(tmp_path / "scan.png", spec)
+    assert min(decode(tmp_path / "scan.jpg", spec).shape) < 1048 // 2  # really decoded in draft mode
+    d = np.abs(draft.astype(int) - png.astype(int))
+    assert d.mean() < 0.5 and d.max() <= 8, (d.mean(), d.max())
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [
