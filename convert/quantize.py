@@ -165,7 +165,7 @@ def _calibration_samples(cfg: ConvertConfig, exclude: set[Path]) -> list[Sample]
     return stratified_subset(kept or samples, cfg.num_calibration, cfg.seed)
 
 
-def _load_float(cfg: ConvertConfig) -> tuple[FloatModel, PreprocessSpec, Optional[dict]]:
+def load_float_for_convert(cfg: ConvertConfig) -> tuple[FloatModel, PreprocessSpec, Optional[dict]]:
     """The model to quantize (cut at the logit; several: one ensemble graph), its preprocessing, its record.
 
     Ensemble members may have been trained with different contrast steps: the
@@ -345,7 +345,7 @@ def convert(cfg: ConvertConfig) -> dict:
     name = cfg.name or out.stem
     card_path = out.with_suffix(".json")
 
-    fm, spec, meta = _load_float(cfg)
+    fm, spec, meta = load_float_for_convert(cfg)
     log.info("model %s (%s, output %s), input %s, preprocessing %s", ", ".join(map(str, cfg.models)), fm.kind,
              fm.output, fm.input_shape, spec.to_dict()["description"])
 

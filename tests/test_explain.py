@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -86,17 +87,26 @@ def randomised(shipped, tmp_path_factory) -> Scorer:
     """The shipped architecture with freshly initialised weights, through the repo's own int8 converter."""
     keras = pytest.importorskip("keras", reason="the randomised model is built with the toolchain (TensorFlow)")
     from pneumoflag.convert.dataset import load_samples, scan_folder
-    from pneumoflag.convert.float_model import load_float_model, logit_model
-    from pneumoflag.convert.quantize import quantize_int8
+    from pneumoflag.convert.quantize import ConvertConfig, load_float_for_convert, quantize_int8
     from pneumoflag.device.runtime import find_runtime, make_interpreter
 
     _, card = shipped
     root = tmp_path_factory.mktemp("randomised")
     keras.utils.set_random_seed(0)
-    trained = keras.models.load_model(MODELS / "pneumoflag-rn128.keras", compile=False)
-    fresh = keras.models.clone_model(trained)  # same layers, weights from their initialisers
-    fresh.save(root / "random.keras")
-    fm = logit_model(load_float_model(root / "random.keras"))
+    source = card.raw["source_model"]
+    fresh_paths = []
+    for i, member in enumerate(source.get("members") or [source]):  # an ensemble: every member re-initialised
+        trained_path = MODELS / member["file"]
+        trained = keras.models.load_model(trained_path, compile=False)
+        fresh = keras.models.clone_model(trained)  # same layers, weights from their initialisers
+        path = root / f"random{i}.keras"
+        fresh.save(path)
+        record = trained_path.with_name(trained_path.stem + ".train.json")
+        if record.is_file():  # the member's preprocessing (contrast, crop) comes from its training record
+            shutil.copy(record, root / f"random{i}.train.json")
+        fresh_paths.append(path)
+    fm, spec, _ = load_float_for_convert(ConvertConfig(fresh_paths, calibration=MINI, out=root / "random.tflite"))
+    assert spec == card.preprocessing, "the randomised model must take the shipped model's input"
     calib = load_samples(scan_folder(MINI), card.preprocessing, workers=2)
     path = root / "random.tflite"
     path.write_bytes(quantize_int8(fm, calib, card.preprocessing))
