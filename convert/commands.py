@@ -191,7 +191,7 @@ def add_calibrate(sub) -> None:
         description="Score a site's labelled images (DATA with NORMAL/ and PNEUMONIA/, at least 50 of each) with "
         "MODEL and set the operating points there, as a hospital does before go-live: flag = the highest "
         "threshold with sensitivity >= --min-sensitivity, urgent = the lowest with specificity >= "
-        "--urgent-min-specificity, strictly above flag. Prints both with bootstrap 95%% intervals, the share of "
+        "--urgent-min-specificity, strictly above flag. Prints both with bootstrap 95% intervals, the share of "
         "images flagged and the PPV at the site's prevalence, then writes a new revision of the model card "
         "(version bumped, the data recorded as counts and a digest, the old points kept). The .tflite is not "
         "touched; the daemon picks the new card up on restart. No TensorFlow needed.",

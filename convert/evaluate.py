@@ -109,6 +109,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "skipped_files": [[str(a), b] for a, b in ds.skipped],
     })
     if cfg.json_out:
+        cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
         tmp = cfg.json_out.with_name(f".{cfg.json_out.name}.tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, cfg.json_out)

@@ -14,6 +14,7 @@ zero for this image) are counted, not drawn.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..device.card import ModelCard, sha256_file
-from ..device.explain import NOTICE, colormap_lut, pillow_font
+from ..device.explain import NOTICE, colormap_lut, pillow_font, reference_view
 from ..device.preprocess import PreprocessSpec, to_float_input
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,23 @@ class ActivationModel:
             raise LayersUnavailable(f"{keras_path}: no convolution layers to show")
         self._model = keras.Model(model.inputs[0], [model.get_layer(n).output for n in self.names])
         self._to_numpy = keras.ops.convert_to_numpy
+        self.channels = int(model.inputs[0].shape[-1])
+        record = keras_path.with_name(keras_path.stem + ".train.json")
+        self.view: Optional[tuple[str, float]] = None  # an ensemble member's own (contrast step, crop)
+        if record.is_file():
+            pre = json.loads(record.read_text()).get("preprocessing", {})
+            self.view = (pre.get("contrast", "equalize"), float(pre.get("crop", 0.0)))
+
+    def member_input(self, pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+        """The channel of an ensemble's multi-view input that this (member) model reads."""
+        if pixels.shape[2] == self.channels:
+            return pixels
+        views = spec.view_list()
+        i = views.index(self.view) if self.view in views else reference_view(spec)
+        return pixels[:, :, i : i + 1]
 
     def blocks(self, pixels: np.ndarray, spec: PreprocessSpec) -> list[Block]:
-        x = to_float_input(pixels[None], spec)
+        x = to_float_input(self.member_input(pixels, spec)[None], spec)
         outs = self._model(x, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         return [Block(n, np.asarray(self._to_numpy(o))[0].astype(np.float32))
@@ -97,7 +112,7 @@ class ActivationModel:
 
     def write(self, pixels: np.ndarray, spec: PreprocessSpec, out: Path, title: str) -> Path:
         """Compute the blocks for one preprocessed input and write its contact sheet to ``out``."""
-        out.write_bytes(contact_sheet(pixels, self.blocks(pixels, spec), title))
+        out.write_bytes(contact_sheet(self.member_input(pixels, spec), self.blocks(pixels, spec), title))
         return out
 
 

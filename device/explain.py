@@ -292,6 +292,36 @@ class HeatMap:
         return (self.values / peak).astype(np.float32) if peak > 0 else np.zeros_like(self.values)
 
 
+def reference_view(spec: PreprocessSpec) -> int:
+    """The channel whose view the map is drawn in: the one that keeps the most of the radiograph (least crop)."""
+    crops = [c for _, c in spec.view_list()]
+    return crops.index(min(crops)) if len(crops) == spec.channels else 0
+
+
+def view_spans(spec: PreprocessSpec, start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """Where a patch spanning ``[start, stop)`` of the reference view lies in each channel (one axis).
+
+    An ensemble may take views with different border crops (``equalize+equalize@0.12``): the same
+    anatomy sits at other pixels in each, so each channel is occluded where that anatomy is.
+    """
+    views = spec.view_list()
+    if len(views) != spec.channels or len({c for _, c in views}) == 1:
+        return [(start, stop)] * spec.channels
+    ref = views[reference_view(spec)][1]
+    spans = []
+    for _, crop in views:
+        # reference pixel -> share of the source image -> this view's pixel
+        a, b = ((ref + (1 - 2 * ref) * v / size - crop) / (1 - 2 * crop) * size for v in (start, stop))
+        spans.append((max(0, min(size, int(round(a)))), max(0, min(size, int(round(b))))))
+    return spans
+
+
+def display_spec(spec: PreprocessSpec, size: int) -> PreprocessSpec:
+    """The reference view alone (its contrast step and crop) at ``size`` px: what an overlay shows."""
+    contrast, crop = spec.view_list()[reference_view(spec)]
+    return replace(spec, height=size, width=size, channels=1, contrast=contrast, crop=crop)
+
+
 def default_patch_stride(size: int) -> tuple[int, int]:
     """24 px patches every 13 px on a 128 px input; the same shares of other sizes."""
     return max(2, int(round(size * DEFAULT_PATCH_FRACTION))), max(1, int(round(size * DEFAULT_STRIDE_FRACTION)))
@@ -326,11 +356,22 @@ def occlusion_map(
     ys, xs = grid_positions(h, patch, stride), grid_positions(w, patch, stride)
     drops = np.empty((len(ys), len(xs)), np.float32)
     work = pixels.copy()
+    spec: Optional[PreprocessSpec] = getattr(scorer, "spec", None)
+
+    def spans(start: int, size: int) -> list[tuple[int, int]]:
+        if spec is None or spec.channels != pixels.shape[2]:
+            return [(start, start + patch)] * pixels.shape[2]
+        return view_spans(spec, start, start + patch, size)
+
     for i, y in enumerate(ys):
+        rows = spans(int(y), h)
         for j, x in enumerate(xs):
-            work[y : y + patch, x : x + patch] = fill[y : y + patch, x : x + patch]
+            cols = spans(int(x), w)
+            for c, ((y0, y1), (x0, x1)) in enumerate(zip(rows, cols, strict=True)):
+                work[y0:y1, x0:x1, c] = fill[y0:y1, x0:x1, c]
             drops[i, j] = z0 - src(work)
-            work[y : y + patch, x : x + patch] = pixels[y : y + patch, x : x + patch]
+            for c, ((y0, y1), (x0, x1)) in enumerate(zip(rows, cols, strict=True)):
+                work[y0:y1, x0:x1, c] = pixels[y0:y1, x0:x1, c]
     sign = 1.0 if target == "pneumonia" else -1.0
     total = np.zeros((h, w), np.float64)
     count = np.zeros((h, w), np.float64)
@@ -487,8 +528,8 @@ class Explanation:
 
 
 def display_gray(gray: np.ndarray, spec: PreprocessSpec, size: int) -> np.ndarray:
-    """A sharper copy of the model's view: the same crop, squash and contrast step at ``size`` px."""
-    return prepare(gray, replace(spec, height=size, width=size, channels=1))[:, :, 0]
+    """A sharper copy of the model's (reference) view: the same crop, squash and contrast step at ``size`` px."""
+    return prepare(gray, display_spec(spec, size))[:, :, 0]
 
 
 def explain_pixels(
@@ -510,7 +551,10 @@ def explain_pixels(
     """
     heat = occlusion_map(scorer, pixels, patch, stride, threshold=thresholds.flag)
     priority = thresholds.priority(heat.probability)
-    png = render_overlay(pixels if display is None else display, heat, heat.probability, priority, size, cmap)
+    if display is None:
+        ref = reference_view(scorer.spec)
+        display = pixels[:, :, ref]
+    png = render_overlay(display, heat, heat.probability, priority, size, cmap)
     return Explanation(png, heat, priority, pixels)
 
 
@@ -547,8 +591,8 @@ def explain_file(
     decoded = pipeline.decode(data, str(path))
     display = None
     if not is_dicom(data[:132]):
-        spec = replace(pipeline.spec, height=size, width=size, channels=1)
-        display = display_gray(decode(data, spec, name=str(path)), pipeline.spec, size)
+        gray = decode(data, display_spec(pipeline.spec, size), name=str(path))
+        display = display_gray(gray, pipeline.spec, size)
     return explain_pixels(pipeline.scorer, decoded.pixels, pipeline.card.thresholds, display, size, cmap,
                           patch, stride)
 

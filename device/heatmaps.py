@@ -14,7 +14,7 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from .card import ModelCard
 from .config import Config
 from .dicom import is_dicom, read_dicom
-from .explain import display_gray, explain_pixels
+from .explain import display_gray, display_spec, explain_pixels, reference_view
 from .pipeline import Pipeline
 from .preprocess import ImageDecodeError, decode
 from .publisher import Publisher
@@ -93,9 +93,9 @@ class HeatmapWorker:
             if is_dicom(job.data[:132]):
                 gray, _ = read_dicom(job.data, name=job.rel, **self.pipeline.dicom_options())
             else:
-                gray = decode(job.data, replace(spec, height=size, width=size, channels=1), name=job.rel)
+                gray = decode(job.data, display_spec(spec, size), name=job.rel)
         except ImageDecodeError:
-            return job.pixels[:, :, 0]
+            return job.pixels[:, :, reference_view(spec)]
         return display_gray(gray, spec, size)
 
     def _make(self, job: _Job) -> None:

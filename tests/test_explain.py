@@ -25,6 +25,7 @@ from pneumoflag.device.preprocess import preprocess
 from pneumoflag.device.scorer import LoadReport, Scorer, load_scorer
 
 SHIPPED = MODELS / "pneumoflag-rn128.tflite"
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy" / "pneumoflag-rn128.tflite"  # 1.0.0: sigmoid output
 SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
 FILES = sorted(SAMPLES.rglob("*.jpeg"))
 PNEUMONIA = [f for f in FILES if f.parent.name == "PNEUMONIA"]
@@ -118,17 +119,27 @@ def randomised(shipped, tmp_path_factory) -> Scorer:
 
 
 def test_maps_are_made_on_the_int8_logit(shipped, maps):
-    """The shipped model's sigmoid output sits at its top level for every pneumonia sample, so the map
-    reads the int8 logit before it (the tap); the map is >= 0, at input resolution, and costs 83 invokes."""
+    """The shipped model's int8 graph ends at the logit: the map reads it directly; the map is >= 0, at input
+    resolution, and costs 83 invokes."""
     scorer, card = shipped
-    assert ex.logit_source(scorer).kind == "tap"
+    assert card.output_kind == "logit" and ex.logit_source(scorer).kind == "logit"
     for name, heat in maps.items():
         assert heat.values.shape == card.preprocessing.shape[:2] and heat.values.dtype == np.float32
         assert heat.values.min() >= 0.0 and heat.informative, name
         assert (heat.patch, heat.stride, heat.invokes) == (24, 13, 83)
         assert heat.target == ("pneumonia" if heat.probability >= card.thresholds.flag else "normal")
-    # the tap reads the same int8 graph: its sigmoid of the logit rounds to the scorer's output level
-    for heat in maps.values():
+        assert 1.0 / (1.0 + math.exp(-heat.logit)) == pytest.approx(heat.probability, abs=1e-9)
+
+
+def test_a_sigmoid_output_model_is_explained_through_its_logit_tap():
+    """Models converted before 2.0.0 end in an int8 sigmoid whose top level holds every confident case; the
+    map then reads the int8 logit that feeds it (the tap) from a second interpreter on the same file."""
+    scorer, card = load_scorer(LEGACY, "cpu")
+    assert card.output_kind == "probability" and ex.logit_source(scorer).kind == "tap"
+    for f in FILES:
+        heat = ex.occlusion_map(scorer, preprocess(f, card.preprocessing), threshold=card.thresholds.flag)
+        assert heat.source == "tap" and heat.informative and heat.values.min() >= 0.0, f.name
+        # the tap reads the same int8 graph: its sigmoid of the logit rounds to the scorer's output level
         level = round(1.0 / (1.0 + math.exp(-heat.logit)) * 256)
         assert min(level, 255) / 256 == pytest.approx(heat.probability, abs=1 / 256 + 1e-9)
 
@@ -139,6 +150,22 @@ def test_grid_is_mirror_symmetric_and_covers_the_image(size, patch, stride):
     assert pos[0] == 0 and pos[-1] == size - patch
     assert set(pos.tolist()) == set((size - patch - pos).tolist())
     assert np.all(np.diff(pos) <= stride) and np.all(np.diff(pos) > 0)
+
+
+def test_views_with_other_crops_are_occluded_where_the_same_anatomy_is():
+    """An ensemble input with a 12%-cropped second view: a patch of the reference (uncropped) view covers
+    the same share of the radiograph in the cropped channel, scaled by 1 / 0.76 and mirror-symmetric."""
+    from pneumoflag.device.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(128, 128, 2, contrast="equalize+equalize@0.12")
+    assert ex.reference_view(spec) == 0
+    assert ex.view_spans(spec, 52, 76, 128) == [(52, 76), (48, 80)]  # 0.406..0.594 of the image in both
+    assert ex.view_spans(spec, 0, 24, 128) == [(0, 24), (0, 11)]  # the border: mostly cut from view 1
+    for start in range(0, 105, 13):
+        left, right = ex.view_spans(spec, start, start + 24, 128), ex.view_spans(spec, 104 - start, 128 - start, 128)
+        assert [(128 - b, 128 - a) for a, b in left] == right
+    one = PreprocessSpec(128, 128, 2, contrast="equalize+clahe")  # same crop: the same pixels in every channel
+    assert ex.view_spans(one, 10, 34, 128) == [(10, 34), (10, 34)]
 
 
 def test_occluder_fill_is_flip_equivariant(inputs):
@@ -281,7 +308,8 @@ def test_overlay_png_has_its_size_and_the_notice(shipped, maps, inputs, size):
 def test_explain_pixels_uses_the_card_thresholds(shipped, inputs):
     scorer, card = shipped
     px = inputs[PNEUMONIA[0].name]
-    low = ex.explain_pixels(scorer, px, Thresholds(0.999, None))
+    p = scorer.score(px)
+    low = ex.explain_pixels(scorer, px, Thresholds(p + (1 - p) / 2, None))  # flag above this image's p
     assert low.priority == "routine" and low.heat.target == "normal"
     high = ex.explain_pixels(scorer, px, card.thresholds)
     assert high.priority == card.thresholds.priority(high.heat.probability) and high.heat.target == "pneumonia"
@@ -290,7 +318,7 @@ def test_explain_pixels_uses_the_card_thresholds(shipped, inputs):
 def test_bench_explain_reports_figures(shipped, inputs):
     scorer, _ = shipped
     res = ex.bench_explain(scorer, list(inputs.values())[:2], repeats=1)
-    assert res["maps"] == 2 and res["invokes_per_map"] == 83 and res["source"] == "tap"
+    assert res["maps"] == 2 and res["invokes_per_map"] == 83 and res["source"] == "logit"
     assert 0 < res["p50_ms"] <= res["p95_ms"]
 
 

@@ -110,7 +110,7 @@ def test_toolchain_and_device_make_identical_input_tensors(tiny_run):
 
 
 def test_evaluate_tflite_confusion_arithmetic(tiny_run, tmp_path):
-    out = tmp_path / "eval.json"
+    out = tmp_path / "new" / "eval.json"  # a folder that does not exist yet is made
     plots = tmp_path / "plots"
     assert run_cli("evaluate", "--model", tiny_run["tflite"], "--data", MINI, "--json", out, "--plots", plots) == 0
     r = json.loads(out.read_text())
