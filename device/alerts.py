@@ -41,7 +41,7 @@ def format_alert(msg: dict, colour: bool) -> str:
     except ValueError:
         stamp = "--:--:--"
     try:
-        p = f"{float(msg.get('probability', float('nan'))):.3f}"
+        p = f"{float(msg.get('probability', float('nan'))):.4f}"  # thresholds sit near 1: 0.999 says too little
     except (TypeError, ValueError):
         p = "?"
     extra = f"  accession {_text(msg, 'accession_number')}" if msg.get("accession_number") else ""

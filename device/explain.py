@@ -459,7 +459,7 @@ def _draw_header(d: ImageDraw.ImageDraw, heat: HeatMap, probability: float, prio
         what = f"no region supports {heat.target}"
     _, t, _, b = d.textbbox((0, 0), "Ag", font=font)
     ty = (bh - (b - t)) // 2 - t
-    head = f"p = {probability:.3f}  "
+    head = f"p = {probability:.4f}  "
     d.text((pad, ty), head, fill=_TEXT, font=font)
     x = pad + d.textlength(head, font=font)
     d.text((x, ty), priority.upper(), fill=_PRIORITY_COLOUR.get(priority, _TEXT), font=font)

@@ -126,7 +126,7 @@ def format_report(r: dict) -> str:
     lines += ["", f"urgent flags not acknowledged: {len(r['unacknowledged_urgent'])}"
               + (f" (escalated: {r['escalated']} flags in all)" if r["escalated"] else "")]
     for u in r["unacknowledged_urgent"]:
-        lines.append(f"  {printable(u['file'])}  p={u['probability']:.3f}  waiting {_fmt_s(u['waiting_s'])}"
+        lines.append(f"  {printable(u['file'])}  p={u['probability']:.4f}  waiting {_fmt_s(u['waiting_s'])}"
                      f"  escalations {u['escalations']}  event {u['event_id']}")
     return "\n".join(lines)
 

@@ -56,7 +56,7 @@ def test_alerts_prints_flags_from_a_real_broker(tmp_path):
         c.loop_stop()
         assert alerts.returncode == 0, err
         lines = out.splitlines()
-        assert "URGENT" in lines[0] and "p=0.970" in lines[0] and "a/b.jpeg" in lines[0] and "[xr1]" in lines[0]
+        assert "URGENT" in lines[0] and "p=0.9700" in lines[0] and "a/b.jpeg" in lines[0] and "[xr1]" in lines[0]
         assert "ERROR" in lines[1] and "truncated" in lines[1]
     finally:
         broker.stop()

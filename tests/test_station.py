@@ -858,7 +858,7 @@ def test_opening_a_row_shows_the_heat_map_the_daemon_drew(ward):
     wait_until(lambda: panel(page)["width"] == 384, 60, "the heat map in the open panel")  # SSE if it came later
     shown = panel(page)
     assert shown["open"] and shown["file"] == name and shown["prio"] == "flag"
-    assert shown["probability"] == f'{flag["probability"]:.3f}' and shown["accession"] == "—"
+    assert shown["probability"] == f'{flag["probability"]:.4f}' and shown["accession"] == "—"
     assert "triage aid, not a diagnostic device" in shown["notice"]
     assert shown["src"] == f'/heatmap/{flag["event_id"]}.png' and shown["focus"] == "detail-close"
     # the very bytes the daemon wrote, served to this page's session, and cached by nobody else

@@ -130,7 +130,7 @@
     prio.append(el("span", `badge badge-${row.priority}`, String(row.priority).toUpperCase()));
     cells.push(prio);
 
-    cells.push(el("td", "num prob", Number(row.probability).toFixed(3)));
+    cells.push(el("td", "num prob", Number(row.probability).toFixed(4)));
 
     const file = el("td", "file");
     if (row.accession_number) {
@@ -256,7 +256,7 @@
     $("detail-file").textContent = row.file;
     $("detail-accession").textContent = row.accession_number || "—";
     $("detail-prio").textContent = row.priority;
-    $("detail-probability").textContent = Number(row.probability).toFixed(3);
+    $("detail-probability").textContent = Number(row.probability).toFixed(4);
     $("detail-device").textContent = row.device;
     const written = Date.parse(row.written_at);
     $("detail-written").textContent = isNaN(written) ? "—" : new Date(written).toLocaleString();
