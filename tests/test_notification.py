@@ -18,7 +18,7 @@ NORMAL = sorted((SAMPLES / "NORMAL").glob("*.jpeg"))
 
 
 def _three_tier_model(tmp_path: Path) -> Path:
-    """The shipped model with a card whose urgent point lies above flag (the weights untouched)."""
+    """The shipped model with tiers at p 0.3 and 0.9 (the weights untouched), so each sample's priority is known."""
     model = tmp_path / "model" / SHIPPED_MODEL.name
     model.parent.mkdir()
     shutil.copy(SHIPPED_MODEL, model)
