@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from .card import ModelCard
 from .config import load_config
 from .preprocess import decode, prepare
 from .scorer import load_scorer
@@ -297,34 +298,48 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
         logf.close()
 
 
+def _source_keras_paths(cfg: BenchConfig) -> list[Path]:
+    """--keras, else the float members the card names beside the model, else MODEL.keras."""
+    if cfg.keras:
+        return [cfg.keras]
+    try:
+        source = ModelCard.load(cfg.model.with_suffix(".json")).raw.get("source_model") or {}
+    except Exception:  # noqa: BLE001 - no or unreadable card: fall back to the conventional name
+        source = {}
+    names = [m.get("file") for m in source.get("members") or [source]]
+    paths = [cfg.model.parent / n for n in names if n]
+    return paths if paths and all(p.is_file() for p in paths) else [cfg.model.with_suffix(".keras")]
+
+
 def bench_source_path(cfg: BenchConfig, files: list[Path], our_score_p50: float) -> dict:
-    """The source notebooks' way: full decode, resize, Keras float predict per image."""
-    keras_path = cfg.keras or cfg.model.with_suffix(".keras")
-    if not keras_path.exists():
-        return {"skipped": f"no float Keras model at {keras_path} (give --keras)"}
+    """The source notebooks' way: full decode, resize, Keras float predict per image (each member of an ensemble)."""
+    keras_paths = _source_keras_paths(cfg)
+    missing = [p for p in keras_paths if not p.exists()]
+    if missing:
+        return {"skipped": f"no float Keras model at {missing[0]} (give --keras)"}
     try:
         import keras
     except ImportError:
         return {"skipped": "TensorFlow/Keras not installed (pip install 'pneumoflag[convert]')"}
     from PIL import Image
 
-    model = keras.models.load_model(keras_path, compile=False)
-    h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+    models = [keras.models.load_model(p, compile=False) for p in keras_paths]
     times = []
-    model.predict(np.zeros((1, h, w, c), np.float32), verbose=0)  # warm-up
+    for model in models:
+        h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+        model.predict(np.zeros((1, h, w, c), np.float32), verbose=0)  # warm-up
     for f in files:
         for _ in range(max(1, cfg.repeats // 2)):
             t0 = time.perf_counter()
             img = Image.open(f)
             img.load()  # full-resolution decode
-            img = img.convert("L" if c == 1 else "RGB").resize((w, h))
-            x = np.asarray(img, np.float32)[None] / 255.0
-            if c == 1:
-                x = x[..., None]
-            model.predict(x, verbose=0)
+            for model in models:
+                h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+                x = np.asarray(img.convert("L" if c == 1 else "RGB").resize((w, h)), np.float32)[None] / 255.0
+                model.predict(x[..., None] if c == 1 else x, verbose=0)
             times.append((time.perf_counter() - t0) * 1000.0)
     s = _summary(times)
-    return {"per_image_ms": s, "keras_model": str(keras_path),
+    return {"per_image_ms": s, "keras_model": ", ".join(str(p) for p in keras_paths),
             "speedup": round(s["p50"] / our_score_p50, 1) if our_score_p50 > 0 else None}
 
 

@@ -347,7 +347,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--images", type=Path, default=default_images if default_images.is_dir() else None,
                    required=not default_images.is_dir(), help="folder of JPEG/PNG images (default: the sample set)")
     p.add_argument("--model", type=Path, help="int8 .tflite (default: the shipped model)")
-    p.add_argument("--keras", type=Path, help="float Keras model for the source path (default: MODEL.keras)")
+    p.add_argument("--keras", type=Path, help="float Keras model for the source path (default: the members the "
+                   "card names beside MODEL, else MODEL.keras)")
     p.add_argument("--broker", default="auto",
                    help="HOST:PORT, 'embedded', or 'auto' (a private mosquitto if installed, else embedded)")
     p.add_argument("--burst", type=int, default=500, help="files in the burst (default 500)")

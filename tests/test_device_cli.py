@@ -163,3 +163,18 @@ def test_alerts_says_when_it_loses_and_regains_the_broker_and_gets_what_it_misse
         if alerts.poll() is None:
             alerts.kill()
         broker.stop()
+
+
+def test_bench_compares_against_every_float_member_the_card_names(tmp_path: Path):
+    """The source-path comparison runs the float members of the shipped ensemble (they are not MODEL.keras)."""
+    from pneumoflag.device.bench import BenchConfig, _source_keras_paths
+
+    members = [m["file"] for m in ModelCard.load(SHIPPED_MODEL.with_suffix(".json")).raw["source_model"]["members"]]
+    assert len(members) == 2
+    paths = _source_keras_paths(BenchConfig(SAMPLES[0].parent, SHIPPED_MODEL))
+    assert [p.name for p in paths] == members and all(p.is_file() for p in paths)
+    assert _source_keras_paths(BenchConfig(SAMPLES[0].parent, SHIPPED_MODEL, keras=tmp_path / "x.keras")) == [
+        tmp_path / "x.keras"]
+    lone = tmp_path / "lone.tflite"  # no card beside it: the conventional name, which the bench then reports missing
+    shutil.copy(SHIPPED_MODEL, lone)
+    assert _source_keras_paths(BenchConfig(SAMPLES[0].parent, lone)) == [tmp_path / "lone.keras"]

@@ -108,3 +108,25 @@ def test_selftest_checks_the_export_folder(tmp_path, capsys):
                  "--config", cfg)
     out = capsys.readouterr().out
     assert rc == 1 and _row(out, "export folder").split()[0] == "FAIL"
+
+
+def test_another_cpu_runtime_may_differ_by_one_output_step_of_the_logit(tmp_path, capsys):
+    """A reference made by another runtime: within one quantization step of the int8 logit passes (near
+    p = 0.5 that is 0.017 of probability, more than 1/256); two steps fail, with the priority unchanged."""
+    import math
+
+    card = json.loads(SHIPPED_MODEL.with_suffix(".json").read_text())
+    assert card["tflite"]["output"]["kind"] == "logit"
+    step = card["tflite"]["output"]["quantization"][0]
+    base = json.loads((SAMPLES / "reference.json").read_text())
+    i = min(range(len(base["samples"])), key=lambda k: abs(base["samples"][k]["probability"] - 0.5))
+    for shift, verdict in ((0.6 * step, "PASS"), (2.0 * step, "FAIL")):
+        ref = json.loads(json.dumps(base))
+        ref["runtime"] = "tflite-runtime 2.14.0"
+        p = ref["samples"][i]["probability"]
+        ref["samples"][i]["probability"] = 1.0 / (1.0 + math.exp(-(math.log(p / (1 - p)) + shift)))
+        (tmp_path / "ref.json").write_text(json.dumps(ref))
+        run_cli("selftest", "--accelerator", "cpu", "--reference", tmp_path / "ref.json", "--state-dir",
+                tmp_path / "s", "--repeats", "1", "--config", _empty_config(tmp_path))
+        row = _row(capsys.readouterr().out, "samples vs reference")
+        assert row.split()[0] == verdict and "one output step" in row, row
