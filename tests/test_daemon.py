@@ -230,9 +230,10 @@ def test_unreadable_file_is_reported(broker, dirs, daemons):
         wrapper = (setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--")
     sub = Subscriber(broker.address, "pneumoflag/#")
     new_daemon(daemons, watch, state, broker.address, wrapper=wrapper).start()
-    secret = watch / "locked.jpeg"
-    shutil.copyfile(SAMPLE_FILES[0], secret)
-    secret.chmod(0o000)
+    staged = watch.parent / "locked.staged"  # arrives already unreadable: no window for the daemon to read it
+    shutil.copyfile(SAMPLE_FILES[0], staged)
+    staged.chmod(0o000)
+    staged.rename(watch / "locked.jpeg")
     drop(SAMPLE_FILES[1], watch, "readable.jpeg")
     errors = sub.wait_errors(1)
     assert errors[0]["file"] == "locked.jpeg" and errors[0]["reason"] == "permission-denied"

@@ -163,8 +163,10 @@ def test_a_file_made_readable_later_is_scored_and_supersedes_its_error(broker, d
     sub = Subscriber(broker.address, "pneumoflag/#")
     d = new_daemon(daemons, watch, state, broker.address, wrapper=_no_dac_override()).start()
     locked = watch / "locked.jpeg"
-    shutil.copyfile(GOOD, locked)
-    locked.chmod(0o000)
+    staged = watch.parent / "locked.staged"  # arrives already unreadable: no window for the daemon to read it
+    shutil.copyfile(GOOD, staged)
+    staged.chmod(0o000)
+    staged.rename(locked)
     (err,) = sub.wait_errors(1)
     assert err["reason"] == "permission-denied"
     locked.chmod(0o644)
