@@ -24,8 +24,8 @@ of the input (batch 1, one interpreter reused):
      logit; normal: occlusion raises it), in logit units, >= 0.
 
 Where the logit comes from (:class:`LogitSource`): a model whose int8 graph
-ends at the logit gives it directly (CPU and Edge TPU). The shipped 1.0.0
-model ends in an int8 sigmoid whose top level (255/256) holds every confident
+ends at the logit gives it directly (CPU and Edge TPU; every model since
+2.0.0). A model converted before that (1.0.0) ends in an int8 sigmoid whose top level (255/256) holds every confident
 pneumonia case, so its output cannot show a drop; on the CPU the map reads
 the int8 logit that feeds that sigmoid, from a second interpreter on the
 same file that keeps its intermediate tensors. Where neither is possible (a
@@ -34,10 +34,10 @@ saturated case says so instead of drawing an empty map as if it meant
 something.
 
 Why 24 px every 13: an 83-invoke map fits the budget (200 ms p50 on a
-2-core x86 CPU at about 1.3 ms an invoke), and a drop caused by a 24 px
-patch is several int8 logit steps (1/15 logit each on the shipped model),
-so rounding does not draw the map; 16 px every 8 px (227 invokes) is finer
-but over budget.
+2-core x86 CPU at about 1.3 ms an invoke of the two-member 2.1.0: 105 ms),
+and a drop caused by a 24 px patch is several int8 logit steps (0.069
+logit each on 2.1.0), so rounding does not draw the map; 16 px every 8 px
+(227 invokes) is finer but over budget.
 
 This is an aid to see what drives the score, not a segmentation: occlusion
 finds what the model needs, at the patch's resolution, and misses evidence
