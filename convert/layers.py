@@ -49,11 +49,8 @@ def require_keras() -> None:
 
 def keras_beside(model_path: Path, card: Optional[ModelCard] = None) -> Path:
     """The float model a .tflite was converted from: the card's ``source_model.file`` beside it, else NAME.keras."""
-    if card is not None:
-        name = (card.raw.get("source_model") or {}).get("file")
-        if name and (model_path.parent / name).is_file():
-            return model_path.parent / name
-    return model_path.with_suffix(".keras")
+    paths = card.source_model_paths(model_path) if card is not None else []
+    return paths[0] if paths and paths[0].is_file() else model_path.with_suffix(".keras")
 
 
 @dataclass

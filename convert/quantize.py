@@ -186,13 +186,14 @@ def load_float_for_convert(cfg: ConvertConfig) -> tuple[FloatModel, PreprocessSp
             raise ConvertError(f"ensemble member {m} takes other input than {cfg.models[0]}: "
                                f"{sp.to_dict()['description']} vs {first.to_dict()['description']}")
     # one view (channel) per distinct (contrast step, crop); a member reads its own
-    views = list(dict.fromkeys(sp.contrast if sp.crop == first.crop else f"{sp.contrast}@{sp.crop:g}"
-                               for sp in specs))
+    def view(sp: PreprocessSpec) -> str:
+        return sp.contrast if sp.crop == first.crop else f"{sp.contrast}@{sp.crop:g}"
+
+    views = list(dict.fromkeys(view(sp) for sp in specs))
     if len(views) > 1 and first.channels != 1:
         raise ConvertError("ensemble members with different contrast steps or crops must take one channel each")
     spec = replace(first, contrast="+".join(views), channels=len(views) if len(views) > 1 else first.channels)
-    member_view = [views.index(sp.contrast if sp.crop == first.crop else f"{sp.contrast}@{sp.crop:g}")
-                   for sp in specs]
+    member_view = [views.index(view(sp)) for sp in specs]
     try:
         fm = ensemble(models, member_view, spec.shape)
     except ModelLoadError as exc:
@@ -228,17 +229,22 @@ def quantize_int8(fm: FloatModel, calib: LoadedSet, spec: PreprocessSpec) -> byt
         ) from None
 
 
+def _resized(samples: list[Sample], spec: PreprocessSpec):
+    """Each readable sample at the model's size, before the contrast step (what the gate looks at)."""
+    from ..device.preprocess import ImageDecodeError, decode, resize
+
+    for s in samples:
+        try:
+            yield resize(decode(s.path, spec), spec)
+        except ImageDecodeError:
+            continue
+
+
 def layout_template(samples: list[Sample], spec: PreprocessSpec) -> np.ndarray:
     """The mean radiograph of these images at 32 x 32, as the gate's layout check compares (see device/gate.py)."""
     from ..device.gate import layout_vector
-    from ..device.preprocess import ImageDecodeError, decode, resize
 
-    vectors = []
-    for s in samples:
-        try:
-            vectors.append(layout_vector(resize(decode(s.path, spec), spec)))
-        except ImageDecodeError:
-            continue
+    vectors = [layout_vector(small) for small in _resized(samples, spec)]
     if not vectors:
         raise DataError("no readable calibration image for the layout template")
     return np.mean(vectors, axis=0)
@@ -246,14 +252,8 @@ def layout_template(samples: list[Sample], spec: PreprocessSpec) -> np.ndarray:
 
 def _layout_stats(samples: list[Sample], spec: PreprocessSpec, template: np.ndarray) -> dict:
     from ..device.gate import layout_similarity
-    from ..device.preprocess import ImageDecodeError, decode, resize
 
-    sims = []
-    for s in samples:
-        try:
-            sims.append(layout_similarity(resize(decode(s.path, spec), spec), template))
-        except ImageDecodeError:
-            continue
+    sims = [layout_similarity(small, template) for small in _resized(samples, spec)]
     up = np.array([a for a, _ in sims])
     turned = np.array([b - a for a, b in sims])
     return {"n": len(sims), "similarity_min": round(float(up.min()), 3),

@@ -303,11 +303,9 @@ def _source_keras_paths(cfg: BenchConfig) -> list[Path]:
     if cfg.keras:
         return [cfg.keras]
     try:
-        source = ModelCard.load(cfg.model.with_suffix(".json")).raw.get("source_model") or {}
+        paths = ModelCard.load(cfg.model.with_suffix(".json")).source_model_paths(cfg.model)
     except Exception:  # noqa: BLE001 - no or unreadable card: fall back to the conventional name
-        source = {}
-    names = [m.get("file") for m in source.get("members") or [source]]
-    paths = [cfg.model.parent / n for n in names if n]
+        paths = []
     return paths if paths and all(p.is_file() for p in paths) else [cfg.model.with_suffix(".keras")]
 
 
@@ -324,17 +322,16 @@ def bench_source_path(cfg: BenchConfig, files: list[Path], our_score_p50: float)
     from PIL import Image
 
     models = [keras.models.load_model(p, compile=False) for p in keras_paths]
+    shapes = [tuple(int(d) for d in model.inputs[0].shape[1:]) for model in models]
     times = []
-    for model in models:
-        h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+    for model, (h, w, c) in zip(models, shapes, strict=True):
         model.predict(np.zeros((1, h, w, c), np.float32), verbose=0)  # warm-up
     for f in files:
         for _ in range(max(1, cfg.repeats // 2)):
             t0 = time.perf_counter()
             img = Image.open(f)
             img.load()  # full-resolution decode
-            for model in models:
-                h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+            for model, (h, w, c) in zip(models, shapes, strict=True):
                 x = np.asarray(img.convert("L" if c == 1 else "RGB").resize((w, h)), np.float32)[None] / 255.0
                 model.predict(x[..., None] if c == 1 else x, verbose=0)
             times.append((time.perf_counter() - t0) * 1000.0)

@@ -101,6 +101,13 @@ class ModelCard:
     edgetpu_sha256: Optional[str] = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def source_model_paths(self, model_path: Path | str) -> list[Path]:
+        """Where the float model(s) the .tflite was converted from would lie beside it: every ensemble member
+        (``source_model.members``), else ``source_model.file``; [] when the card names none."""
+        source = self.raw.get("source_model") or {}
+        names = [m.get("file") for m in source.get("members") or [source]]
+        return [Path(model_path).parent / n for n in names if n]
+
     @property
     def layout_template(self) -> Optional[np.ndarray]:
         """The mean training radiograph at 32 x 32 (``plausibility.template``), for the gate's layout check."""

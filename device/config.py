@@ -222,8 +222,7 @@ CHOICES = {("model", "accelerator"): ACCELERATORS, ("explain", "cmap"): COLORMAP
 POSITIVE = {("watch", "poll_interval"), ("watch", "max_file_mb"), ("watch", "max_pixels"), ("model", "threads"),
             ("mqtt", "keepalive"), ("mqtt", "stats_interval"), ("mqtt", "reconnect_min"), ("mqtt", "reconnect_max")}
 NON_NEGATIVE = {("watch", "settle_seconds"), ("watch", "incomplete_timeout"), ("alerts", "max_escalations"),
-                ("watch", "rescan_interval")}
-NON_NEGATIVE |= {("gate", "min_detail")}
+                ("watch", "rescan_interval"), ("gate", "min_detail")}
 POSITIVE |= {("gate", "max_uniform"), ("alerts", "escalate_after"), ("station", "silent_after"), ("watch", "max_decode_mb"),
              ("gate", "min_side"), ("gate", "max_aspect")}
 

@@ -363,10 +363,10 @@ def occlusion_map(
             return [(start, start + patch)] * pixels.shape[2]
         return view_spans(spec, start, start + patch, size)
 
+    col_spans = [spans(int(x), w) for x in xs]
     for i, y in enumerate(ys):
         rows = spans(int(y), h)
-        for j, x in enumerate(xs):
-            cols = spans(int(x), w)
+        for j, cols in enumerate(col_spans):
             for c, ((y0, y1), (x0, x1)) in enumerate(zip(rows, cols, strict=True)):
                 work[y0:y1, x0:x1, c] = fill[y0:y1, x0:x1, c]
             drops[i, j] = z0 - src(work)

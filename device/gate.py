@@ -120,14 +120,12 @@ def check_source(info: SourceInfo, limits: GateLimits, name: str) -> None:
         return
     short, long_ = min(info.width, info.height), max(info.width, info.height)
     if short < limits.min_side:
-        raise ImageDecodeError(
-            Reason.NOT_A_RADIOGRAPH,
+        raise _refused(
             f"{name}: {info.width}x{info.height} is too small for a chest radiograph "
             f"(shorter side under gate.min_side = {limits.min_side} px)",
         )
     if long_ / short > limits.max_aspect:
-        raise ImageDecodeError(
-            Reason.NOT_A_RADIOGRAPH,
+        raise _refused(
             f"{name}: {info.width}x{info.height} is a strip, not a chest radiograph "
             f"(sides {long_ / short:.1f}:1, over gate.max_aspect = {limits.max_aspect:g})",
         )
@@ -148,35 +146,35 @@ def check_jpeg_stream(data: bytes, limits: GateLimits, name: str) -> None:
         raise ImageDecodeError(Reason.CORRUPT, f"{name}: corrupt JPEG data ({exc}); not scored") from None
 
 
+def _refused(message: str) -> ImageDecodeError:
+    return ImageDecodeError(Reason.NOT_A_RADIOGRAPH, message)
+
+
 def check_pixels(small: np.ndarray, limits: GateLimits, name: str) -> None:
     """Contrast and texture at the model's input size, before the contrast step."""
     if not limits.enabled:
         return
     rng = dynamic_range(small)
     if rng < limits.min_dynamic_range:
-        raise ImageDecodeError(
-            Reason.NOT_A_RADIOGRAPH,
+        raise _refused(
             f"{name}: almost no contrast (grey range {rng:.0f} levels, under gate.min_dynamic_range = "
             f"{limits.min_dynamic_range:g}): not a chest radiograph",
         )
     smooth = smoothness(small)
     if smooth < limits.min_smoothness:
-        raise ImageDecodeError(
-            Reason.NOT_A_RADIOGRAPH,
+        raise _refused(
             f"{name}: looks like noise, not a chest radiograph (neighbour correlation {smooth:.2f}, under "
             f"gate.min_smoothness = {limits.min_smoothness:g})",
         )
     d = detail(small)
     if d < limits.min_detail:
-        raise ImageDecodeError(
-            Reason.NOT_A_RADIOGRAPH,
+        raise _refused(
             f"{name}: no fine structure, not a chest radiograph (detail {d:.3f}, under gate.min_detail = "
             f"{limits.min_detail:g}): a gradient or a smooth shape?",
         )
     u = uniform_share(small)
     if u > limits.max_uniform:
-        raise ImageDecodeError(
-            Reason.NOT_A_RADIOGRAPH,
+        raise _refused(
             f"{name}: {u:.0%} of the image is one grey level (over gate.max_uniform = {limits.max_uniform:g}): "
             "a document or a screenshot, not a chest radiograph",
         )
@@ -184,14 +182,12 @@ def check_pixels(small: np.ndarray, limits: GateLimits, name: str) -> None:
         return
     upright, upside_down = layout_similarity(small, limits.template)
     if upright < limits.min_template_similarity:
-        raise ImageDecodeError(
-            Reason.NOT_A_RADIOGRAPH,
+        raise _refused(
             f"{name}: not laid out like a frontal chest radiograph (similarity {upright:.2f} to the training "
             f"images, under gate.min_template_similarity = {limits.min_template_similarity:g}; an inverted "
             "image is negative)",
         )
     if upside_down - upright > UPSIDE_DOWN_MARGIN:
-        raise ImageDecodeError(
-            Reason.NOT_A_RADIOGRAPH,
+        raise _refused(
             f"{name}: looks upside down (similarity {upright:.2f} upright, {upside_down:.2f} turned over)",
         )

@@ -132,6 +132,10 @@ class DueEscalation:
     delivered_at: float
 
 
+#: the journal columns a :class:`JournalRow` is made of, in its field order
+JOURNAL_COLUMNS = "path, sha256, status, reason, event_id, size, mtime_ns"
+
+
 @dataclass(frozen=True)
 class FileSig:
     """What identifies one version of a file on disk."""
@@ -147,9 +151,7 @@ class Store:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
+            self._db = self._connect()
             self._db.executescript(SCHEMA)
             for table, column, kind in MIGRATIONS:
                 have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
@@ -161,8 +163,17 @@ class Store:
             if not os.access(self.path.parent, os.W_OK):
                 raise OSError(f"the folder {self.path.parent} is not writable")
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc), _is_corrupt(exc)) from None
+            raise self._error(exc) from None
         self._inode = self.path.stat().st_ino
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
+        return db
+
+    def _error(self, exc: BaseException) -> StoreError:
+        return StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc), _is_corrupt(exc))
 
     def restore_if_deleted(self) -> bool:
         """The database file was deleted while open: write it back from the open copy (True when it did).
@@ -184,9 +195,7 @@ class Store:
                 target.close()
             os.replace(tmp, self.path)
             self._db.close()
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = self._connect()
             self._inode = self.path.stat().st_ino
         return True
 
@@ -197,8 +206,7 @@ class Store:
                 cur = self._db.execute(sql, args)
                 return cur.fetchone() if one else cur.fetchall()
             except sqlite3.Error as exc:
-                raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc),
-                                 corrupt=_is_corrupt(exc)) from None
+                raise self._error(exc) from None
 
     def close(self) -> None:
         with self._lock:
@@ -220,8 +228,7 @@ class Store:
                             log.debug("rollback after a failed write also failed", exc_info=True)
                     raise
             except sqlite3.Error as exc:
-                raise StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc),
-                                 corrupt=_is_corrupt(exc)) from None
+                raise self._error(exc) from None
 
     # ------------------------------------------------------------------ journal
     def seen(self, path: str, sig: FileSig) -> bool:
@@ -234,14 +241,14 @@ class Store:
     def last_for_path(self, path: str) -> Optional[JournalRow]:
         """The latest result journaled for this path (not counting unchanged versions)."""
         row = self._read(
-            "SELECT path, sha256, status, reason, event_id, size, mtime_ns FROM journal "
+            "SELECT " + JOURNAL_COLUMNS + " FROM journal "
             "WHERE path=? AND status != 'unchanged' ORDER BY id DESC LIMIT 1", (path,), one=True)
         return JournalRow(*row) if row else None
 
     def by_hash(self, sha256: str) -> Optional[JournalRow]:
         """The first scored (or rejected) file with this content, if any."""
         row = self._read(
-            "SELECT path, sha256, status, reason, event_id, size, mtime_ns FROM journal "
+            "SELECT " + JOURNAL_COLUMNS + " FROM journal "
             "WHERE sha256=? AND status NOT IN ('duplicate', 'unchanged') ORDER BY id LIMIT 1", (sha256,), one=True)
         return JournalRow(*row) if row else None
 
@@ -285,7 +292,7 @@ class Store:
         return self._write(tx)
 
     def journal(self, limit: int = 1000) -> list[JournalRow]:
-        rows = self._read("SELECT path, sha256, status, reason, event_id, size, mtime_ns FROM journal "
+        rows = self._read("SELECT " + JOURNAL_COLUMNS + " FROM journal "
                           "ORDER BY id LIMIT ?", (limit,))
         return [JournalRow(*r) for r in rows]
 

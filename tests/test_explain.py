@@ -55,6 +55,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return pearson(ranks(a), ranks(b))
 
 
+def _say(capsys, what: str, values: dict) -> None:
+    """Print a sanity check's measured figures (the README quotes them), whether or not it passes."""
+    with capsys.disabled():
+        print(f"\n{what}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items())
+              + f"; mean {np.mean(list(values.values())):.2f}, min {min(values.values()):.2f}, "
+              f"max {max(values.values()):.2f}")
+
+
 def test_spearman_helper():
     x = np.arange(10.0)
     assert spearman(x, x**3) == pytest.approx(1.0)
@@ -94,10 +102,8 @@ def randomised(shipped, tmp_path_factory) -> Scorer:
     _, card = shipped
     root = tmp_path_factory.mktemp("randomised")
     keras.utils.set_random_seed(0)
-    source = card.raw["source_model"]
     fresh_paths = []
-    for i, member in enumerate(source.get("members") or [source]):  # an ensemble: every member re-initialised
-        trained_path = MODELS / member["file"]
+    for i, trained_path in enumerate(card.source_model_paths(SHIPPED)):  # an ensemble: every member re-initialised
         trained = keras.models.load_model(trained_path, compile=False)
         fresh = keras.models.clone_model(trained)  # same layers, weights from their initialisers
         path = root / f"random{i}.keras"
@@ -176,7 +182,7 @@ def test_occluder_fill_is_flip_equivariant(inputs):
 # ----------------------------------------------------------------------------- sanity checks
 
 
-def test_model_randomisation(shipped, maps, inputs, randomised):
+def test_model_randomisation(shipped, maps, inputs, randomised, capsys):
     """Maps from the trained weights and from re-initialised weights (same architecture, same converter)
     share little: Spearman below 0.5 on every sample (measured on 2.1.0, seed 0: mean -0.01, max 0.19;
     on 1.0.0 seeds 0-2 gave max 0.18-0.32). A map that only traced edges of the radiograph would fail."""
@@ -185,6 +191,7 @@ def test_model_randomisation(shipped, maps, inputs, randomised):
         rand = ex.occlusion_map(randomised, px, target=maps[name].target)
         if np.ptp(rand.values) > 0:  # a flat map has no ranks to compare
             rhos[name] = spearman(maps[name].values, rand.values)
+    _say(capsys, "model randomisation, Spearman", rhos)
     assert len(rhos) >= 6, f"the randomised model gave flat maps on {8 - len(rhos)} of 8 samples"
     assert max(rhos.values()) < 0.5, rhos
 
@@ -223,7 +230,7 @@ def test_equivariance_is_exact_for_a_flip_invariant_model(inputs):
         assert same is symmetric
 
 
-def test_equivariance_on_the_shipped_model(shipped, maps, inputs):
+def test_equivariance_on_the_shipped_model(shipped, maps, inputs, capsys):
     """map(flip(x)) against flip(map(x)) on the 8 samples (the same call explained): Pearson correlation
     measured on 2.1.0 0.68, 0.80, 0.58, 0.78 (normal) and 0.45, 0.55, 0.80, 0.46 (pneumonia), mean 0.64
     (1.0.0: mean 0.46).
@@ -238,6 +245,7 @@ def test_equivariance_on_the_shipped_model(shipped, maps, inputs):
     for name, px in inputs.items():
         flipped = ex.occlusion_map(scorer, px[:, ::-1].copy(), target=maps[name].target)
         r[name] = pearson(flipped.values, maps[name].values[:, ::-1])
+    _say(capsys, "equivariance, Pearson", r)
     assert np.mean(list(r.values())) >= 0.35, r
     assert min(r.values()) > 0.0, r
 
@@ -254,7 +262,7 @@ def _masked(px: np.ndarray, fill: np.ndarray, cells: np.ndarray, spec) -> np.nda
     return out
 
 
-def test_deletion_hottest_cells_matter_more_than_random_ones(shipped, maps, inputs):
+def test_deletion_hottest_cells_matter_more_than_random_ones(shipped, maps, inputs, capsys):
     """Masking the hottest 10% of a pneumonia radiograph (26 of 256 cells of 8 x 8 px, with the
     method's own blurred occluder) lowers the score more than 10 seeded random sets of 26 cells.
 
@@ -275,6 +283,8 @@ def test_deletion_hottest_cells_matter_more_than_random_ones(shipped, maps, inpu
         random_drops.append(np.mean([heat.logit - src(_masked(px, fill, rng.permutation(256)[:k], scorer.spec))
                                      for _ in range(10)]))
     hot, rand = np.array(hot_drops), np.array(random_drops)
+    _say(capsys, "deletion, logit drop of the hottest 10%", dict(zip([f.name for f in PNEUMONIA], hot, strict=True)))
+    _say(capsys, "deletion, logit drop of a random 10%", dict(zip([f.name for f in PNEUMONIA], rand, strict=True)))
     assert hot.mean() > rand.mean() + 0.25, (hot, rand)  # 0.25: about 4 steps of the int8 logit (0.069)
     assert np.sum(hot > rand) >= 3, (hot, rand)
 
