@@ -165,12 +165,11 @@ def train(cfg: TrainConfig) -> dict:
     log.info("decoded %d images in %.1f s", len(y_tr) + len(y_va), time.monotonic() - t0)
 
     import keras
-    import tensorflow as tf
 
     from .model import ARCHITECTURES, architecture_summary, build_model
 
     keras.utils.set_random_seed(cfg.seed)
-    tf.config.experimental.enable_op_determinism()
+    backend = _deterministic_backend()
 
     model = build_model(cfg.arch, spec.shape, cfg.dropout)
     model.compile(
@@ -248,7 +247,7 @@ def train(cfg: TrainConfig) -> dict:
             "dropout": cfg.dropout,
             "class_weights": class_weight,
             "seconds": round(train_s_elapsed, 1),
-            "tensorflow": tf.__version__,
+            "backend": backend,
             "keras": keras.__version__,
         },
         "validation": {"auroc_float": val_auroc},
@@ -258,6 +257,29 @@ def train(cfg: TrainConfig) -> dict:
     tmp_meta.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_meta, paths["meta"])
     return meta
+
+
+def _deterministic_backend() -> str:
+    """Name and version of the Keras backend that trains, made deterministic where it can be.
+
+    TensorFlow (the toolchain's own) trains bit-reproducibly on the CPU. Any other Keras 3 backend
+    (``KERAS_BACKEND=torch`` on a GPU machine with no TensorFlow) trains the same model and writes
+    the same ``.keras`` file; ``convert`` then needs TensorFlow wherever it runs.
+    """
+    import keras
+
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        return f"tensorflow {tf.__version__}"
+    if name == "torch":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return f"torch {torch.__version__} ({device})"
+    return name
 
 
 def _plot_history(history: dict, out: Path) -> Optional[Path]:

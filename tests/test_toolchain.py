@@ -43,6 +43,10 @@ def test_train_writes_model_history_plot_and_metadata(tiny_run):
     assert meta["parameters"] <= 500_000
     assert meta["split"]["kind"].startswith("patient-level")
     assert meta["preprocessing"]["height"] == 32
+    import keras
+
+    # which Keras backend trained it, with its version (TensorFlow here; torch on a GPU machine)
+    assert meta["training"]["backend"].startswith(keras.backend.backend() + " ")
     rows = k.with_name("tiny.history.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch") and len(rows) == 3  # header + 2 epochs
     assert k.with_name("tiny.history.png").read_bytes()[:4] == b"\x89PNG"
