@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import time
 
 from .config import Config
-from .messages import ACK_SCHEMA, EscalationMessage, encode
+from .messages import ACK_SCHEMA, EVENT_ID, EscalationMessage, encode
 from .publisher import Publisher
 from .safe_text import printable
 from .store import Store, StoreError
@@ -29,7 +28,6 @@ MAX_ACK_BYTES = 4096
 ACKS_PER_PASS = 50
 #: at most this many messages waiting (a flood beyond it is dropped, and counted)
 MAX_WAITING = 10_000
-_EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _FIELD_LIMITS = {"station": 200, "by": 200, "at": 64}
 
 
@@ -61,7 +59,7 @@ def parse_ack(raw: bytes) -> dict[str, str]:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise AckError(f"{key} is not valid UTF-8") from None
-        if key == "event_id" and not _EVENT_ID.fullmatch(value):
+        if key == "event_id" and not EVENT_ID.match(value):
             raise AckError("event_id is not an event id")
         if len(value) > _FIELD_LIMITS.get(key, 128):
             raise AckError(f"{key} longer than {_FIELD_LIMITS.get(key, 128)} characters")

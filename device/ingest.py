@@ -29,6 +29,8 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
+from .store import UNSTATABLE, FileSig
+
 log = logging.getLogger(__name__)
 
 
@@ -69,12 +71,7 @@ def _folder_id(path: Path) -> Optional[tuple[int, int]]:
     return (st.st_dev, st.st_ino)
 
 
-#: the signature of a file that is there but cannot be looked at (a path longer than PATH_MAX): it is
-#: handed over anyway, so the reader can say what is wrong with it instead of nothing happening
-UNSTATABLE = (-1, -1, -1)
-
-
-def _sig(path: Path) -> Optional[tuple[int, int, int]]:
+def _sig(path: Path) -> Optional[FileSig]:
     """Size and times of the file (of the link itself when it leads nowhere); None when gone."""
     try:
         st = path.stat()
@@ -85,7 +82,7 @@ def _sig(path: Path) -> Optional[tuple[int, int, int]]:
             return None
         except OSError:
             return UNSTATABLE
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return FileSig.of(st)
 
 
 class _OverflowWatch(logging.Handler):
@@ -122,7 +119,7 @@ class Ingest(FileSystemEventHandler):
         self._ready: deque[Ready] = deque()
         self._queued: set[Path] = set()
         self._waiting: list[tuple[float, int, Path]] = []  # (due, tiebreak, path) heap
-        self._sigs: dict[Path, Optional[tuple[int, int, int]]] = {}
+        self._sigs: dict[Path, Optional[FileSig]] = {}
         self._n = 0
         self._observer = None
         self._root_id: Optional[tuple[int, int]] = None
@@ -266,7 +263,7 @@ class Ingest(FileSystemEventHandler):
         for p in paths:
             sig = _sig(p)
             # recently modified files may still be being written: let them settle
-            if sig and now - sig[1] / 1e9 < self.settle:
+            if sig and now - sig.mtime_ns / 1e9 < self.settle:
                 self._wait(p, sig)
             else:
                 self._push(Ready(p, "backlog"))
@@ -281,7 +278,7 @@ class Ingest(FileSystemEventHandler):
             self._ready.append(item)
             self._cond.notify()
 
-    def _wait(self, path: Path, sig: Optional[tuple[int, int, int]], delay: Optional[float] = None) -> None:
+    def _wait(self, path: Path, sig: Optional[FileSig], delay: Optional[float] = None) -> None:
         with self._cond:
             self._sigs[path] = sig
             self._n += 1

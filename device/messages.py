@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +22,11 @@ def utc_now() -> str:
 def utc_iso(ts: float) -> str:
     """A POSIX timestamp as the contract's UTC ISO form."""
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+#: what an event id may look like wherever one arrives (an ack, a heat map's topic or URL): the daemon's own are
+#: UUIDs; no dots, colons or slashes, so an id is also a safe file name and URL segment
+EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
 def new_event_id() -> str:

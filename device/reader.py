@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .preprocess import ImageDecodeError
-from .store import FileSig
+from .store import UNSTATABLE, FileSig
 from .vocab import Reason
 
 
@@ -31,10 +31,6 @@ def _inside(path: str, roots: Sequence[str]) -> bool:
     return any(os.path.commonpath([path, r]) == r for r in roots)
 
 
-def file_sig(st: os.stat_result) -> FileSig:
-    return FileSig(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def lstat_sig(path: Path) -> FileSig | None:
     """The file's signature without following a link at the end; None when it is gone.
 
@@ -43,11 +39,11 @@ def lstat_sig(path: Path) -> FileSig | None:
     instead of disappearing without a word.
     """
     try:
-        return file_sig(path.lstat())
+        return FileSig.of(path.lstat())
     except FileNotFoundError:
         return None
     except OSError:
-        return FileSig(-1, -1, -1)
+        return UNSTATABLE
 
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -131,7 +127,7 @@ def read_export_file(path: Path, roots: Sequence[Path], max_bytes: int, label: s
             data = os.read(fd, 1 << 20)
             if data:
                 chunks.append(data)
-        return FileRead(chunks[0] if len(chunks) == 1 else b"".join(chunks), file_sig(st))
+        return FileRead(chunks[0] if len(chunks) == 1 else b"".join(chunks), FileSig.of(st))
     except OSError as exc:
         raise ImageDecodeError(Reason.UNREADABLE, f"{label}: {exc.strerror or exc}") from None
     finally:

@@ -144,6 +144,15 @@ class FileSig:
     mtime_ns: int
     ctime_ns: int
 
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileSig":
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+#: the signature of a file that is there but cannot be looked at (a path longer than PATH_MAX): impossible
+#: for a real file, so the file is handed on and read, and refused with its reason instead of vanishing
+UNSTATABLE = FileSig(-1, -1, -1)
+
 
 class Store:
     def __init__(self, state_dir: Path | str, filename: str = "pneumoflag.db"):

@@ -25,7 +25,7 @@ from aiohttp import web
 from .events import sse_frame
 from .security import cross_site
 from .service import AckRefused, Station, UnknownFlag
-from .worklist import EVENT_ID
+from pneumoflag.device.messages import EVENT_ID
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import sqlite3
 import time
@@ -29,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pneumoflag.device.messages import EVENT_ID
 from pneumoflag.device.vocab import PRIORITIES
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: a heat map whose flag this station has not seen is kept this long (the flag may still come), then dropped
 ORPHAN_KEEP_S = 3600
 MAX_ORPHANS = 100
-#: event ids as they may appear in a heat map's topic and URL: the daemon's are UUIDs; no dots, no slashes
-EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flags (

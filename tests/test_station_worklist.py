@@ -3,6 +3,7 @@ session, topic routing, and the CLI plug-in. Real SQLite files, no mocks."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from pneumoflag.device.config import load_config
+from pneumoflag.device.escalation import AckError, parse_ack
 from pneumoflag.device.messages import AckMessage, EscalationMessage
 from pneumoflag.station.mqtt_link import classify
 from pneumoflag.station.security import SESSION_TTL_S, Guard
@@ -365,3 +367,21 @@ def test_the_readme_lists_every_station_key():
     section = section[:section.index("\n## ")]
     listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `") and "[" not in line}
     assert listed == {f.name for f in fields(StationConfig)}
+
+
+@pytest.mark.parametrize("event_id, valid", [
+    (str(uuid.uuid4()), True), ("ok_id-2", True), ("a" * 128, True),
+    ("a.b", False), ("urn:x", False), ("a/b", False), ("-a", False), ("a" * 129, False),
+])
+def test_the_daemon_and_the_station_accept_the_same_event_ids(wl, event_id, valid):
+    """An ack the station sends is one the daemon takes, and the ids the daemon refuses the station refuses too."""
+    ack = json.dumps({"schema": "pneumoflag.ack/1", "event_id": event_id, "station": "desk-a", "by": "Ada",
+                      "at": "2026-11-26T10:00:00.000Z"}).encode()
+    if valid:
+        assert parse_ack(ack)["event_id"] == event_id
+        wl.add_heatmap(event_id, "xray-1", png())  # kept as an orphan until its flag comes
+    else:
+        with pytest.raises(AckError, match="not an event id"):
+            parse_ack(ack)
+        with pytest.raises(BadMessage, match="event id"):
+            wl.add_heatmap(event_id, "xray-1", png())
