@@ -263,8 +263,8 @@ def _deterministic_backend() -> str:
     """Name and version of the Keras backend that trains, made deterministic where it can be.
 
     TensorFlow (the toolchain's own) trains bit-reproducibly on the CPU. Any other Keras 3 backend
-    (``KERAS_BACKEND=torch`` on a GPU machine with no TensorFlow) trains the same model and writes
-    the same ``.keras`` file; ``convert`` then needs TensorFlow wherever it runs.
+    (``KERAS_BACKEND=torch`` on a GPU machine with no TensorFlow) trains the same architecture into a
+    ``.keras`` file that ``convert`` reads, with other weights from run to run.
     """
     import keras
 

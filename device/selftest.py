@@ -43,6 +43,10 @@ def default_samples_dir() -> Path:
         return Path(__file__).resolve().parent.parent / "tests" / "data" / "samples"
 
 
+def _prob_distance(a: float, b: float) -> float:
+    return abs(a - b)
+
+
 def _logit_distance(a: float, b: float) -> float:
     def logit(p: float) -> float:
         p = min(max(p, 1e-12), 1 - 1e-12)
@@ -176,16 +180,15 @@ class SelfTest:
         a logit output (near p = 0.5 that is more than 1/256 of probability).
         """
         r = self.scorer.report
-        dp = lambda a, b: abs(a - b)  # noqa: E731
         if r.accelerator == "edgetpu":
-            return dp, EDGETPU_TOLERANCE, f"Edge TPU: |dp| <= {EDGETPU_TOLERANCE}"
+            return _prob_distance, EDGETPU_TOLERANCE, f"Edge TPU: |dp| <= {EDGETPU_TOLERANCE}"
         if r.runtime == ref.get("runtime"):
-            return dp, 0.0, f"same CPU runtime as the reference ({r.runtime}): exact"
+            return _prob_distance, 0.0, f"same CPU runtime as the reference ({r.runtime}): exact"
         other = f"other CPU runtime ({r.runtime} vs {ref.get('runtime')})"
         scale = float(self.scorer.io_details[1].get("quantization", (0.0, 0))[0] or 0.0)
         if self.scorer.output_kind == "logit" and scale > 0:
             return _logit_distance, scale, f"{other}: |d logit| <= one output step ({scale:.4f})"
-        return dp, QUANT_STEP, f"{other}: |dp| <= 1/256"
+        return _prob_distance, QUANT_STEP, f"{other}: |dp| <= 1/256"
 
     def check_samples(self) -> None:
         try:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from pneumoflag.device.messages import EVENT_ID
+
 from .events import sse_frame
 from .security import cross_site
 from .service import AckRefused, Station, UnknownFlag
-from pneumoflag.device.messages import EVENT_ID
 
 log = logging.getLogger(__name__)
 
