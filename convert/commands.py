@@ -261,13 +261,7 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-EPILOG = """model toolchain (train/convert need the 'convert' extra: pip install 'pneumoflag[convert]'):
-  train      train a compact CNN on a NORMAL/ PNEUMONIA/ folder
-  convert    quantize a Keras/SavedModel model to full-int8 TFLite + model card
-  calibrate  set the operating points on a site's own labelled images
-  evaluate   AUROC and operating-point figures of a model on a labelled folder
-
-"""
+TITLE = "model toolchain (train/convert need the 'convert' extra: pip install 'pneumoflag[convert]')"
 
 
 def register(sub) -> dict:
@@ -278,7 +272,7 @@ def register(sub) -> dict:
 
     for add in (add_train, add_convert, add_calibrate, add_evaluate):
         add(sub)
-    return {"epilog": EPILOG, "errors": (DataError, ConvertError, CalibrateError)}
+    return {"title": TITLE, "errors": (DataError, ConvertError, CalibrateError)}
 
 
 def _cli_error(message: str) -> Exception:

@@ -170,4 +170,8 @@ def run_alerts(cfg: Config, min_priority: str, as_json: bool, count: Optional[in
         pass
     finally:
         listener.stop()
-    return 0 if count is None or seen >= count else 1
+    if count is None or seen >= count:
+        return 0
+    if deadline is not None and time.monotonic() >= deadline:
+        print(f"timed out after {timeout:g} s: {seen} of {count} messages received", file=sys.stderr)
+    return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -13,22 +14,9 @@ from .vocab import ACCELERATORS, PRIORITIES
 
 log = logging.getLogger("pneumoflag")
 
-EPILOG = """\
-device (the appliance):
-  demo       the whole flow in one command, on the bundled samples
-  watch      the main job: export folder -> score -> MQTT flags
-  alerts     print flags as they arrive (nursing-station terminal)
-  score      score files now, print the results
-  explain    heat maps of where the model looked, as PNG overlays
-  config     print the effective configuration
-  selftest   on-site check of hardware, model, samples, latency, broker
-  bench      latency, throughput, memory and idle CPU figures
-  report     counts and time-to-notification from this appliance's records
-
-{plugins}
-pneumoflag is a triage aid that orders the reading queue; it is not a
-diagnostic device. Every image still gets read by a clinician.
-"""
+DEVICE_TITLE = "device (the appliance)"
+CLOSING = """pneumoflag is a triage aid that orders the reading queue; it is not a
+diagnostic device. Every image still gets read by a clinician."""
 
 
 class CliError(Exception):
@@ -38,14 +26,17 @@ class CliError(Exception):
 # ----------------------------------------------------------------------------- device side
 
 
-def _add_config_flags(p, daemon: bool = True) -> None:
+def _add_config_flags(p, mqtt: bool = True, state: bool = True, model: bool = True) -> None:
+    """The configuration flags a command reads, and only those (``score`` offers no MQTT options)."""
     g = p.add_argument_group("configuration (file < PNEUMOFLAG_* environment < these flags)")
     g.add_argument("--config", type=Path, help="TOML config file (default /etc/pneumoflag/pneumoflag.toml if present)")
-    g.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker (default: embedded broker on 127.0.0.1:1883)")
-    g.add_argument("--topic-prefix", help="MQTT topic prefix (default pneumoflag)")
-    g.add_argument("--device-id", help="this appliance's id in topics (default: host name)")
-    if daemon:
+    if mqtt:
+        g.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker (default: embedded broker on 127.0.0.1:1883)")
+        g.add_argument("--topic-prefix", help="MQTT topic prefix (default pneumoflag)")
+        g.add_argument("--device-id", help="this appliance's id in topics (default: host name)")
+    if state:
         g.add_argument("--state-dir", help="where the outbox and journal live")
+    if model:
         g.add_argument("--model", help="int8 .tflite model with its card NAME.json beside it")
         g.add_argument("--accelerator", choices=ACCELERATORS, help="where the model runs")
 
@@ -109,7 +100,7 @@ def _add_alerts(sub) -> None:
     p.add_argument("--timeout", type=float, help="exit after this many seconds (also bounds the connection wait)")
     p.add_argument("--client-id", help="MQTT client id of this terminal's persistent session "
                    "(default pneumoflag-alerts-STATION_ID: flags sent while it is away arrive when it is back)")
-    _add_config_flags(p, daemon=False)
+    _add_config_flags(p, state=False, model=False)
     p.set_defaults(func=_cmd_alerts)
 
 
@@ -136,7 +127,7 @@ def _add_score(sub) -> None:
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
-    _add_config_flags(p)
+    _add_config_flags(p, mqtt=False, state=False)
     p.set_defaults(func=_cmd_score)
 
 
@@ -319,10 +310,11 @@ def _cmd_report(args) -> int:
 
     from .config import load_config
     from .report import ReportError, build_report, format_report, parse_since, public, write_plots
+    from .store import STATE_DB
 
     cfg = load_config(args.config, overrides={"state.dir": args.state_dir})
     try:
-        rep = build_report(Path(cfg.state.dir) / "pneumoflag.db", parse_since(args.since))
+        rep = build_report(Path(cfg.state.dir) / STATE_DB, parse_since(args.since))
         print(format_report(rep))
         if args.json_out:
             args.json_out.write_text(_json.dumps(public(rep), indent=2) + "\n")
@@ -446,7 +438,8 @@ def _cmd_demo(args) -> int:
     quiet_logging(args.verbose)
     cfg = _config(args)
     try:
-        return run_demo(cfg, args.samples or default_samples_dir(), args.export_dir, args.interval)
+        return run_demo(cfg, args.samples or default_samples_dir(), args.export_dir, args.interval,
+                        state_dir=Path(args.state_dir) if args.state_dir else None)
     except (StartupError, ConnectionError) as exc:
         raise CliError(str(exc)) from None
 
@@ -462,9 +455,23 @@ def _plugins() -> list:
     return sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name)
 
 
+def _command_list(groups: list[tuple[str, list[tuple[str, str]]]]) -> str:
+    """The subcommands under their group titles, each with its parser's own one-line help (said once)."""
+    width = max((len(name) for _, cmds in groups for name, _ in cmds), default=0) + 2
+    wrap = textwrap.TextWrapper(width=100, initial_indent="", subsequent_indent=" " * (width + 2))
+    blocks = []
+    for title, cmds in groups:
+        lines = [f"{title}:"] + [wrap.fill(f"  {name:<{width}}{text}") for name, text in cmds]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks + [CLOSING])
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, tuple[type[BaseException], ...]]:
-    """The parser, and the exception types the plugin commands raise for their users."""
-    registered = []
+    """The parser, and the exception types the plugin commands raise for their users.
+
+    argparse would list the subcommands once more under "positional arguments"; the grouped list in the
+    epilog is the one list, made from each subcommand's ``help``.
+    """
     parser = argparse.ArgumentParser(
         prog="pneumoflag",
         description="Edge pneumonia triage for chest X-rays: score each new radiograph with an "
@@ -474,19 +481,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, tuple[type[BaseException], 
     parser.add_argument("--version", action="version", version=f"pneumoflag {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="one of the commands listed below")
     for add in SUBCOMMANDS:
         add(sub)
+    groups = [(DEVICE_TITLE, _listed(sub, 0))]
     errors: list[type[BaseException]] = []
     for ep in _plugins():
+        before = len(sub._choices_actions)
         try:
-            registered.append(ep.load()(sub))
+            reg = ep.load()(sub)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the device CLI down
             log.warning("subcommands from %s not available: %s", ep.value, exc)
-    for reg in registered:
+            continue
+        groups.append((reg.get("title", ep.name), _listed(sub, before)))
         errors.extend(reg.get("errors", ()))
-    parser.epilog = EPILOG.format(plugins="".join(reg.get("epilog", "") for reg in registered))
+    sub._choices_actions = []  # listed once, in the epilog
+    parser.epilog = _command_list(groups)
     return parser, tuple(errors)
+
+
+def _listed(sub, start: int) -> list[tuple[str, str]]:
+    """(name, help) of the subcommands added since ``start``."""
+    return [(a.dest, a.help or "") for a in sub._choices_actions[start:]]
 
 
 SUBCOMMANDS: list[Callable] = [_add_demo, _add_watch, _add_alerts, _add_score, _add_explain, _add_config,

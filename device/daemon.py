@@ -422,7 +422,7 @@ class Daemon:
         self.processed += 1
         self.stats.by_priority[msg.priority] += 1
         self.stats.latencies.append((time.perf_counter() - t_start) * 1000.0)
-        log.info("%s: %s (p=%.3f, %.1f ms)%s", label, msg.priority.upper(), msg.probability, msg.timings_ms.total,
+        log.info("%s: %s (p=%.4f, %.1f ms)%s", label, msg.priority.upper(), msg.probability, msg.timings_ms.total,
                  f", supersedes {supersedes}" if supersedes else "")
         self._archive(path, rel)
 

@@ -23,6 +23,7 @@ from .alerts import AlertListener, format_alert
 from .config import Config
 from .daemon import Daemon, StartupError
 from .selftest import sample_files
+from .store import STATE_DB
 from .vocab import PRIORITIES
 
 CREDIT = ("Sample radiographs: Kermany, Zhang, Goldbaum et al., Chest X-Ray Images (Pneumonia), "
@@ -30,23 +31,28 @@ CREDIT = ("Sample radiographs: Kermany, Zhang, Goldbaum et al., Chest X-Ray Imag
 
 
 def run_demo(cfg: Config, samples: Path, export_dir: Optional[Path] = None, interval: float = 0.3,
-             timeout: float = 120.0, out: TextIO = sys.stdout) -> int:
+             timeout: float = 120.0, out: TextIO = sys.stdout, state_dir: Optional[Path] = None) -> int:
+    """``state_dir`` keeps the demo's journal there (for ``pneumoflag report``); it must hold none yet, since
+    a journal that has seen the samples would take them as repeats and alert nothing."""
     files = sample_files(samples)
     if not files:
         raise StartupError(f"no sample images in {samples}")
+    if state_dir is not None and (Path(state_dir) / STATE_DB).exists():
+        raise StartupError(f"--state-dir {state_dir} already holds a journal ({STATE_DB}); the demo needs a fresh "
+                           "one (its samples would be repeats there): give an empty or new folder")
     work = Path(tempfile.mkdtemp(prefix="pneumoflag-demo-"))
     try:  # the temporary folder goes whatever happens, a broker that cannot be reached included
-        return _demo(cfg, files, work, export_dir, interval, timeout, out)
+        return _demo(cfg, files, work, export_dir, interval, timeout, out, state_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _demo(cfg: Config, files: list[Path], work: Path, export_dir: Optional[Path], interval: float,
-          timeout: float, out: TextIO) -> int:
+          timeout: float, out: TextIO, state_dir: Optional[Path]) -> int:
     export = Path(export_dir) if export_dir else work / "export"
     export.mkdir(parents=True, exist_ok=True)
     cfg.watch.dir = str(export)
-    cfg.state.dir = str(work / "state")  # a fresh journal: the samples are new images to it
+    cfg.state.dir = str(state_dir or work / "state")  # a fresh journal: the samples are new images to it
     daemon = Daemon(cfg)
     ready = threading.Event()
     daemon.on_ready = lambda d: ready.set()
@@ -100,6 +106,8 @@ def _demo(cfg: Config, files: list[Path], work: Path, export_dir: Optional[Path]
     p()
     p(f"{len(received)} of {len(files)} scored and delivered over MQTT in {time.monotonic() - t0:.1f} s: "
       + ", ".join(f"{counts[k]} {k}" for k in (*PRIORITIES, "error") if counts[k]))
+    if state_dir is not None:
+        p(f"journal kept in {state_dir}: pneumoflag report --state-dir {state_dir}")
     p(CREDIT)
     p("pneumoflag is a triage aid that orders the reading queue; it is not a diagnostic device.")
     if failure:

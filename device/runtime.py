@@ -10,9 +10,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -85,6 +89,39 @@ def find_runtime(prefer: Optional[str] = None) -> Runtime:
     )
 
 
+_NATIVE_LEVELS = {"INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
+_native = logging.getLogger(__name__ + ".native")
+_native_lock = threading.Lock()
+
+
+@contextmanager
+def native_log_to_logging() -> Iterator[None]:
+    """The runtime's C++ log lines (``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.``) go straight
+    to file descriptor 2, past ``-q`` and the log format: catch them while an interpreter is built and log
+    them at their own level. Anything else written to fd 2 meanwhile (another thread) is passed on as it was.
+    """
+    with _native_lock, tempfile.TemporaryFile() as caught:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no usable fd 2 (a daemon without stderr): nothing to catch
+            yield
+            return
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode("utf-8", "replace").splitlines():
+                level, sep, text = line.partition(": ")
+                if sep and level in _NATIVE_LEVELS:
+                    _native.log(_NATIVE_LEVELS[level], "%s", text)
+                elif line:
+                    os.write(2, (line + "\n").encode())
+
+
 def make_interpreter(
     model_path: Path | str,
     runtime: Optional[Runtime] = None,
@@ -99,8 +136,9 @@ def make_interpreter(
     if delegates:
         kwargs["experimental_delegates"] = delegates
     try:
-        interp = rt.interpreter_cls(**kwargs)
-        interp.allocate_tensors()
+        with native_log_to_logging():
+            interp = rt.interpreter_cls(**kwargs)
+            interp.allocate_tensors()
     except (AttributeError, TypeError, SystemError):  # SystemError: "_ARRAY_API not found"
         if rt.name == "tflite-runtime" and int(np.__version__.split(".")[0]) >= 2:
             raise RuntimeUnavailable(

@@ -152,10 +152,12 @@ class FileSig:
 #: the signature of a file that is there but cannot be looked at (a path longer than PATH_MAX): impossible
 #: for a real file, so the file is handed on and read, and refused with its reason instead of vanishing
 UNSTATABLE = FileSig(-1, -1, -1)
+#: the state database's name in ``state.dir``
+STATE_DB = "pneumoflag.db"
 
 
 class Store:
-    def __init__(self, state_dir: Path | str, filename: str = "pneumoflag.db"):
+    def __init__(self, state_dir: Path | str, filename: str = STATE_DB):
         self.path = Path(state_dir) / filename
         self._lock = threading.Lock()
         try:

@@ -11,10 +11,7 @@ from pathlib import Path
 
 from .settings import StationError, StationSettings
 
-EPILOG = """nursing station (needs the 'station' extra: pip install 'pneumoflag[station]'):
-  station    web console: live worklist of every appliance, acknowledge, escalations
-
-"""
+TITLE = "nursing station (needs the 'station' extra: pip install 'pneumoflag[station]')"
 
 DESCRIPTION = """\
 Serve the nursing-station web console: one live page with the worklist of every appliance under the
@@ -82,4 +79,4 @@ def run_station(args: argparse.Namespace) -> int:
 def register(sub) -> dict:
     """Entry point (group ``pneumoflag.commands``): add ``station`` to the CLI."""
     add_station(sub)
-    return {"epilog": EPILOG, "errors": (StationError,)}
+    return {"title": TITLE, "errors": (StationError,)}

@@ -1,8 +1,10 @@
 """`score`, `alerts`, the embedded broker default, and accelerator selection."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -178,3 +180,84 @@ def test_bench_compares_against_every_float_member_the_card_names(tmp_path: Path
     lone = tmp_path / "lone.tflite"  # no card beside it: the conventional name, which the bench then reports missing
     shutil.copy(SHIPPED_MODEL, lone)
     assert _source_keras_paths(BenchConfig(SAMPLES[0].parent, lone)) == [tmp_path / "lone.keras"]
+
+
+# ----------------------------------------------------------------------------- what a new user tripped over
+
+def test_help_lists_each_command_once_with_its_own_words():
+    from pneumoflag.device.cli import build_parser
+
+    parser, _ = build_parser()
+    text = parser.format_help()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in sub.choices:
+        listed = [line for line in text.splitlines() if line.split()[:1] == [name]]
+        assert len(listed) == 1, f"{name} listed {len(listed)} times in --help"
+    # the one line shown is the subcommand's own help= (one wording, kept beside its parser)
+    assert "score image files now and print the results (no MQTT)" in text
+    assert "nursing-station web console (live worklist, acknowledge)" in text
+
+
+def test_score_help_offers_only_what_score_reads():
+    out = subprocess.run([*CLI, "score", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--broker", "--topic-prefix", "--device-id", "--state-dir"):
+        assert flag not in out
+    assert "--model" in out and "--accelerator" in out
+
+
+def test_demo_keeps_its_journal_in_the_given_state_dir(tmp_path):
+    broker = Mosquitto(tmp_path / "b").start()
+    try:
+        state = tmp_path / "state"
+        args = [*CLI, "demo", "--broker", broker.address, "--state-dir", str(state), "--interval", "0.05"]
+        run = subprocess.run(args, capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stderr
+        assert f"journal kept in {state}" in run.stdout
+        figures = tmp_path / "report.json"
+        report = subprocess.run([*CLI, "report", "--state-dir", str(state), "--json", str(figures)],
+                                capture_output=True, text=True, timeout=60)
+        assert report.returncode == 0, report.stderr
+        assert sum(json.loads(figures.read_text())["flags"].values()) == 8
+        again = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 2 and "already holds a journal" in again.stderr
+    finally:
+        broker.stop()
+
+
+def test_alerts_timeout_says_it_timed_out(tmp_path):
+    broker = Mosquitto(tmp_path / "b").start()
+    try:
+        run = subprocess.run([*CLI, "alerts", "--broker", broker.address, "--count", "1", "--timeout", "1"],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 1
+        assert "timed out after 1 s: 0 of 1 messages received" in run.stderr
+    finally:
+        broker.stop()
+
+
+def test_runtime_log_lines_follow_the_log_level():
+    """The runtime's C++ "Created TensorFlow Lite XNNPACK delegate" line is a log record: -q hides it."""
+    sample = str(SAMPLES[0])
+    quiet = subprocess.run([*CLI, "-q", "score", "--accelerator", "cpu", sample], capture_output=True, text=True,
+                           timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    loud = subprocess.run([*CLI, "score", "--accelerator", "cpu", sample], capture_output=True, text=True,
+                          timeout=120)
+    native = [line for line in loud.stderr.splitlines() if "XNNPACK" in line]
+    assert native and all("INFO pneumoflag.device.runtime.native:" in line for line in native), loud.stderr
+
+
+def test_daemon_logs_probabilities_as_the_thresholds_are_written(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    shutil.copy(SAMPLES[0], export)
+    broker = Mosquitto(tmp_path / "b").start()
+    try:
+        run = subprocess.run([*CLI, "watch", str(export), "--once", "--broker", broker.address, "--state-dir",
+                              str(tmp_path / "state"), "--model", str(SHIPPED_MODEL)], capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        broker.stop()
+    assert run.returncode == 0, run.stderr
+    line = next(x for x in run.stderr.splitlines() if SAMPLES[0].name in x and "p=" in x)
+    assert re.search(r"p=\d\.\d{4},", line), line
