@@ -41,6 +41,7 @@ from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
 from .reader import lstat_sig, read_export_file
+from .resend import ResendDesk
 from .safe_text import path_text, printable
 from .scorer import load_scorer
 from .sdnotify import Notifier
@@ -119,6 +120,7 @@ class Daemon:
             self._start_embedded_broker()
         self.publisher = Publisher(cfg, self.store)
         self.acks = AckDesk(cfg, self.store, self.publisher)
+        self.resends = ResendDesk(cfg, self.store, self.publisher)
         self.heatmaps = None
         if cfg.explain.enabled:
             from .heatmaps import HeatmapWorker
@@ -180,6 +182,7 @@ class Daemon:
                 if item is not None:
                     self._handle(item)
                 self.acks.journal_received()
+                self.resends.serve_requests()
                 now = time.monotonic()
                 if now >= next_escalation:
                     next_escalation = now + 1.0
@@ -326,6 +329,10 @@ class Daemon:
         except StoreError:
             outbox = -1
         health = {"export_folder": self._folder_state, "state_disk_full": self._disk_full_since is not None}
+        try:
+            health["delivered_seq"] = self.store.delivered_seq()
+        except StoreError:
+            pass
         try:
             ttn = time_to_notification(self.store.flag_times(time.time() - 86400))
         except StoreError:

@@ -13,6 +13,9 @@ ERROR_SCHEMA = "pneumoflag.error/1"
 STATS_SCHEMA = "pneumoflag.stats/1"
 ACK_SCHEMA = "pneumoflag.ack/1"
 ESCALATION_SCHEMA = "pneumoflag.escalation/1"
+RESEND_SCHEMA = "pneumoflag.resend/1"
+#: the most flags one resend request brings back (a station asks again for the rest)
+MAX_RESEND = 1000
 
 
 def utc_now() -> str:
@@ -27,6 +30,10 @@ def utc_iso(ts: float) -> str:
 #: what an event id may look like wherever one arrives (an ack, a heat map's topic or URL): the daemon's own are
 #: UUIDs; no dots, colons or slashes, so an id is also a safe file name and URL segment
 EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+#: a nursing station's name (in acks, its client id, its replay topic): a safe MQTT topic level
+STATION_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def new_event_id() -> str:
@@ -69,6 +76,8 @@ class FlagMessage:
     #: the event this one replaces: an earlier result for the same path (an error, or other content)
     supersedes: Optional[str] = None
     dicom: Optional[dict[str, str]] = None
+    #: this device's flag number, 1, 2, ... without gaps; given when the flag is journaled (``Store.record``)
+    seq: Optional[int] = None
     schema: str = FLAG_SCHEMA
 
     #: ``written_at`` as a POSIX time, for the daemon's records (not published)
@@ -137,6 +146,24 @@ class EscalationMessage:
     flag: dict[str, Any]  # the flag message as first published
     at: str = field(default_factory=utc_now)
     schema: str = ESCALATION_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ResendRequest:
+    """A station missed flags ``first``..``last`` of a device (its broker queue overflowed while it was away).
+
+    Published on ``{prefix}/{device}/resend``, QoS 1; the device sends copies on
+    ``{prefix}/{device}/replay/{station}``, so no other station sees them twice.
+    """
+
+    station: str
+    first: int
+    last: int
+    at: str = field(default_factory=utc_now)
+    schema: str = RESEND_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,7 @@ When the state disk is full every write raises :class:`StoreError` with
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -22,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from .messages import MAX_RESEND, encode
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,10 @@ CREATE TABLE IF NOT EXISTS acks (
 """
 #: columns added after the first release: (table, column, type)
 MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"), ("journal", "heatmap", "TEXT"),
-              ("flags", "heatmap", "TEXT"))
+              ("flags", "heatmap", "TEXT"), ("flags", "seq", "INTEGER"))
+#: indexes on migrated columns, made after the migrations
+LATE_INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS flags_seq ON flags(seq);"
+
 
 
 class StoreError(RuntimeError):
@@ -168,6 +174,7 @@ class Store:
                 have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            self._db.executescript(LATE_INDEXES)
             self._db.execute("PRAGMA quick_check").fetchone()
             # a write now, not at the first radiograph: a read-only state folder fails the start
             self._db.execute("PRAGMA user_version = 1")
@@ -275,9 +282,15 @@ class Store:
         supersedes: Optional[str] = None,
         flag: Optional[FlagRecord] = None,
     ) -> Optional[int]:
-        """Journal a processed file and (atomically) queue its message; returns the outbox seq."""
+        """Journal a processed file and (atomically) queue its message; returns the outbox seq.
+
+        A flag gets the next number of this device's flag sequence (``seq`` in its message) in the same
+        transaction, so the numbers have no gaps and no repeats, whatever fails: a station that misses one
+        can tell, and ask for it again (:meth:`flags_between`).
+        """
 
         def tx(db: sqlite3.Connection) -> Optional[int]:
+            nonlocal message
             db.execute(
                 "INSERT INTO journal (path, sha256, size, mtime_ns, ctime_ns, status, reason, event_id, supersedes, "
                 "processed_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -285,12 +298,16 @@ class Store:
                  time.time()),
             )
             if flag is not None:
+                seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM flags").fetchone()[0]
+                payload = numbered(flag.payload, seq)
                 db.execute(
                     "INSERT INTO flags (event_id, path, priority, probability, payload, written_at, seen_at, "
-                    "scored_at) VALUES (?,?,?,?,?,?,?,?)",
-                    (flag.event_id, path, flag.priority, flag.probability, flag.payload, flag.written_at,
-                     flag.seen_at, flag.scored_at),
+                    "scored_at, seq) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (flag.event_id, path, flag.priority, flag.probability, payload, flag.written_at,
+                     flag.seen_at, flag.scored_at, seq),
                 )
+                if message is not None:  # a flag's message is the flag
+                    message = (message[0], payload, message[2])
             if message is None:
                 return None
             topic, payload, qos = message
@@ -388,6 +405,28 @@ class Store:
 
         self._write(tx)
 
+    def delivered_seq(self) -> int:
+        """The highest flag number the broker has taken (0: none yet); stats carry it so a station that
+        missed the newest flags (its broker queue overflowed) can tell even when no flag follows."""
+        return int(self._read("SELECT COALESCE(MAX(seq), 0) FROM flags WHERE delivered_at IS NOT NULL",
+                              one=True)[0])
+
+    def flags_between(self, first: int, last: int) -> list[tuple[str, bytes]]:
+        """(event_id, payload as published) of flags ``first``..``last``, at most :data:`MAX_RESEND`."""
+        last = min(last, first + MAX_RESEND - 1)
+        return self._read("SELECT event_id, payload FROM flags WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                          (first, last))
+
+    def queue_resend(self, topic: str, flags: list[tuple[str, bytes]], tag: str) -> None:
+        """Queue copies of flags on a station's own replay topic (one transaction); ``tag`` tells requests apart."""
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR IGNORE INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
+                           [(f"{e}#resend-{tag}", topic, p, 1, now) for e, p in flags])
+
+        self._write(tx)
+
     def flag_times(self, since: float) -> list[tuple]:
         """(priority, written_at, seen_at, scored_at, delivered_at, acked_at, escalations) of flags scored since."""
         return self._read(
@@ -396,6 +435,11 @@ class Store:
 
     def outbox_depth(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM outbox", one=True)[0])
+
+
+def numbered(payload: bytes, seq: int) -> bytes:
+    """A flag message (JSON object) with its sequence number."""
+    return encode({**json.loads(payload), "seq": seq})
 
 
 def _is_corrupt(exc: BaseException) -> bool:

@@ -31,7 +31,7 @@ TLS reverse proxy for the ward network (README, "Nursing station").
 
 
 def add_station(sub) -> None:
-    p = sub.add_parser("station", help="nursing-station web console (live worklist, acknowledge)",
+    p = sub.add_parser("station", help="web console: live worklist of every appliance, acknowledge, escalations",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("configuration (file < PNEUMOFLAG_* environment < these flags)")
     g.add_argument("--config", type=Path, help="TOML config file with [station] and [mqtt] "

@@ -23,7 +23,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from pneumoflag.device.config import Config
-from pneumoflag.device.messages import AckMessage, encode
+from pneumoflag.device.messages import AckMessage, ResendRequest, encode
 from pneumoflag.device.publisher import connect_kwargs, make_client
 
 from .settings import StationSettings
@@ -48,13 +48,16 @@ class Incoming:
     event_id: str | None = None  # a heat map's, from its topic
 
 
-def classify(prefix: str, topic: str) -> tuple[str, str] | None:
-    """``pneumoflag/xray-1/flags/urgent`` -> ("flag", "xray-1"); None for a topic the station ignores."""
+def classify(prefix: str, topic: str, station: str | None = None) -> tuple[str, str] | None:
+    """``pneumoflag/xray-1/flags/urgent`` -> ("flag", "xray-1"); None for a topic the station ignores.
+
+    Flags sent again for this station (``{prefix}/{device}/replay/{station}``, see ``device.resend``) are flags.
+    """
     parts = topic.split("/")
     if len(parts) < 3 or parts[0] != prefix:
         return None
     device, rest = parts[1], parts[2:]
-    if len(rest) == 2 and rest[0] == "flags":
+    if len(rest) == 2 and (rest[0] == "flags" or (rest[0] == "replay" and rest[1] == station)):
         return "flag", device
     if len(rest) == 2 and rest[0] == "heatmaps":
         return "heatmap", device
@@ -90,7 +93,7 @@ class MqttLink:
 
     @property
     def topics(self) -> list[str]:
-        return [f"{self.prefix}/+/{suffix}" for suffix in KINDS]
+        return [f"{self.prefix}/+/{suffix}" for suffix in KINDS] + [f"{self.prefix}/+/replay/{self.settings.station_id}"]
 
     def start(self) -> None:
         host, port = self.cfg.broker_host_port
@@ -130,7 +133,7 @@ class MqttLink:
         self.loop.call_soon_threadsafe(self.on_link, up, text)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        where = classify(self.prefix, message.topic)
+        where = classify(self.prefix, message.topic, self.settings.station_id)
         payload: dict[str, Any] | str | bytes | None = None
         if where is not None and where[0] == "heatmap":
             payload = bytes(message.payload)  # checked (PNG, size) where it is stored
@@ -152,6 +155,11 @@ class MqttLink:
     def _handle(self, item: Incoming) -> None:
         if self.on_message(item):
             self.client.ack(item.mid, item.qos)
+
+    def ask_resend(self, device: str, first: int, last: int) -> None:
+        """Ask a device for the flags numbered ``first``..``last`` that never reached this station."""
+        req = ResendRequest(station=self.settings.station_id, first=first, last=last)
+        self.client.publish(f"{self.prefix}/{device}/resend", encode(req.to_dict()), qos=1, retain=False)
 
     async def publish_ack(self, device: str, ack: AckMessage, timeout: float = 5.0) -> bool:
         """Publish the ack QoS 1; True once the broker acknowledged it, False while it waits for a reconnect."""

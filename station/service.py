@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 from pneumoflag.device.config import Config
-from pneumoflag.device.messages import AckMessage, utc_now
+from pneumoflag.device.messages import MAX_RESEND, AckMessage, utc_now
 
 from .events import EventHub
 from .mqtt_link import Incoming, MqttLink
@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 MAX_NAME = 64
 PRUNE_EVERY_S = 60.0  # heat maps of rows that left the page are dropped this often
+#: missed flags: asked for once they have been missing this long (queued flags may still be on their way),
+#: and again this often while they stay missing
+RESEND_AFTER_S = 3.0
+RESEND_EVERY_S = 30.0
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -70,6 +74,7 @@ class Station:
         self.link_state = {"up": False, "text": "connecting"}
         self._devices: dict[str, dict[str, Any]] = {}
         self._ticker: asyncio.Task | None = None
+        self._asked: dict[str, tuple[float, tuple[int, int]]] = {}  # device -> (monotonic time, range asked)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -159,12 +164,29 @@ class Station:
         while True:
             try:
                 self._refresh_devices()
+                self._ask_missing()
                 if time.monotonic() - pruned >= PRUNE_EVERY_S or not pruned:
                     pruned = time.monotonic()
                     self.worklist.prune_heatmaps()
             except sqlite3.Error as exc:
                 log.error("worklist upkeep failed: %s", exc)
             await asyncio.sleep(1.0)
+
+    def _ask_missing(self) -> None:
+        """Ask each device for the oldest range of flags this station missed; again after RESEND_EVERY_S, or
+        at once when the last answer filled what was asked (at most MAX_RESEND flags a request)."""
+        if self.link is None or not self.link.connected:
+            return
+        now = time.monotonic()
+        for device, (first, last) in self.worklist.missing(RESEND_AFTER_S).items():
+            wanted = (first, min(last, first + MAX_RESEND - 1))
+            asked = self._asked.get(device)
+            if asked and wanted[0] <= asked[1][1] and now - asked[0] < RESEND_EVERY_S:
+                continue  # the answer to the last request may still be coming in
+            self._asked[device] = (now, wanted)
+            log.warning("flags %d-%d of %s never reached this station (its broker queue overflowed?): asking "
+                        "the device for them", wanted[0], wanted[1], device)
+            self.link.ask_resend(device, *wanted)
 
     # ------------------------------------------------------------------ for the pages
     def snapshot(self, csrf: str | None) -> dict[str, Any]:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pneumoflag.device.config import Config, parse_host_port
+from pneumoflag.device.messages import STATION_ID
 
 log = logging.getLogger(__name__)
 
-STATION_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class StationError(Exception):

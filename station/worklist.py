@@ -93,6 +93,12 @@ CREATE TABLE IF NOT EXISTS devices (
     stats_epoch REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- each device's flag numbers (seq): the highest seen and the ranges not received (JSON [[first, last, since]])
+CREATE TABLE IF NOT EXISTS sequence (
+    device TEXT PRIMARY KEY,
+    high INTEGER NOT NULL,
+    gaps TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS heatmaps (
     event_id TEXT PRIMARY KEY,
     device TEXT NOT NULL,
@@ -106,6 +112,12 @@ INDEXES = """
 CREATE INDEX IF NOT EXISTS flags_supersedes ON flags (supersedes);
 CREATE INDEX IF NOT EXISTS errors_supersedes ON errors (supersedes);
 """
+
+
+#: missing ranges kept per device (the oldest go first, with a warning), and the largest jump that stats may
+#: announce (beyond it the device's numbering is taken as restarted, not as a million missed flags)
+MAX_GAPS = 100
+MAX_STATS_JUMP = 100_000
 
 
 class BadMessage(ValueError):
@@ -191,6 +203,8 @@ class DeviceState:
     status_at: str | None
     stats_at: str | None
     stats: dict[str, float]
+    missed: int = 0  # flags this station knows it has not received (by their numbers)
+    missed_ranges: list[list[int]] | None = None  # [first, last], the oldest few
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -299,7 +313,74 @@ class Worklist:
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (event_id, device, priority, PRIORITIES.index(priority), float(probability), file, accession,
              written_at, scored_at, utc_iso(received), ttn, sort_epoch, supersedes, json.dumps(payload)))
+        seq = payload.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool) and 1 <= seq < 2**53:
+            self.note_seq(device, seq, received)
         return self.row(event_id) if cur.rowcount else None
+
+    # ------------------------------------------------------------------ flag numbers: what this station missed
+    def _sequence(self, device: str) -> tuple[int, list[list]] | None:
+        r = self.db.execute("SELECT high, gaps FROM sequence WHERE device = ?", (device,)).fetchone()
+        return (int(r[0]), json.loads(r[1])) if r else None
+
+    def _set_sequence(self, device: str, high: int, gaps: list[list]) -> None:
+        if len(gaps) > MAX_GAPS:
+            log.warning("%s: more than %d ranges of missed flags; forgetting the oldest", device, MAX_GAPS)
+            gaps = gaps[-MAX_GAPS:]
+        self.db.execute("INSERT INTO sequence VALUES (?,?,?) ON CONFLICT(device) DO UPDATE SET high = excluded.high, "
+                        "gaps = excluded.gaps", (device, high, json.dumps(gaps)))
+
+    def note_seq(self, device: str, seq: int, now: float | None = None) -> None:
+        """A flag numbered ``seq`` arrived: a jump past the highest is a gap, a number inside a gap fills it.
+
+        The first number seen from a device is where this station starts counting (it does not ask for the
+        device's past); a 1 that fills no gap means the device started numbering again (a new state folder).
+        """
+        now = time.time() if now is None else now
+        known = self._sequence(device)
+        if known is None:
+            return self._set_sequence(device, seq, [])
+        high, gaps = known
+        if seq > high:
+            if seq > high + 1:
+                gaps.append([high + 1, seq - 1, now])
+            return self._set_sequence(device, seq, gaps)
+        inside = [g for g in gaps if g[0] <= seq <= g[1]]
+        if not inside:
+            if seq == 1:
+                log.info("%s numbers its flags from 1 again (a new state folder?)", device)
+                self._set_sequence(device, 1, [])
+            return None
+        g = inside[0]
+        rest = [x for x in ([g[0], seq - 1, g[2]], [seq + 1, g[1], g[2]]) if x[0] <= x[1]]
+        i = gaps.index(g)
+        self._set_sequence(device, high, gaps[:i] + rest + gaps[i + 1:])
+        return None
+
+    def note_delivered(self, device: str, delivered: int, now: float | None = None) -> None:
+        """Stats say the device's broker has taken flags up to ``delivered``: those beyond our highest are
+        missed (the newest, which a broker queue drops first), even when no later flag comes to show it."""
+        known = self._sequence(device)
+        if known is None or delivered <= known[0]:
+            return
+        high, gaps = known
+        if delivered - high > MAX_STATS_JUMP:
+            log.warning("%s: stats announce flag %d, %d beyond the last one here: taken as a new numbering",
+                        device, delivered, delivered - high)
+            return self._set_sequence(device, delivered, [])
+        gaps.append([high + 1, delivered, time.time() if now is None else now])
+        self._set_sequence(device, delivered, gaps)
+        return None
+
+    def missing(self, older_than: float, now: float | None = None) -> dict[str, tuple[int, int]]:
+        """Per device, the oldest missed range noticed over ``older_than`` seconds ago (what to ask for)."""
+        now = time.time() if now is None else now
+        out = {}
+        for device, gaps in self.db.execute("SELECT device, gaps FROM sequence"):
+            due = [g for g in json.loads(gaps) if now - g[2] >= older_than]
+            if due:
+                out[device] = (int(due[0][0]), int(due[0][1]))
+        return out
 
     def add_ack(self, payload: dict, received: float | None = None) -> str | None:
         """Store an ack (its flag may come later); the event_id, or None for a repeat."""
@@ -363,6 +444,9 @@ class Worklist:
         self.db.execute("INSERT INTO devices (device, stats, stats_epoch) VALUES (?,?,?) ON CONFLICT(device) "
                         "DO UPDATE SET stats = excluded.stats, stats_epoch = excluded.stats_epoch",
                         (device, json.dumps(_stats_summary(payload)), when))
+        delivered = payload.get("delivered_seq")
+        if isinstance(delivered, int) and not isinstance(delivered, bool) and 0 < delivered < 2**53:
+            self.note_delivered(device, delivered)
 
     def add_heatmap(self, event_id: str, topic_device: str, png: bytes, received: float | None = None) -> bool:
         """Store a heat map (checked by ``check_png``); False for a repeat delivery (the first copy stays)."""
@@ -448,10 +532,13 @@ class Worklist:
                 state = "silent" if stats_epoch is None or now - stats_epoch > silent_after else "online"
             else:
                 state = "unknown"
+            gaps = (self._sequence(device) or (0, []))[1]
             out.append(DeviceState(device=device, state=state,
                                    status_at=utc_iso(status_epoch) if status_epoch else None,
                                    stats_at=utc_iso(stats_epoch) if stats_epoch else None,
-                                   stats=json.loads(stats) if stats else {}))
+                                   stats=json.loads(stats) if stats else {},
+                                   missed=sum(g[1] - g[0] + 1 for g in gaps),
+                                   missed_ranges=[[g[0], g[1]] for g in gaps[:5]]))
         return out
 
     def secret(self) -> bytes:

@@ -195,7 +195,7 @@ def test_help_lists_each_command_once_with_its_own_words():
         assert len(listed) == 1, f"{name} listed {len(listed)} times in --help"
     # the one line shown is the subcommand's own help= (one wording, kept beside its parser)
     assert "score image files now and print the results (no MQTT)" in text
-    assert "nursing-station web console (live worklist, acknowledge)" in text
+    assert "web console: live worklist of every appliance, acknowledge, escalations" in text
 
 
 def test_score_help_offers_only_what_score_reads():

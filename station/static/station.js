@@ -366,6 +366,16 @@
       if (s.outbox !== undefined) parts.push(`outbox ${s.outbox}`);
       if (s.p50_ms !== undefined) parts.push(`p50 ${Number(s.p50_ms).toFixed(0)} ms`);
       if (parts.length) li.append(el("span", "detail", parts.join(" · ")));
+      if (d.missed) {
+        // flags numbered by the device that never reached this station; the station asks for them again
+        const shown = d.missed_ranges || [];
+        const ranges = shown.map(([a, b]) => (a === b ? `#${a}` : `#${a}–${b}`)).join(", ");
+        const more = shown.reduce((n, [a, b]) => n + b - a + 1, 0) < d.missed ? ", …" : "";
+        const note = el("span", "missed", `${d.missed} flag${d.missed === 1 ? "" : "s"} from ${d.device} not received `
+          + `(${ranges}${more}): asking it to send them again`);
+        note.setAttribute("role", "status");
+        li.append(note);
+      }
       return li;
     });
     list.replaceChildren(...items);

@@ -1,0 +1,97 @@
+"""Flags a station missed, sent again: requests on ``{prefix}/{device}/resend``, copies on
+``{prefix}/{device}/replay/{station}``.
+
+Each flag carries this device's number for it (``seq``, 1, 2, ... without gaps, given in the transaction that
+journals it). A station that was away longer than its broker would queue for it (Mosquitto drops what is over
+``max_queued_messages``, 1000 by default) sees a jump in the numbers, or a ``delivered_seq`` in stats beyond
+the last flag it has, and asks for the missing ones. The copies are the flags exactly as first published,
+queued through the outbox like any message, on the asking station's own topic: no other station or terminal
+sees them twice. Requests are untrusted input, so they are bounded: a small message, a station name that is
+a safe topic level, at most ``MAX_RESEND`` flags and one request per station every ``MIN_INTERVAL_S``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+
+from .config import Config
+from .messages import MAX_RESEND, RESEND_SCHEMA, STATION_ID, ResendRequest
+from .publisher import Publisher
+from .safe_text import printable
+from .store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 1024
+MIN_INTERVAL_S = 5.0
+#: requests waiting for the main loop; a flood beyond this is dropped
+MAX_WAITING = 100
+REQUESTS_PER_PASS = 5
+
+
+class ResendError(ValueError):
+    """Not a resend request this daemon answers; the message says why."""
+
+
+def parse_resend(raw: bytes) -> ResendRequest:
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise ResendError(f"over {MAX_REQUEST_BYTES} bytes")
+    try:
+        d = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ResendError(f"not JSON ({type(exc).__name__})") from None
+    if not isinstance(d, dict) or d.get("schema") != RESEND_SCHEMA:
+        raise ResendError(f"not a {RESEND_SCHEMA} message")
+    station, first, last = d.get("station"), d.get("first"), d.get("last")
+    if not isinstance(station, str) or not STATION_ID.match(station):
+        raise ResendError("station is not a station id")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last)) or not 1 <= first <= last:
+        raise ResendError("first and last must be whole numbers with 1 <= first <= last")
+    if last >= 2**53:
+        raise ResendError("last is out of range")
+    return ResendRequest(station=station, first=first, last=last, at=str(d.get("at", ""))[:64])
+
+
+class ResendDesk:
+    """Receives requests on paho's thread and answers them on the daemon's main loop."""
+
+    def __init__(self, cfg: Config, store: Store, publisher: Publisher):
+        self.cfg, self.store, self.publisher = cfg, store, publisher
+        self._received: queue.Queue[bytes] = queue.Queue(MAX_WAITING)
+        self._last: dict[str, float] = {}  # station -> monotonic time of its last answered request
+        publisher.subscribe(cfg.topic("resend"), self._receive)
+
+    def _receive(self, raw: bytes) -> None:
+        try:
+            self._received.put_nowait(bytes(raw))
+        except queue.Full:
+            pass  # a flood: the stations ask again
+
+    def serve_requests(self) -> None:
+        for _ in range(REQUESTS_PER_PASS):
+            try:
+                raw = self._received.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                req = parse_resend(raw)
+            except ResendError as exc:
+                log.warning("ignored a message on %s: %s", self.cfg.topic("resend"), exc)
+                continue
+            now = time.monotonic()
+            if now - self._last.get(req.station, -MIN_INTERVAL_S) < MIN_INTERVAL_S:
+                continue
+            self._last[req.station] = now
+            if len(self._last) > 1000:  # bounded: forget the oldest
+                self._last.pop(next(iter(self._last)))
+            try:
+                flags = self.store.flags_between(req.first, req.last)
+                self.store.queue_resend(self.cfg.topic(f"replay/{req.station}"), flags, req.station)
+            except StoreError as exc:
+                log.error("could not answer %s's resend request: %s", printable(req.station), exc)
+                continue
+            self.publisher.wake()
+            log.info("station %s missed flags %d-%d: %d sent again%s", printable(req.station), req.first, req.last,
+                     len(flags), f" (at most {MAX_RESEND} a request)" if req.last - req.first + 1 > MAX_RESEND else "")
