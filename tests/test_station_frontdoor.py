@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import pytest
 from mqtt_helpers import Subscriber, wait_until
 from pneumoflag.device.messages import encode
-from pneumoflag.station.security import AllowedHosts
+from pneumoflag.station.security import AllowedHosts, QuietLog, Throttle, retry_after
 from pneumoflag.station.settings import split_host
 from selenium.webdriver.common.by import By
 from test_station import StationProc, _in_db, new_browser, open_page, publish, type_name
@@ -265,3 +265,36 @@ def test_guesses_from_many_clients_meet_the_overall_limit(stations, tmp_path):
     assert _locked(status, headers, window)
     wait_until(lambda: hit(station, "POST", "/login", FORM, b"password=correct+horse+battery",
                            source="127.0.0.20")[1].get("location") == "/", window + 10, "the login after the wait")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_throttle_counts_a_sliding_window_per_client_and_overall():
+    clock = FakeClock()
+    throttle = Throttle(per_client=2, overall=3, window=10.0, clock=clock)
+    assert throttle.reserve("a") == 0 and throttle.reserve("a") == 0
+    assert throttle.reserve("a") == pytest.approx(10.0)  # a's third guess waits for its first to age out
+    clock.now += 4
+    assert throttle.reserve("b") == 0
+    assert throttle.reserve("c") == pytest.approx(6.0)  # the overall limit: c never guessed, still waits
+    throttle.forgive("b")  # b's was the right password: it does not count
+    assert throttle.failures("b") == 0 and throttle.reserve("c") == 0
+    clock.now += 6  # a's two failures age out
+    assert throttle.failures("a") == 0 and throttle.reserve("a") == 0
+    assert retry_after(0.2) == "1" and retry_after(6.0) == "6" and retry_after(6.01) == "7"
+
+
+def test_the_quiet_log_holds_back_repeats_and_counts_them():
+    clock = FakeClock()
+    quiet = QuietLog(interval=10.0, clock=clock)
+    assert quiet.due("x") == 0
+    assert [quiet.due("x") for _ in range(5)] == [None] * 5
+    assert quiet.due("y") == 0  # another client is not held back
+    clock.now += 10
+    assert quiet.due("x") == 5
