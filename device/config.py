@@ -7,6 +7,7 @@ line, instead of surfacing at 3 a.m. as a runtime error.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +26,8 @@ ENV_PREFIX = "PNEUMOFLAG_"
 #: where `watch` starts its embedded broker when none is configured (and where `alerts` looks then)
 EMBEDDED_BROKER = "127.0.0.1:1883"
 SECRET_KEYS = {("mqtt", "password")}
+#: one station.allowed_hosts entry: NAME, IPv4 or [IPv6], then an optional :PORT
+HOST_ENTRY = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 REDACTED = "********"
 
 
@@ -156,6 +159,10 @@ class StationConfig:
     chime: bool = True  # sound a chime when an urgent flag arrives
     db: str = ""  # the worklist database (default: STATE/station-<station_id>.db)
     silent_after: float = 180.0  # a device whose stats stop for this long shows as silent
+    allowed_hosts: list = field(default_factory=list)  # more Host names the page answers to (a proxy's public name)
+    login_failures: int = 5  # wrong passwords (form or bearer) one client address may send per login_window
+    login_failures_total: int = 30  # wrong passwords from all clients together per login_window
+    login_window: float = 60.0  # seconds over which wrong passwords are counted; a lock-out ends with it
 
 
 @dataclass
@@ -224,7 +231,8 @@ POSITIVE = {("watch", "poll_interval"), ("watch", "max_file_mb"), ("watch", "max
 NON_NEGATIVE = {("watch", "settle_seconds"), ("watch", "incomplete_timeout"), ("alerts", "max_escalations"),
                 ("watch", "rescan_interval"), ("gate", "min_detail")}
 POSITIVE |= {("gate", "max_uniform"), ("alerts", "escalate_after"), ("station", "silent_after"), ("watch", "max_decode_mb"),
-             ("gate", "min_side"), ("gate", "max_aspect")}
+             ("gate", "min_side"), ("gate", "max_aspect"), ("station", "login_failures"),
+             ("station", "login_failures_total"), ("station", "login_window")}
 
 
 def _toml_value(v: Any) -> str:
@@ -363,6 +371,10 @@ def _validate(cfg: Config) -> None:
     if not 256 <= cfg.explain.size <= 512:
         raise ConfigError(f"explain.size: {cfg.explain.size} must be between 256 and 512 pixels")
     parse_host_port(cfg.station.listen, "station.listen")
+    for entry in cfg.station.allowed_hosts:
+        if not HOST_ENTRY.match(entry):
+            raise ConfigError(f"station.allowed_hosts: {entry!r} must be a host name or address with an optional "
+                              ":PORT (e.g. station-desk-a.ward.example or [fd00::5]:8443), no scheme or path")
     if cfg.station.password_file and not Path(cfg.station.password_file).is_file():
         raise ConfigError(f"station.password_file: {cfg.station.password_file} does not exist")
     if cfg.watch.archive_dir and cfg.watch.dir and Path(cfg.watch.archive_dir).resolve() == Path(cfg.watch.dir).resolve():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,34 @@ from pneumoflag.device.messages import STATION_ID
 
 log = logging.getLogger(__name__)
 
+_NAME = re.compile(r"^[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?$")
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """``Host`` header (or config entry, or Origin netloc) -> (name, port), None when malformed.
+
+    The name is lower-case, without a trailing dot (``LocalHost.`` is ``localhost``), an IPv6 address
+    without its brackets; ``[::1]:8080`` -> ``("::1", 8080)``.
+    """
+    v = value.strip().lower()
+    if v.startswith("["):
+        name, sep, rest = v[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        colon, port = rest[:1], rest[1:]
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+    else:
+        name, colon, port = v.partition(":")
+        if name.endswith("."):
+            name = name[:-1]
+        if not _NAME.match(name):
+            return None
+    if colon and not (port.isdigit() and 0 < int(port) < 65536):
+        return None
+    return name, int(port) if port else None
 
 
 class StationError(Exception):
@@ -42,6 +71,10 @@ class StationSettings:
     chime: bool
     silent_after: float
     topic_prefix: str
+    allowed_hosts: tuple[str, ...] = ()  # more Host names than the built-in ones (security.AllowedHosts)
+    login_failures: int = 5  # per client address and login_window
+    login_failures_total: int = 30  # all clients together
+    login_window: float = 60.0
 
     @property
     def client_id(self) -> str:
@@ -67,10 +100,15 @@ class StationSettings:
                 raise StationError(f"station.password_file: cannot read {st.password_file} ({exc.strerror})") from None
             if len(password) < 8:
                 raise StationError(f"station.password_file: {st.password_file} holds fewer than 8 characters")
+        for entry in st.allowed_hosts:
+            if split_host(entry) is None:
+                raise StationError(f"station.allowed_hosts: {entry!r} is not NAME, NAME:PORT or [IPv6]:PORT")
         db_path = Path(st.db) if st.db else Path(cfg.state.dir) / f"station-{st.station_id}.db"
         return cls(station_id=st.station_id, host=host, port=port, db_path=db_path, password=password,
                    insecure=st.insecure, chime=st.chime, silent_after=st.silent_after,
-                   topic_prefix=cfg.mqtt.topic_prefix)
+                   topic_prefix=cfg.mqtt.topic_prefix, allowed_hosts=tuple(st.allowed_hosts),
+                   login_failures=st.login_failures, login_failures_total=st.login_failures_total,
+                   login_window=st.login_window)
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback listen address without a password, unless ``insecure`` says so."""

@@ -11,6 +11,10 @@ Routes:
 
 Every response carries a strict Content-Security-Policy (no inline script, nothing from elsewhere). The
 page renders MQTT data with ``textContent`` only; the policy is the second line of defence.
+
+Every request, whatever its path, first needs a ``Host`` that names this station (421 otherwise: DNS
+rebinding); a wrong password, from the form or as a bearer token, counts against the client and against
+everyone (429 with ``Retry-After`` past the limit; see security.Throttle).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from aiohttp import web
 from pneumoflag.device.messages import EVENT_ID
 
 from .events import sse_frame
-from .security import cross_site
+from .security import AllowedHosts, QuietLog, Throttle, cross_site, retry_after
 from .service import AckRefused, Station, UnknownFlag
 
 log = logging.getLogger(__name__)
@@ -33,11 +37,16 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 KEEPALIVE_S = 15.0
 STATION_KEY: web.AppKey[Station] = web.AppKey("station", Station)
-LOGIN_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("login_lock", asyncio.Lock)
+HOSTS_KEY: web.AppKey[AllowedHosts] = web.AppKey("hosts", AllowedHosts)
+THROTTLE_KEY: web.AppKey[Throttle] = web.AppKey("throttle", Throttle)
+QUIET_KEY: web.AppKey[QuietLog] = web.AppKey("quiet_log", QuietLog)
+FAILURE_DELAY_S = 1.0  # a wrong password from the form is answered after this long
 PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/static/style.css"), ("GET", "/favicon.ico")}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 LOGIN_FAILED = '<p class="message" role="alert">Wrong password.</p>'
+LOCKED_OUT = ('<p class="message" role="alert">Too many wrong passwords from here: try again in {seconds} s.'
+              '</p>')
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,16 +76,66 @@ async def headers_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _quietly(request: web.Request, key: str, message: str, *args: object) -> None:
+    """A warning, at most one per key every few seconds; the count held back goes with the next one."""
+    held = request.app[QUIET_KEY].due(key)
+    if held is not None:
+        log.warning(message + (f" ({held} more like it not logged)" if held else ""), *args)
+
+
+def _too_many(request: web.Request, wait: float, what: str) -> None:
+    _quietly(request, f"locked:{_client(request)}", "refused %s from %s: too many wrong passwords; retry in %s s",
+             what, _client(request), retry_after(wait))
+
+
+def _wrong_password(request: web.Request, what: str) -> None:
+    """Logged without the password; the count says whether it is a typo or a guessing run."""
+    throttle, client = request.app[THROTTLE_KEY], _client(request)
+    _quietly(request, f"wrong:{client}", "wrong password (%s) from %s: %d in the last %g s", what, client,
+             throttle.failures(client), throttle.window)
+
+
+@web.middleware
+async def host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a Host that is not this station's: a page on another name must not read or ack (DNS rebinding)."""
+    host = request.headers.get("Host")
+    if not request.app[HOSTS_KEY].allows(host):
+        _quietly(request, f"host:{_client(request)}", "refused %s %s from %s: Host %r is not one of this "
+                 "station's names (station.allowed_hosts)", request.method, request.path, _client(request), host)
+        return web.json_response(
+            {"error": f"this station does not answer to Host {host!r}: open it by its own address, or add that "
+                      "name to station.allowed_hosts (e.g. a reverse proxy's public name)"}, status=421)
+    return await handler(request)
+
+
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Login first (except the login page), then no cross-site POST, then the CSRF token."""
+    """A bearer token first (counted like a login), then login (except the login page), then no cross-site
+    POST, then the CSRF token."""
     guard = _station(request).guard
+    scheme = request.headers.get("Authorization", "").partition(" ")[0]
+    if guard.login_required and scheme.lower() == "bearer":  # not Basic: a proxy's own login passes through
+        throttle, client = request.app[THROTTLE_KEY], _client(request)
+        wait = throttle.reserve(client)
+        if wait:
+            _too_many(request, wait, "a bearer token")
+            return web.json_response({"error": f"too many wrong passwords; retry in {retry_after(wait)} s"},
+                                     status=429, headers={"Retry-After": retry_after(wait)})
+        if guard.bearer(request):
+            throttle.forgive(client)
+        else:
+            _wrong_password(request, "bearer token")
+            return web.json_response({"error": "wrong bearer token"}, status=401)
     if (request.method, request.path) not in PUBLIC and not guard.authenticated(request):
         if request.method == "GET" and request.path == "/":
             raise web.HTTPSeeOther("/login")
         return web.json_response({"error": "log in first"}, status=401)
     if request.method not in ("GET", "HEAD", "OPTIONS"):
-        why = cross_site(request)
+        why = cross_site(request, request.app[HOSTS_KEY])
         if why:
             return _forbidden(request, why)
         if request.path != "/login" and not guard.csrf_ok(request):
@@ -107,14 +166,22 @@ async def login(request: web.Request) -> web.StreamResponse:
         raise web.HTTPSeeOther("/")
     form = await request.post()
     given = form.get("password")
+    throttle, client = request.app[THROTTLE_KEY], _client(request)
+    wait = throttle.reserve(client)  # counted before the check: concurrent guesses cannot race past it
+    if wait:
+        _too_many(request, wait, "a login")
+        html = (STATIC / "login.html").read_text().replace("<!--message-->",
+                                                           LOCKED_OUT.format(seconds=retry_after(wait)))
+        return web.Response(text=html, content_type="text/html", status=429,
+                            headers={"Retry-After": retry_after(wait)})
     if isinstance(given, str) and guard.password_ok(given):
+        throttle.forgive(client)
         response = web.HTTPSeeOther("/")
         guard.set_cookie(request, response, guard.new_session())
-        log.info("login from %s", request.remote)
+        log.info("login from %s", client)
         return response
-    log.warning("failed login from %s", request.remote)
-    async with request.app[LOGIN_LOCK]:  # one guess a second, whoever sends them
-        await asyncio.sleep(1.0)
+    _wrong_password(request, "login form")
+    await asyncio.sleep(FAILURE_DELAY_S)
     raise web.HTTPSeeOther("/login?failed=1")
 
 
@@ -196,9 +263,13 @@ async def heatmap(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(station: Station) -> web.Application:
-    app = web.Application(middlewares=[headers_middleware, guard_middleware], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[headers_middleware, host_middleware, guard_middleware],
+                          client_max_size=64 * 1024)
     app[STATION_KEY] = station
-    app[LOGIN_LOCK] = asyncio.Lock()
+    settings = station.settings
+    app[HOSTS_KEY] = AllowedHosts.for_listen(settings.host, settings.allowed_hosts)
+    app[THROTTLE_KEY] = Throttle(settings.login_failures, settings.login_failures_total, settings.login_window)
+    app[QUIET_KEY] = QuietLog()
     app.add_routes([
         web.get("/", index),
         web.get("/login", login_page),

@@ -39,6 +39,11 @@ def test_precedence_file_env_flags(tmp_path):
     ("[mqtt]\ntls = true\ncert_file = \"/etc/hostname\"\n", "key_file"),
     ("[mqtt]\nca_file = \"/etc/hostname\"\n", "mqtt.tls"),
     ("[mqtt]\npassword_file = \"/nonexistent/pw\"\n", "mqtt.password_file"),
+    ("[station]\nallowed_hosts = [\"https://station.ward.example\"]\n", "no scheme or path"),
+    ("[station]\nallowed_hosts = [\"station.ward.example/console\"]\n",
+     "station.allowed_hosts: 'station.ward.example/console'"),
+    ("[station]\nlogin_window = 0\n", "station.login_window: must be greater than 0"),
+    ("[station]\nlogin_failures = 0\n", "station.login_failures: must be greater than 0"),
     ("broker = 1\n", "must be a [section]"),
     ("[mqtt\n", "invalid TOML"),
 ])
@@ -53,6 +58,14 @@ def test_bad_environment_is_rejected_with_the_variable_named():
         load_config(env={"PNEUMOFLAG_WATCH_POLL_INTERVAL": "fast"})
     with pytest.raises(ConfigError, match="PNEUMOFLAG_BROKER"):
         load_config(env={"PNEUMOFLAG_BROKER": "x:1"})
+
+
+def test_allowed_hosts_from_file_and_environment(tmp_path):
+    cfg = load_config(_write(tmp_path, '[station]\nallowed_hosts = ["station-desk-a.ward.example", "[fd00::5]:8443"]\n'),
+                      env={})
+    assert cfg.station.allowed_hosts == ["station-desk-a.ward.example", "[fd00::5]:8443"]
+    cfg = load_config(env={"PNEUMOFLAG_STATION_ALLOWED_HOSTS": "a.example, b.example:443"})
+    assert cfg.station.allowed_hosts == ["a.example", "b.example:443"]
 
 
 def test_explicit_missing_config_file(tmp_path):

@@ -96,15 +96,17 @@ class StationProc:
             self._fh.close()
 
 
-def new_browser() -> webdriver.Chrome:
-    """Debian's headless chromium; every dialog the page opens is recorded in ``window.__dialogs``."""
+def new_browser(*switches: str) -> webdriver.Chrome:
+    """Debian's headless chromium (plus ``switches``); every dialog the page opens is recorded in
+    ``window.__dialogs``."""
     for exe in (CHROMIUM, CHROMEDRIVER):
         assert Path(exe).exists(), f"{exe} is missing: apt-get install chromium chromium-driver (.ci/run does this)"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tempfile.mkdtemp()}"):
+                "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tempfile.mkdtemp()}",
+                *switches):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
