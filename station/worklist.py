@@ -271,7 +271,7 @@ def _stats_summary(payload: dict) -> dict[str, float]:
     scored = payload.get("scored")
     if isinstance(scored, dict):
         total = sum(v for v in scored.values() if ok(v))
-        if ok(total):
+        if ok(total) and all(ok(v) for v in scored.values()):
             out["scored"] = total
     for key in ("errors", "queue_depth", "outbox", "uptime_s"):
         if ok(payload.get(key)):
