@@ -189,7 +189,7 @@ class MqttLink:
             item = self._parse(message)
         except Exception as exc:  # noqa: BLE001 - any failure of one message is that message's, not the link's
             client.ack(message.mid, message.qos)
-            self.loop.call_soon_threadsafe(self._refuse, "unreadable", str(exc), _topic(message))
+            self.loop.call_soon_threadsafe(self._refuse, self._kind_of(message), str(exc), _topic(message))
             return
         if item is None:
             client.ack(message.mid, message.qos)
@@ -218,6 +218,14 @@ class MqttLink:
         return Incoming(kind=kind, device=device, payload=payload, retained=bool(message.retain),
                         mid=message.mid, qos=message.qos,
                         event_id=message.topic.rsplit("/", 1)[1] if kind == "heatmap" else None)
+
+    def _kind_of(self, message: mqtt.MQTTMessage) -> str:
+        """The kind its topic says (for the refused counts), or "unreadable" when even the topic is not."""
+        try:
+            where = classify(self.prefix, message.topic)
+        except UnicodeDecodeError:
+            return "unreadable"
+        return where[0] if where else "unreadable"
 
     # ------------------------------------------------------------------ the event loop's thread
     def _refuse(self, kind: str, why: str, where: str) -> None:

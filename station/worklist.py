@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS acks (
     by_name TEXT NOT NULL,
     at TEXT NOT NULL,
     received_epoch REAL NOT NULL,
-    PRIMARY KEY (event_id, station, at)
+    device TEXT,  -- the device whose topic it came on (NULL: stored before this column)
+    PRIMARY KEY (event_id, station, at, device)
 );
 CREATE TABLE IF NOT EXISTS errors (
     event_id TEXT PRIMARY KEY,
@@ -105,7 +106,17 @@ CREATE TABLE IF NOT EXISTS heatmaps (
 );
 """
 #: columns added after the first release of this file, for databases made before them
-LATER_COLUMNS = {"flags": ("supersedes",), "errors": ("supersedes",), "acks": ("device",)}
+LATER_COLUMNS = {"flags": ("supersedes",), "errors": ("supersedes",)}
+#: the acks table before acks were kept per device: rebuilt with the device in its key
+_ACKS_BY_DEVICE = """
+BEGIN;
+CREATE TABLE acks_by_device (event_id TEXT NOT NULL, station TEXT NOT NULL, by_name TEXT NOT NULL, at TEXT NOT NULL,
+    received_epoch REAL NOT NULL, device TEXT, PRIMARY KEY (event_id, station, at, device));
+INSERT INTO acks_by_device SELECT event_id, station, by_name, at, received_epoch, NULL FROM acks;
+DROP TABLE acks;
+ALTER TABLE acks_by_device RENAME TO acks;
+COMMIT;
+"""
 INDEXES = """
 CREATE INDEX IF NOT EXISTS flags_supersedes ON flags (supersedes);
 CREATE INDEX IF NOT EXISTS errors_supersedes ON errors (supersedes);
@@ -311,6 +322,8 @@ class Worklist:
             for column in columns:
                 if column not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        if "device" not in {r[1] for r in self.db.execute("PRAGMA table_info(acks)")}:
+            self.db.executescript(_ACKS_BY_DEVICE)
         self.db.executescript(INDEXES)
 
     def close(self) -> None:

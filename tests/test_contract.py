@@ -147,10 +147,25 @@ def test_a_flag_with_an_unconvertible_date_is_refused(wl):
 def test_an_ack_counts_only_on_the_flags_own_device(wl):
     f = flag()
     wl.add_flag(f, "xray-1", received=T0)
-    wl.add_ack(AckMessage(f["event_id"], "desk-a", "Mallory").to_dict(), "xray-2", received=T0)
+    at = utc_iso(T0)
+    wl.add_ack(AckMessage(f["event_id"], "desk-a", "Mallory", at=at).to_dict(), "xray-2", received=T0)
     assert wl.row(f["event_id"]).ack is None  # xray-1 never heard of that ack: the row stays open
-    wl.add_ack(AckMessage(f["event_id"], "desk-a", "Ada", at=utc_iso(T0 + 1)).to_dict(), "xray-1", received=T0)
+    # the same station and time on the right topic is another ack, not a repeat of the first
+    assert wl.add_ack(AckMessage(f["event_id"], "desk-a", "Ada", at=at).to_dict(), "xray-1") == f["event_id"]
     assert wl.row(f["event_id"]).ack.by == "Ada"
+
+
+def test_an_acks_table_from_before_devices_is_rebuilt_and_keeps_its_acks(tmp_path):
+    f = flag()
+    with sqlite3.connect(tmp_path / "station.db") as db:
+        db.execute("CREATE TABLE acks (event_id TEXT NOT NULL, station TEXT NOT NULL, by_name TEXT NOT NULL, "
+                   "at TEXT NOT NULL, received_epoch REAL NOT NULL, PRIMARY KEY (event_id, station, at))")
+        db.execute("INSERT INTO acks VALUES (?, 'desk-a', 'Ada', ?, ?)", (f["event_id"], utc_iso(T0), T0))
+    wl = Worklist(tmp_path / "station.db")
+    try:
+        assert wl.add_flag(f, "xray-1", received=T0).ack.by == "Ada"  # an old ack counts (its device unknown)
+    finally:
+        wl.close()
 
 
 def test_a_flag_whose_device_disagrees_with_its_topic_is_refused(wl):
