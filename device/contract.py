@@ -210,27 +210,36 @@ def when(msg: dict, key: str, required: bool = False) -> tuple[str | None, float
 
 @dataclass
 class RateLimitedLog:
-    """One warning per ``every`` seconds for refused messages, with how many were refused meanwhile.
+    """At most ``burst`` warnings per ``every`` seconds for refused messages; the first line after a quiet spell
+    says how many were refused unlogged meanwhile.
 
-    A flood of bad messages must not flood the log (or the disk) either; the counts by reason are kept for
-    whoever shows them (the station's ``/api/state``).
+    A flood of bad messages must not flood the log (or the disk) either, while a few distinct refusals are each
+    worth a line. The counts by kind are kept for whoever shows them (the station's ``/api/state``).
     """
 
     logger: logging.Logger
     every: float = 60.0
+    burst: int = 10
     counts: dict[str, int] = field(default_factory=dict)
-    _last: float = field(default=-1e9, repr=False)
-    _since: int = field(default=0, repr=False)
+    _window: float = field(default=-1e9, repr=False)
+    _logged: int = field(default=0, repr=False)
+    _unlogged: int = field(default=0, repr=False)
 
     def refused(self, kind: str, why: str, where: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        self._since += 1
         now = time.monotonic()
-        if now - self._last >= self.every:
-            more = f" ({self._since - 1} more refused since the last report)" if self._since > 1 else ""
-            self.logger.warning("dropped a %s message on %s: %s%s", kind, printable(where[:200]), printable(why[:300]),
-                                more)
-            self._last, self._since = now, 0
+        if now - self._window >= self.every:
+            self._window, self._logged = now, 0
+        if self._logged >= self.burst:
+            self._unlogged += 1
+            return
+        self._logged += 1
+        more = f" ({self._unlogged} more refused unlogged before this one)" if self._unlogged else ""
+        if self._logged == self.burst:
+            more += f"; the next are not logged for {self.every:g} s"
+        self.logger.warning("dropped a %s message on %s: %s%s", kind, printable(where[:200]), printable(why[:300]),
+                            more)
+        self._unlogged = 0
 
     @property
     def total(self) -> int:

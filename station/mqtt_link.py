@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 #: topic suffixes the station subscribes to under ``{prefix}/+/``, and the kind each carries
 KINDS = {"flags/+": "flag", "errors": "error", "status": "status", "stats": "stats", "acks": "ack",
          "escalations": "escalation", "heatmaps/+": "heatmap"}
+#: the longest device name (a topic level) the station stores
+MAX_DEVICE = 200
 #: a status is "online" or "offline"; anything much longer is not one
 MAX_STATUS_BYTES = 64
 
@@ -203,7 +205,8 @@ class MqttLink:
             return None
         kind, device = where
         payload: dict[str, Any] | str | bytes
-        contract.text({"device": device}, "device", max_len=200)  # the topic's device must be storable text
+        if len(device) > MAX_DEVICE:
+            raise contract.ContractError(f"a device name of {len(device)} characters (at most {MAX_DEVICE})")
         if kind == "heatmap":
             payload = bytes(message.payload)  # checked (PNG, size) where it is stored
         elif kind == "status":

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from pneumoflag.device import contract
 from pneumoflag.device.config import Config
-from pneumoflag.device.messages import AckMessage, utc_now
+from pneumoflag.device.messages import EVENT_ID, AckMessage, utc_now
 
 from .events import EventHub
 from .mqtt_link import Incoming, MqttLink
@@ -200,6 +200,8 @@ class Station:
     async def acknowledge(self, event_id: Any, by: Any) -> AckResult:
         if not isinstance(event_id, str) or not event_id:
             raise AckRefused("event_id is missing")
+        if not EVENT_ID.match(event_id):
+            raise AckRefused(f"event_id is not of the form {EVENT_ID.pattern}")
         name = clean_name(by)
         device = self.worklist.device_of(event_id)
         if device is None:

@@ -2,7 +2,9 @@
 
 Guarantees, in the order a message meets them:
 
-- every write is idempotent: flags and errors by ``event_id``, acks by (event_id, station, at), so a repeat
+- every message is checked by the contract (``device.contract``) first; the stored copy is bounded (each text
+  cut to ``MAX_TEXT``), and a row an older version stored that no longer validates is skipped, not fatal;
+- every write is idempotent: flags and errors by ``event_id``, acks by (event_id, station, at, device), so a repeat
   delivery (MQTT is at-least-once) changes nothing and returns ``None``: the page never gets a second row;
 - a write is committed (``synchronous = FULL``) before the method returns, and ``mqtt_link`` acknowledges
   the message to the broker only after that, so a crash loses nothing the broker still holds for us;

@@ -125,12 +125,15 @@ def test_the_daemons_ack_parser_uses_the_contract():
 
 
 def test_refusals_are_logged_rate_limited_and_counted(caplog):
-    refused = contract.RateLimitedLog(logging.getLogger("test.contract"), every=3600)
+    refused = contract.RateLimitedLog(logging.getLogger("test.contract"), every=3600, burst=3)
     with caplog.at_level(logging.WARNING, "test.contract"):
         for _ in range(500):
             refused.refused("flag", "bad \ud800 \x1b[2J", "pneumoflag/evil/flags/urgent")
-    assert len(caplog.records) == 1 and "\x1b" not in caplog.text
-    assert refused.counts == {"flag": 500} and refused.total == 500
+        assert len(caplog.records) == 3 and "\x1b" not in caplog.text and "not logged for 3600 s" in caplog.text
+        refused._window -= 3600  # the next window
+        refused.refused("ack", "bad", "pneumoflag/evil/acks")
+    assert "497 more refused unlogged" in caplog.records[-1].getMessage()
+    assert refused.counts == {"flag": 500, "ack": 1} and refused.total == 501
 
 
 # ----------------------------------------------------------------------------- the worklist's use
