@@ -181,7 +181,7 @@ async def ack(request: web.Request) -> web.StreamResponse:
     try:
         body = contract.loads_object(await request.read(), max_bytes=MAX_ACK_BODY)
     except contract.ContractError as exc:
-        return json_response({"error": f"the body must be a JSON object: {exc}"}, status=400)
+        return json_response({"error": f"the body must be a JSON object of valid text: {exc}"}, status=400)
     try:
         result = await _station(request).acknowledge(body.get("event_id"), body.get("by"))
     except UnknownFlag as exc:
