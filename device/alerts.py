@@ -10,6 +10,7 @@ import time
 from datetime import datetime
 from typing import Optional, TextIO
 
+from . import contract
 from .config import Config
 from .publisher import connect_kwargs, make_client
 from .safe_text import printable
@@ -112,16 +113,11 @@ class AlertListener:
 
     def _on_message(self, client, userdata, message) -> None:
         # runs on paho's thread: nothing from the broker may raise here, or the terminal goes deaf
-        if len(message.payload) > MAX_MESSAGE_BYTES:
-            log.warning("ignored a %d-byte message on %s", len(message.payload), printable(message.topic))
-            return
+        # (the contract's bounded parser: size and depth first; text is shown escaped, so a lone surrogate may pass)
         try:
-            payload = json.loads(message.payload)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            log.warning("ignored a message on %s that is not JSON", printable(message.topic))
-            return
-        if not isinstance(payload, dict):
-            log.warning("ignored a message on %s that is not a JSON object", printable(message.topic))
+            payload = contract.loads_object(message.payload, MAX_MESSAGE_BYTES, check_text=False)
+        except contract.ContractError as exc:
+            log.warning("ignored a message on %s: %s", printable(message.topic), printable(str(exc)))
             return
         self.queue.put((message.topic, payload))
 
@@ -160,7 +156,7 @@ def run_alerts(cfg: Config, min_priority: str, as_json: bool, count: Optional[in
                 continue
             seen += 1
             if as_json:
-                out.write(json.dumps({"topic": topic, **msg}) + "\n")
+                out.write(json.dumps({"topic": topic, **msg}, allow_nan=False) + "\n")
             elif topic.endswith("/errors"):
                 out.write(format_error(msg) + "\n")
             else:

@@ -14,6 +14,7 @@ import logging
 import queue
 import time
 
+from . import contract
 from .config import Config
 from .messages import ACK_SCHEMA, EVENT_ID, EscalationMessage, encode
 from .publisher import Publisher
@@ -42,12 +43,10 @@ def parse_ack(raw: bytes) -> dict[str, str]:
     is not valid UTF-8 (a lone surrogate) and field lengths are checked before
     anything is stored or logged.
     """
-    if len(raw) > MAX_ACK_BYTES:
-        raise AckError(f"over {MAX_ACK_BYTES} bytes")
     try:
-        ack = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise AckError(f"not JSON ({type(exc).__name__})") from None
+        ack = contract.loads(raw, max_bytes=MAX_ACK_BYTES)  # size, depth, NaN, huge numbers, lone surrogates
+    except contract.ContractError as exc:
+        raise AckError(str(exc)) from None
     if not isinstance(ack, dict) or ack.get("schema") != ACK_SCHEMA:
         raise AckError(f"not a {ACK_SCHEMA} message")
     fields = {}

@@ -170,4 +170,4 @@ class ResendRequest:
 
 
 def encode(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), sort_keys=False).encode()
+    return json.dumps(payload, separators=(",", ":"), sort_keys=False, allow_nan=False).encode()

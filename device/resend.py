@@ -11,11 +11,11 @@ a safe topic level, at most ``MAX_RESEND`` flags and one request per station eve
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import time
 
+from . import contract
 from .config import Config
 from .messages import MAX_RESEND, RESEND_SCHEMA, STATION_ID, ResendRequest
 from .publisher import Publisher
@@ -36,13 +36,11 @@ class ResendError(ValueError):
 
 
 def parse_resend(raw: bytes) -> ResendRequest:
-    if len(raw) > MAX_REQUEST_BYTES:
-        raise ResendError(f"over {MAX_REQUEST_BYTES} bytes")
     try:
-        d = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ResendError(f"not JSON ({type(exc).__name__})") from None
-    if not isinstance(d, dict) or d.get("schema") != RESEND_SCHEMA:
+        d = contract.loads_object(raw, max_bytes=MAX_REQUEST_BYTES)
+    except contract.ContractError as exc:
+        raise ResendError(str(exc)) from None
+    if d.get("schema") != RESEND_SCHEMA:
         raise ResendError(f"not a {RESEND_SCHEMA} message")
     station, first, last = d.get("station"), d.get("first"), d.get("last")
     if not isinstance(station, str) or not STATION_ID.match(station):

@@ -6,9 +6,10 @@ station down; its browser reconnects by itself and starts again from a fresh sna
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
+
+from pneumoflag.device import contract
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +17,9 @@ Event = tuple[str, Any] | None  # None ends the stream
 
 
 def sse_frame(kind: str, data: Any) -> bytes:
-    """One SSE event; JSON never contains a raw newline, so one ``data:`` line is enough."""
-    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    """One SSE event; JSON never contains a raw newline, so one ``data:`` line is enough. ``contract.dumps``:
+    no NaN or Infinity, which the page's ``JSON.parse`` would throw on."""
+    return f"event: {kind}\ndata: {contract.dumps(data)}\n\n".encode()
 
 
 class EventHub:

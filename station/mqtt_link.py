@@ -9,19 +9,26 @@ Guarantees:
   (``{prefix}/+/heatmaps/+``, raw PNG bytes) included;
 - a QoS 1 message is acknowledged to the broker (paho's manual ack) only once the handler has stored it,
   so a station that dies half-way gets the message again (and drops the repeat by event_id);
+- every message is parsed by the contract (``device.contract.loads``: size and nesting depth checked before
+  ``json.loads``, no NaN, huge numbers or lone surrogates); one that fails, and one whose handling raises
+  anything, is logged (rate-limited), acknowledged and dropped: nothing from the broker raises out of paho's
+  thread or holds up the in-flight window. Only a failure of the database itself (``sqlite3.OperationalError``:
+  disk full, I/O) leaves a message unacknowledged, for redelivery;
+- a connection that cannot be made says why (refused, unreachable, DNS), once per cause, as the daemon does;
 - an ack the nurse sends while the broker is away waits in paho's queue and goes out after the reconnect
   (in memory only: a station restarted before that shows the row still open).
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from pneumoflag.device import contract
 from pneumoflag.device.config import Config
 from pneumoflag.device.messages import AckMessage, ResendRequest, encode
 from pneumoflag.device.publisher import connect_kwargs, make_client
@@ -33,6 +40,10 @@ log = logging.getLogger(__name__)
 #: topic suffixes the station subscribes to under ``{prefix}/+/``, and the kind each carries
 KINDS = {"flags/+": "flag", "errors": "error", "status": "status", "stats": "stats", "acks": "ack",
          "escalations": "escalation", "heatmaps/+": "heatmap"}
+#: the longest device name (a topic level) the station stores
+MAX_DEVICE = 200
+#: a status is "online" or "offline"; anything much longer is not one
+MAX_STATUS_BYTES = 64
 
 
 @dataclass
@@ -66,6 +77,34 @@ def classify(prefix: str, topic: str, station: str | None = None) -> tuple[str, 
     return None
 
 
+def _topic(message: mqtt.MQTTMessage) -> str:
+    """The topic for a log line, even when it is not UTF-8 (paho raises on ``.topic`` then)."""
+    try:
+        return message.topic
+    except UnicodeDecodeError:
+        return repr(bytes(message._topic))[:200]
+
+
+def describe_connect_error(exc: BaseException | None) -> str:
+    """Why a connection could not be made, in a nurse's IT department's words."""
+    import socket
+    import ssl
+
+    if exc is None:
+        return "no answer"
+    if isinstance(exc, socket.gaierror):
+        return f"the broker's name does not resolve (DNS: {exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (no broker listening on that port)"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out (host unreachable or filtered)"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"unreachable ({exc.strerror or exc})"
+    return str(exc) or type(exc).__name__
+
+
 def build_client(cfg: Config, client_id: str) -> mqtt.Client:
     """The shared client (credentials, TLS, protocol) with a persistent session and manual acks."""
     client = make_client(cfg, client_id, clean=False)
@@ -77,7 +116,8 @@ class MqttLink:
     """Hands each message to ``on_message`` on the event loop; acknowledges it when that returns True."""
 
     def __init__(self, cfg: Config, settings: StationSettings, loop: asyncio.AbstractEventLoop,
-                 on_message: Callable[[Incoming], bool], on_link: Callable[[bool, str], None]):
+                 on_message: Callable[[Incoming], bool], on_link: Callable[[bool, str], None],
+                 refused: contract.RateLimitedLog | None = None):
         self.cfg = cfg
         self.settings = settings
         self.loop = loop
@@ -89,7 +129,11 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_connect_fail = self._on_connect_fail
         self.connected = False
+        #: refused messages, counted by kind (used on the event loop's thread only)
+        self.refused = refused or contract.RateLimitedLog(log)
+        self._problems: dict[str, float] = {}  # connection problem -> when last logged
 
     @property
     def topics(self) -> list[str]:
@@ -112,6 +156,7 @@ class MqttLink:
             log.warning("broker refused the connection: %s", reason_code)
             self._link(False, f"refused: {reason_code}")
             return
+        self._problems.clear()
         log.info("connected to the broker (session %s)", "resumed" if flags.session_present else "new")
         client.subscribe([(t, 1) for t in self.topics])
         self._link(True, "connected")
@@ -124,6 +169,16 @@ class MqttLink:
         else:
             log.info("subscribed to %s", ", ".join(self.topics))
 
+    def _on_connect_fail(self, client, userdata) -> None:
+        """paho retries quietly; say why it cannot connect (once per cause, a reminder a minute)."""
+        exc = getattr(client, "last_connect_error", None)
+        text = f"cannot connect to {self.cfg.mqtt.broker}: {describe_connect_error(exc)}"
+        now = time.monotonic()
+        if now - self._problems.get(text, -1e9) >= 60:
+            self._problems[text] = now
+            log.warning("%s; retrying", text)
+        self._link(False, text)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         log.warning("MQTT disconnected (%s); reconnecting", reason_code)
         self._link(False, f"disconnected: {reason_code}")
@@ -133,27 +188,63 @@ class MqttLink:
         self.loop.call_soon_threadsafe(self.on_link, up, text)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        where = classify(self.prefix, message.topic, self.settings.station_id)
-        payload: dict[str, Any] | str | bytes | None = None
-        if where is not None and where[0] == "heatmap":
-            payload = bytes(message.payload)  # checked (PNG, size) where it is stored
-        elif where is not None:
-            try:
-                text = message.payload.decode()
-                payload = text if where[0] == "status" else json.loads(text)
-            except (UnicodeDecodeError, ValueError):
-                log.warning("ignored an unreadable message on %s", message.topic)
-        if where is None or payload is None:
+        # paho's thread: nothing may raise out of here (paho would stop delivering), and every message that is
+        # not handed on is acknowledged at once (an unacknowledged one holds a slot of the in-flight window)
+        try:
+            item = self._parse(message)
+        except Exception as exc:  # noqa: BLE001 - any failure of one message is that message's, not the link's
+            client.ack(message.mid, message.qos)
+            self.loop.call_soon_threadsafe(self._refuse, self._kind_of(message), str(exc), _topic(message))
+            return
+        if item is None:
             client.ack(message.mid, message.qos)
             return
-        item = Incoming(kind=where[0], device=where[1], payload=payload, retained=bool(message.retain),
-                        mid=message.mid, qos=message.qos,
-                        event_id=message.topic.rsplit("/", 1)[1] if where[0] == "heatmap" else None)
         self.loop.call_soon_threadsafe(self._handle, item)
 
+    def _parse(self, message: mqtt.MQTTMessage) -> Incoming | None:
+        """The message as the handler takes it; None for a topic the station ignores; ContractError if bad."""
+        where = classify(self.prefix, message.topic, self.settings.station_id)
+        if where is None:
+            return None
+        kind, device = where
+        payload: dict[str, Any] | str | bytes
+        if len(device) > MAX_DEVICE:
+            raise contract.ContractError(f"a device name of {len(device)} characters (at most {MAX_DEVICE})")
+        if kind == "heatmap":
+            payload = bytes(message.payload)  # checked (PNG, size) where it is stored
+        elif kind == "status":
+            if len(message.payload) > MAX_STATUS_BYTES:
+                raise contract.ContractError(f"a status of {len(message.payload)} bytes")
+            try:
+                payload = bytes(message.payload).decode("utf-8")
+            except UnicodeDecodeError:
+                raise contract.ContractError("a status that is not UTF-8") from None
+        else:
+            payload = contract.loads_object(message.payload)
+        return Incoming(kind=kind, device=device, payload=payload, retained=bool(message.retain),
+                        mid=message.mid, qos=message.qos,
+                        event_id=message.topic.rsplit("/", 1)[1] if kind == "heatmap" else None)
+
+    def _kind_of(self, message: mqtt.MQTTMessage) -> str:
+        """The kind its topic says (for the refused counts), or "unreadable" when even the topic is not."""
+        try:
+            where = classify(self.prefix, message.topic, self.settings.station_id)
+        except UnicodeDecodeError:
+            return "unreadable"
+        return where[0] if where else "unreadable"
+
     # ------------------------------------------------------------------ the event loop's thread
+    def _refuse(self, kind: str, why: str, where: str) -> None:
+        self.refused.refused(kind, why, where)
+
     def _handle(self, item: Incoming) -> None:
-        if self.on_message(item):
+        try:
+            stored = self.on_message(item)
+        except Exception as exc:  # a handler bug must not leave the message in flight for ever
+            log.debug("handling a %s message failed", item.kind, exc_info=True)
+            self.refused.refused(item.kind, f"handling failed ({type(exc).__name__}: {exc})", item.device)
+            stored = True
+        if stored:
             self.client.ack(item.mid, item.qos)
 
     def ask_resend(self, device: str, first: int, last: int) -> None:

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from pneumoflag.device import contract
 from pneumoflag.device.config import Config
-from pneumoflag.device.messages import MAX_RESEND, AckMessage, utc_now
+from pneumoflag.device.messages import EVENT_ID, MAX_RESEND, AckMessage, utc_now
 
 from .events import EventHub
 from .mqtt_link import Incoming, MqttLink
 from .security import Guard
 from .settings import StationError, StationSettings
-from .worklist import BadMessage, DeviceState, Worklist
+from .worklist import BadMessage, ContractError, DeviceState, Worklist
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,14 @@ class AckResult:
 
 
 def clean_name(by: Any) -> str:
+    """The nurse's name as it goes into the ack: text that can be encoded (no lone surrogate), no control
+    characters, 1-``MAX_NAME`` characters."""
     if not isinstance(by, str) or not by.strip():
         raise AckRefused("type your name before acknowledging")
+    try:
+        by.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AckRefused("the name contains a character that is not valid text (a lone surrogate)") from None
     name = _CONTROL.sub("", by).strip()
     if not name or len(name) > MAX_NAME:
         raise AckRefused(f"the name must be 1-{MAX_NAME} characters")
@@ -73,13 +80,15 @@ class Station:
         self.link: MqttLink | None = None
         self.link_state = {"up": False, "text": "connecting"}
         self._devices: dict[str, dict[str, Any]] = {}
+        #: messages refused (broken contract, or handling failed), by kind: logged rate-limited, counted here
+        self.refused = contract.RateLimitedLog(log)
         self._ticker: asyncio.Task | None = None
         self._asked: dict[str, tuple[float, tuple[int, int]]] = {}  # device -> (monotonic time, range asked)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.link = MqttLink(self.cfg, self.settings, loop, self.handle, self._on_link)
+        self.link = MqttLink(self.cfg, self.settings, loop, self.handle, self._on_link, self.refused)
         self.link.start()
         self._ticker = loop.create_task(self._tick())
 
@@ -92,15 +101,20 @@ class Station:
 
     # ------------------------------------------------------------------ from the broker
     def handle(self, item: Incoming) -> bool:
-        """Store one message and tell the pages; True = stored (or worthless), so acknowledge it."""
+        """Store one message and tell the pages; True = stored (or worthless), so acknowledge it.
+
+        Only ``sqlite3.OperationalError`` (the database itself: disk full, I/O, locked) returns False and
+        leaves the message for redelivery; what a message's content can raise (a broken contract, a value
+        SQLite or JSON refuses) drops it, counted in ``refused``, so no message can hold up the session.
+        """
+        about = f" ({item.event_id[:80]!r})" if item.event_id else ""
         try:
             self._dispatch(item)
-        except BadMessage as exc:
-            about = f" ({item.event_id[:80]!r})" if item.event_id else ""
-            log.warning("dropped a %s message from %s%s: %s", item.kind, item.device, about, exc)
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:
             log.error("worklist write failed, message left unacknowledged for redelivery: %s", exc)
             return False
+        except (ContractError, sqlite3.Error, ValueError, OverflowError, TypeError) as exc:
+            self.refused.refused(item.kind, f"{exc}", f"{item.device}{about}")
         return True
 
     def _dispatch(self, item: Incoming) -> None:
@@ -126,7 +140,7 @@ class Station:
                 self.hub.publish("row", row.to_json())
                 self._replaced(payload)
         elif item.kind == "ack":
-            event_id = wl.add_ack(payload)
+            event_id = wl.add_ack(payload, item.device)
             row = wl.row(event_id) if event_id else None
             if row:
                 self.hub.publish("row", row.to_json())
@@ -202,11 +216,14 @@ class Station:
             "rows": [r.to_json() for r in self.worklist.rows()],
             "devices": [d.to_json() for d in devices],
             "errors": [e.to_json() for e in self.worklist.errors()],
+            "refused": dict(self.refused.counts),
         }
 
     async def acknowledge(self, event_id: Any, by: Any) -> AckResult:
         if not isinstance(event_id, str) or not event_id:
             raise AckRefused("event_id is missing")
+        if not EVENT_ID.match(event_id):
+            raise AckRefused(f"event_id is not of the form {EVENT_ID.pattern}")
         name = clean_name(by)
         device = self.worklist.device_of(event_id)
         if device is None:

@@ -19,13 +19,14 @@ everyone (429 with ``Retry-After`` past the limit; see security.Throttle).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
+from pneumoflag.device import contract
 from pneumoflag.device.messages import EVENT_ID
 
 from .events import sse_frame
@@ -51,13 +52,23 @@ LOCKED_OUT = ('<p class="message" role="alert">Too many wrong passwords from her
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+#: an ack's body is {"event_id", "by"}: a few hundred bytes
+MAX_ACK_BODY = 4096
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """JSON as every browser parses it: ``contract.dumps`` refuses NaN and Infinity (bare ``NaN`` is a
+    ``SyntaxError`` in ``JSON.parse``, and the page would show no rows)."""
+    return web.json_response(data, status=status, dumps=contract.dumps)
+
+
 def _station(request: web.Request) -> Station:
     return request.app[STATION_KEY]
 
 
 def _forbidden(request: web.Request, why: str) -> web.Response:
     log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, why)
-    return web.json_response({"error": why}, status=403)
+    return json_response({"error": why}, status=403)
 
 
 @web.middleware
@@ -133,7 +144,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if (request.method, request.path) not in PUBLIC and not guard.authenticated(request):
         if request.method == "GET" and request.path == "/":
             raise web.HTTPSeeOther("/login")
-        return web.json_response({"error": "log in first"}, status=401)
+        return json_response({"error": "log in first"}, status=401)
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         why = cross_site(request, request.app[HOSTS_KEY])
         if why:
@@ -194,7 +205,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     session = guard.session(request)
     if session:
         guard.revoke(session)
-    response = web.json_response({"logged_out": True})
+    response = json_response({"logged_out": True})
     response.del_cookie(guard.cookie_name, path="/")
     return response
 
@@ -206,7 +217,7 @@ def _csrf(request: web.Request) -> str | None:
 
 
 async def state(request: web.Request) -> web.StreamResponse:
-    return web.json_response(_station(request).snapshot(_csrf(request)))
+    return json_response(_station(request).snapshot(_csrf(request)))
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -235,18 +246,16 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 async def ack(request: web.Request) -> web.StreamResponse:
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return web.json_response({"error": "the body must be JSON"}, status=400)
-    if not isinstance(body, dict):
-        return web.json_response({"error": "the body must be a JSON object"}, status=400)
+        body = contract.loads_object(await request.read(), max_bytes=MAX_ACK_BODY)
+    except contract.ContractError as exc:
+        return json_response({"error": f"the body must be a JSON object of valid text: {exc}"}, status=400)
     try:
         result = await _station(request).acknowledge(body.get("event_id"), body.get("by"))
     except UnknownFlag as exc:
-        return web.json_response({"error": str(exc)}, status=404)
+        return json_response({"error": str(exc)}, status=404)
     except AckRefused as exc:
-        return web.json_response({"error": str(exc)}, status=400)
-    return web.json_response({"event_id": result.event_id, "delivered": result.delivered}, status=202)
+        return json_response({"error": str(exc)}, status=400)
+    return json_response({"event_id": result.event_id, "delivered": result.delivered}, status=202)
 
 
 async def heatmap(request: web.Request) -> web.StreamResponse:
@@ -254,10 +263,10 @@ async def heatmap(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     event_id = name.removesuffix(".png")
     if event_id == name or not EVENT_ID.match(event_id):
-        return web.json_response({"error": "not a heat map name: /heatmap/EVENT_ID.png"}, status=400)
+        return json_response({"error": "not a heat map name: /heatmap/EVENT_ID.png"}, status=400)
     png = _station(request).worklist.heatmap(event_id)
     if png is None:
-        return web.json_response({"error": f"no heat map for {event_id}"}, status=404)
+        return json_response({"error": f"no heat map for {event_id}"}, status=404)
     return web.Response(body=png, content_type="image/png",
                         headers={"Cache-Control": "private, no-store"})
 

@@ -2,7 +2,9 @@
 
 Guarantees, in the order a message meets them:
 
-- every write is idempotent: flags and errors by ``event_id``, acks by (event_id, station, at), so a repeat
+- every message is checked by the contract (``device.contract``) first; the stored copy is bounded (each text
+  cut to ``MAX_TEXT``), and a row an older version stored that no longer validates is skipped, not fatal;
+- every write is idempotent: flags and errors by ``event_id``, acks by (event_id, station, at, device), so a repeat
   delivery (MQTT is at-least-once) changes nothing and returns ``None``: the page never gets a second row;
 - a write is committed (``synchronous = FULL``) before the method returns, and ``mqtt_link`` acknowledges
   the message to the broker only after that, so a crash loses nothing the broker still holds for us;
@@ -16,9 +18,7 @@ All methods run on the event loop's thread; the connection is not shared.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import secrets
 import sqlite3
@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pneumoflag.device import contract
+from pneumoflag.device.contract import MAX_TEXT, ContractError
 from pneumoflag.device.messages import EVENT_ID
 from pneumoflag.device.vocab import PRIORITIES
 
@@ -36,7 +38,11 @@ log = logging.getLogger(__name__)
 #: acknowledged rows stay on the page this long after their ack arrived (they stay in the database)
 ACK_KEEP_S = 12 * 3600
 MAX_ROWS = 1000
-MAX_TEXT = 1024
+#: acks for a flag this station has not seen (it may still come) are kept this long, and at most this many
+ORPHAN_ACK_KEEP_S = 24 * 3600
+MAX_ORPHAN_ACKS = 1000
+#: the largest figure a stats message may show (a count, seconds, milliseconds): beyond it, not the daemon's
+MAX_FIGURE = 1e15
 DEVICE_STATES = ("online", "offline", "silent", "unknown")
 #: heat maps: the most a payload may weigh (the daemon's are ~100-200 KB), and the PNG signature
 MAX_HEATMAP_BYTES = 2 * 1024 * 1024
@@ -73,7 +79,8 @@ CREATE TABLE IF NOT EXISTS acks (
     by_name TEXT NOT NULL,
     at TEXT NOT NULL,
     received_epoch REAL NOT NULL,
-    PRIMARY KEY (event_id, station, at)
+    device TEXT,  -- the device whose topic it came on (NULL: stored before this column)
+    PRIMARY KEY (event_id, station, at, device)
 );
 CREATE TABLE IF NOT EXISTS errors (
     event_id TEXT PRIMARY KEY,
@@ -108,6 +115,16 @@ CREATE TABLE IF NOT EXISTS heatmaps (
 """
 #: columns added after the first release of this file, for databases made before them
 LATER_COLUMNS = {"flags": ("supersedes",), "errors": ("supersedes",)}
+#: the acks table before acks were kept per device: rebuilt with the device in its key
+_ACKS_BY_DEVICE = """
+BEGIN;
+CREATE TABLE acks_by_device (event_id TEXT NOT NULL, station TEXT NOT NULL, by_name TEXT NOT NULL, at TEXT NOT NULL,
+    received_epoch REAL NOT NULL, device TEXT, PRIMARY KEY (event_id, station, at, device));
+INSERT INTO acks_by_device SELECT event_id, station, by_name, at, received_epoch, NULL FROM acks;
+DROP TABLE acks;
+ALTER TABLE acks_by_device RENAME TO acks;
+COMMIT;
+"""
 INDEXES = """
 CREATE INDEX IF NOT EXISTS flags_supersedes ON flags (supersedes);
 CREATE INDEX IF NOT EXISTS errors_supersedes ON errors (supersedes);
@@ -120,8 +137,9 @@ MAX_GAPS = 100
 MAX_STATS_JUMP = 100_000
 
 
-class BadMessage(ValueError):
-    """A message that does not follow the contract; logged and dropped (and still acknowledged)."""
+#: a message that does not follow the contract; logged and dropped (and still acknowledged). The contract's own
+#: error, so the field validators of ``device.contract`` raise what the station's callers catch
+BadMessage = ContractError
 
 
 def utc_iso(epoch: float) -> str:
@@ -129,25 +147,33 @@ def utc_iso(epoch: float) -> str:
 
 
 def parse_time(value: Any) -> float | None:
-    """ISO 8601 (``Z`` or an offset; naive taken as UTC) to epoch seconds; None when absent or unreadable."""
+    """ISO 8601 within the contract's years to epoch seconds; None when absent or unreadable (a stats
+    message's ``at``, only used to date a retained copy)."""
     if not isinstance(value, str) or not value:
         return None
     try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        return contract.parse_when(value)
+    except ContractError:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
 
 
-def _text(payload: dict, key: str, required: bool = True) -> str | None:
-    value = payload.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (required and not value):
-        raise BadMessage(f"{key!r} must be a non-empty string")
-    return value[:MAX_TEXT]
+def _bounded(value: Any) -> Any:
+    """A parsed message with every text cut to ``MAX_TEXT``: what is stored of it (nothing shows more)."""
+    if isinstance(value, str):
+        return value[:MAX_TEXT]
+    if isinstance(value, dict):
+        return {k[:MAX_TEXT]: _bounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bounded(v) for v in value]
+    return value
+
+
+def _device(payload: dict, topic_device: str) -> str:
+    """The topic names the device (the broker's ACL guards it; acks go back there): the message must agree."""
+    device = contract.text(payload, "device", required=False, max_len=200)
+    if device and device != topic_device:
+        raise BadMessage(f"device {device[:80]!r} in the message, {topic_device[:80]!r} in its topic")
+    return topic_device
 
 
 @dataclass
@@ -219,7 +245,9 @@ SELECT f.event_id, f.device, f.priority, f.probability, f.file, f.accession_numb
        f.rank,
        EXISTS (SELECT 1 FROM heatmaps h WHERE h.event_id = f.event_id) AS heatmap
 FROM flags f
-LEFT JOIN (SELECT event_id, by_name, station, MIN(at) AS at, received_epoch FROM acks GROUP BY event_id) a
+LEFT JOIN (SELECT k.event_id, k.by_name, k.station, MIN(k.at) AS at, k.received_epoch FROM acks k
+           JOIN flags g ON g.event_id = k.event_id AND (k.device IS NULL OR k.device = g.device)
+           GROUP BY k.event_id) a
        ON a.event_id = f.event_id
 """
 
@@ -230,6 +258,18 @@ def _row(r: tuple) -> Row:
                written_at=r[6], scored_at=r[7], received_at=r[8], ttn_s=r[9], sort_at=utc_iso(r[10]),
                escalation=r[11], max_escalations=r[12], escalated_at=r[13], ack=ack, superseded_by=r[18],
                heatmap=bool(r[20]))
+
+
+def _valid_row(r: tuple) -> Row | None:
+    """A stored row as the page gets it, or None (logged) for one an older version stored that no longer
+    validates (a date Python cannot convert, a value JSON cannot carry): one bad row must not empty the page."""
+    try:
+        row = _row(r)
+        contract.dumps(row.to_json())
+    except (ValueError, OverflowError, TypeError, OSError) as exc:
+        log.warning("skipped stored flag %s that no longer validates: %s", str(r[0])[:80], exc)
+        return None
+    return row
 
 
 def check_png(data: bytes) -> None:
@@ -249,18 +289,37 @@ def check_png(data: bytes) -> None:
 
 
 def _stats_summary(payload: dict) -> dict[str, float]:
-    """The few numbers the devices panel shows; nothing else of the payload reaches the page."""
+    """The few numbers the devices panel shows; nothing else of the payload reaches the page. A figure that is
+    not a finite number in range is left out (the panel shows none), not stored."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= MAX_FIGURE
+
     out: dict[str, float] = {}
     scored = payload.get("scored")
     if isinstance(scored, dict):
-        out["scored"] = sum(v for v in scored.values() if isinstance(v, (int, float)))
+        total = sum(v for v in scored.values() if ok(v))
+        if ok(total) and all(ok(v) for v in scored.values()):
+            out["scored"] = total
     for key in ("errors", "queue_depth", "outbox", "uptime_s"):
-        if isinstance(payload.get(key), (int, float)) and not isinstance(payload.get(key), bool):
+        if ok(payload.get(key)):
             out[key] = payload[key]
     latency = payload.get("latency_ms")
-    if isinstance(latency, dict) and isinstance(latency.get("p50"), (int, float)):
+    if isinstance(latency, dict) and ok(latency.get("p50")):
         out["p50_ms"] = latency["p50"]
     return out
+
+
+def _stored_stats(device: str, stats: str | None) -> dict[str, float]:
+    """The stored figures, or none (logged) when an older version stored what is not standard JSON (NaN)."""
+    if not stats:
+        return {}
+    try:
+        value = contract.loads(stats)
+        contract.dumps(value)
+    except (ContractError, ValueError) as exc:
+        log.warning("skipped the stored stats of %s that no longer validate: %s", device[:80], exc)
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class Worklist:
@@ -279,6 +338,8 @@ class Worklist:
             for column in columns:
                 if column not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        if "device" not in {r[1] for r in self.db.execute("PRAGMA table_info(acks)")}:
+            self.db.executescript(_ACKS_BY_DEVICE)
         self.db.executescript(INDEXES)
 
     def close(self) -> None:
@@ -289,46 +350,49 @@ class Worklist:
         """Store a flag; None when this event_id is already here (a repeat delivery)."""
         if not isinstance(payload, dict):
             raise BadMessage("a flag must be a JSON object")
-        event_id = _text(payload, "event_id")
+        event_id = contract.event_id(payload)
         priority = payload.get("priority")
         if priority not in PRIORITIES:
-            raise BadMessage(f"priority {priority!r} is not one of {', '.join(PRIORITIES)}")
-        probability = payload.get("probability")
-        if (not isinstance(probability, (int, float)) or isinstance(probability, bool)
-                or not math.isfinite(probability) or not 0 <= probability <= 1):
-            raise BadMessage(f"probability {probability!r} is not a number in [0, 1]")
-        device = _text(payload, "device", required=False) or topic_device
-        file = _text(payload, "file")
-        accession = _text(payload, "accession_number", required=False) or None
-        written_at = _text(payload, "written_at", required=False)
-        scored_at = _text(payload, "scored_at", required=False)
-        supersedes = _text(payload, "supersedes", required=False) or None
+            raise BadMessage(f"priority {str(priority)[:40]!r} is not one of {', '.join(PRIORITIES)}")
+        probability = contract.number(payload, "probability", 0.0, 1.0)
+        device = _device(payload, topic_device)
+        file = contract.text(payload, "file")
+        accession = contract.text(payload, "accession_number", required=False) or None
+        written_at, written = contract.when(payload, "written_at")
+        scored_at, scored = contract.when(payload, "scored_at")
+        supersedes = contract.event_id(payload, "supersedes", required=False) or None
+        seq = contract.integer(payload, "seq", 1, 2**53, required=False)  # absent from older daemons' flags
+        other = self.device_of(event_id)
+        if other is not None and other != device:
+            # refused, not merged: acks, escalations and heat maps name a flag by event_id alone, so a second
+            # device's flag under the same id would take the first one's acks (the daemon's ids are UUIDs:
+            # a clash is a misconfigured or hostile publisher, to be seen in the log and the refused counts)
+            raise BadMessage(f"event id {event_id} is already a flag of device {other[:80]!r}")
         received = time.time() if received is None else received
-        written = parse_time(written_at)
         ttn = round(received - written, 3) if written is not None else None
-        sort_epoch = next(t for t in (written, parse_time(scored_at), received) if t is not None)
+        sort_epoch = next(t for t in (written, scored, received) if t is not None)
         cur = self.db.execute(
             "INSERT OR IGNORE INTO flags (event_id, device, priority, rank, probability, file, accession_number, "
             "written_at, scored_at, received_at, ttn_s, sort_epoch, supersedes, payload) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (event_id, device, priority, PRIORITIES.index(priority), float(probability), file, accession,
-             written_at, scored_at, utc_iso(received), ttn, sort_epoch, supersedes, json.dumps(payload)))
-        seq = payload.get("seq")
-        if isinstance(seq, int) and not isinstance(seq, bool) and 1 <= seq < 2**53:
+             written_at, scored_at, utc_iso(received), ttn, sort_epoch, supersedes,
+             contract.dumps(_bounded(payload))))
+        if seq is not None:
             self.note_seq(device, seq, received)
         return self.row(event_id) if cur.rowcount else None
 
     # ------------------------------------------------------------------ flag numbers: what this station missed
     def _sequence(self, device: str) -> tuple[int, list[list]] | None:
         r = self.db.execute("SELECT high, gaps FROM sequence WHERE device = ?", (device,)).fetchone()
-        return (int(r[0]), json.loads(r[1])) if r else None
+        return (int(r[0]), contract.loads(r[1])) if r else None
 
     def _set_sequence(self, device: str, high: int, gaps: list[list]) -> None:
         if len(gaps) > MAX_GAPS:
             log.warning("%s: more than %d ranges of missed flags; forgetting the oldest", device, MAX_GAPS)
             gaps = gaps[-MAX_GAPS:]
         self.db.execute("INSERT INTO sequence VALUES (?,?,?) ON CONFLICT(device) DO UPDATE SET high = excluded.high, "
-                        "gaps = excluded.gaps", (device, high, json.dumps(gaps)))
+                        "gaps = excluded.gaps", (device, high, contract.dumps(gaps)))
 
     def note_seq(self, device: str, seq: int, now: float | None = None) -> None:
         """A flag numbered ``seq`` arrived: a jump past the highest is a gap, a number inside a gap fills it.
@@ -377,38 +441,60 @@ class Worklist:
         now = time.time() if now is None else now
         out = {}
         for device, gaps in self.db.execute("SELECT device, gaps FROM sequence"):
-            due = [g for g in json.loads(gaps) if now - g[2] >= older_than]
+            due = [g for g in contract.loads(gaps) if now - g[2] >= older_than]
             if due:
                 out[device] = (int(due[0][0]), int(due[0][1]))
         return out
 
-    def add_ack(self, payload: dict, received: float | None = None) -> str | None:
-        """Store an ack (its flag may come later); the event_id, or None for a repeat."""
+    def add_ack(self, payload: dict, topic_device: str, received: float | None = None) -> str | None:
+        """Store an ack (its flag may come later); the event_id, or None for a repeat.
+
+        An ack counts only for a flag of the device whose topic it came on (the device hears only its own
+        acks: one on another device's topic would close the row while the device escalates). Acks for flags
+        this station has not seen are kept up to ``MAX_ORPHAN_ACKS`` for ``ORPHAN_ACK_KEEP_S``.
+        """
         if not isinstance(payload, dict):
             raise BadMessage("an ack must be a JSON object")
-        event_id, station, by, at = (_text(payload, k) for k in ("event_id", "station", "by", "at"))
-        cur = self.db.execute("INSERT OR IGNORE INTO acks VALUES (?,?,?,?,?)",
-                              (event_id, station, by, at, time.time() if received is None else received))
+        event_id = contract.event_id(payload)
+        station, by = (contract.text(payload, k, max_len=200) for k in ("station", "by"))
+        at, _ = contract.when(payload, "at", required=True)
+        received = time.time() if received is None else received
+        cur = self.db.execute("INSERT OR IGNORE INTO acks (event_id, station, by_name, at, received_epoch, device) "
+                              "VALUES (?,?,?,?,?,?)", (event_id, station, by, at, received, topic_device))
+        if cur.rowcount and self.device_of(event_id) is None:
+            self._prune_orphan_acks(received)
         return event_id if cur.rowcount else None
+
+    def _prune_orphan_acks(self, now: float) -> int:
+        """Acks without their flag: older than ``ORPHAN_ACK_KEEP_S``, or beyond the newest ``MAX_ORPHAN_ACKS``."""
+        cur = self.db.execute(
+            "DELETE FROM acks WHERE rowid IN (SELECT a.rowid FROM acks a "
+            "WHERE NOT EXISTS (SELECT 1 FROM flags f WHERE f.event_id = a.event_id) "
+            "AND (a.received_epoch < ? OR a.rowid NOT IN (SELECT o.rowid FROM acks o "
+            "WHERE NOT EXISTS (SELECT 1 FROM flags g WHERE g.event_id = o.event_id) "
+            "ORDER BY o.received_epoch DESC, o.rowid DESC LIMIT ?)))",
+            (now - ORPHAN_ACK_KEEP_S, MAX_ORPHAN_ACKS))
+        return cur.rowcount
 
     def add_escalation(self, payload: dict, topic_device: str, received: float | None = None) -> Row:
         """Mark the flag escalated (highest count wins); add its row from the message when it is new here."""
         if not isinstance(payload, dict):
             raise BadMessage("an escalation must be a JSON object")
-        event_id = _text(payload, "event_id")
-        level = payload.get("escalation")
-        if not isinstance(level, int) or isinstance(level, bool) or level < 1:
-            raise BadMessage(f"escalation {level!r} must be a whole number >= 1")
-        top = payload.get("max_escalations")
-        top = top if isinstance(top, int) and not isinstance(top, bool) else None
-        if self.row(event_id) is None:
+        event_id = contract.event_id(payload)
+        level = contract.integer(payload, "escalation", 1, 1000)
+        top = contract.integer(payload, "max_escalations", 0, 1000, required=False)
+        at, _ = contract.when(payload, "at")
+        other = self.device_of(event_id)
+        if other is not None and other != topic_device:
+            raise BadMessage(f"escalation of {event_id}, a flag of device {other[:80]!r}")
+        if other is None:
             flag = payload.get("flag")
             if not isinstance(flag, dict) or flag.get("event_id") != event_id:
                 raise BadMessage("escalation of an unknown flag without that flag in 'flag'")
             self.add_flag(flag, topic_device, received)
         self.db.execute("UPDATE flags SET escalation = MAX(escalation, ?), max_escalations = ?, escalated_at = ? "
                         "WHERE event_id = ?",
-                        (level, top, _text(payload, "at", required=False), event_id))
+                        (level, top, at, event_id))
         row = self.row(event_id)
         assert row is not None
         return row
@@ -416,14 +502,15 @@ class Worklist:
     def add_error(self, payload: dict, topic_device: str, received: float | None = None) -> ErrorRow | None:
         if not isinstance(payload, dict):
             raise BadMessage("an error must be a JSON object")
-        err = ErrorRow(event_id=_text(payload, "event_id"),
-                       device=_text(payload, "device", required=False) or topic_device,
-                       **{k: _text(payload, k, required=False) for k in ("file", "reason", "message", "at")})
+        contract.when(payload, "at")  # a date, if there is one
+        err = ErrorRow(event_id=contract.event_id(payload), device=_device(payload, topic_device),
+                       **{k: contract.text(payload, k, required=False) for k in ("file", "reason", "message", "at")})
+        supersedes = contract.event_id(payload, "supersedes", required=False) or None
         cur = self.db.execute(
             "INSERT OR IGNORE INTO errors (event_id, device, file, reason, message, at, received_epoch, supersedes) "
             "VALUES (?,?,?,?,?,?,?,?)",
             (err.event_id, err.device, err.file, err.reason, err.message, err.at,
-             time.time() if received is None else received, _text(payload, "supersedes", required=False) or None))
+             time.time() if received is None else received, supersedes))
         return err if cur.rowcount else None
 
     def set_status(self, device: str, status: str, received: float | None = None) -> None:
@@ -437,15 +524,15 @@ class Worklist:
         """A retained copy may be old: then the message's own ``at`` counts, if it is earlier."""
         if not isinstance(payload, dict):
             raise BadMessage("stats must be a JSON object")
+        delivered = contract.integer(payload, "delivered_seq", 0, 2**53, required=False)
         when = time.time() if received is None else received
         if retained:
             at = parse_time(payload.get("at"))
             when = min(when, at) if at is not None else when - 3600 * 24
         self.db.execute("INSERT INTO devices (device, stats, stats_epoch) VALUES (?,?,?) ON CONFLICT(device) "
                         "DO UPDATE SET stats = excluded.stats, stats_epoch = excluded.stats_epoch",
-                        (device, json.dumps(_stats_summary(payload)), when))
-        delivered = payload.get("delivered_seq")
-        if isinstance(delivered, int) and not isinstance(delivered, bool) and 0 < delivered < 2**53:
+                        (device, contract.dumps(_stats_summary(payload)), when))
+        if delivered:
             self.note_delivered(device, delivered)
 
     def add_heatmap(self, event_id: str, topic_device: str, png: bytes, received: float | None = None) -> bool:
@@ -494,7 +581,7 @@ class Worklist:
     # ------------------------------------------------------------------ reads
     def row(self, event_id: str) -> Row | None:
         r = self.db.execute(_ROW_SQL + " WHERE f.event_id = ?", (event_id,)).fetchone()
-        return _row(r) if r else None
+        return _valid_row(r) if r else None
 
     def rows(self, now: float | None = None, limit: int = MAX_ROWS) -> list[Row]:
         """Open rows first, by priority (urgent, flag, routine) then oldest; then the closed ones (acknowledged,
@@ -504,7 +591,7 @@ class Worklist:
         sql = ("SELECT * FROM (" + _ROW_SQL + ") "
                "WHERE (by_name IS NULL OR received_epoch >= ?) AND (superseded_by IS NULL OR sort_epoch >= ?) "
                "ORDER BY (by_name IS NOT NULL OR superseded_by IS NOT NULL), rank, sort_epoch, event_id LIMIT ?")
-        return [_row(r) for r in self.db.execute(sql, (since, since, limit))]
+        return [row for r in self.db.execute(sql, (since, since, limit)) if (row := _valid_row(r)) is not None]
 
     def superseded(self, payload: dict) -> Row | None:
         """The row a message says it replaces, if this station has it (to show it replaced)."""
@@ -518,7 +605,8 @@ class Worklist:
     def errors(self, limit: int = 20) -> list[ErrorRow]:
         sql = ("SELECT event_id, device, file, reason, message, at FROM errors "
                "ORDER BY received_epoch DESC, rowid DESC LIMIT ?")
-        return [ErrorRow(*r) for r in self.db.execute(sql, (limit,))]
+        return [ErrorRow(*r) for r in self.db.execute(sql, (limit,))
+                if all(v is None or isinstance(v, str) for v in r)]
 
     def devices(self, silent_after: float, now: float | None = None) -> list[DeviceState]:
         """offline from the status; silent when online but no stats for ``silent_after`` seconds."""
@@ -532,13 +620,16 @@ class Worklist:
                 state = "silent" if stats_epoch is None or now - stats_epoch > silent_after else "online"
             else:
                 state = "unknown"
-            gaps = (self._sequence(device) or (0, []))[1]
-            out.append(DeviceState(device=device, state=state,
-                                   status_at=utc_iso(status_epoch) if status_epoch else None,
-                                   stats_at=utc_iso(stats_epoch) if stats_epoch else None,
-                                   stats=json.loads(stats) if stats else {},
-                                   missed=sum(g[1] - g[0] + 1 for g in gaps),
-                                   missed_ranges=[[g[0], g[1]] for g in gaps[:5]]))
+            try:
+                gaps = (self._sequence(device) or (0, []))[1]
+                out.append(DeviceState(device=device, state=state,
+                                       status_at=utc_iso(status_epoch) if status_epoch else None,
+                                       stats_at=utc_iso(stats_epoch) if stats_epoch else None,
+                                       stats=_stored_stats(device, stats),
+                                       missed=sum(g[1] - g[0] + 1 for g in gaps),
+                                       missed_ranges=[[g[0], g[1]] for g in gaps[:5]]))
+            except (ValueError, OverflowError, OSError, TypeError, IndexError) as exc:  # stored by an older version
+                log.warning("skipped stored device %s that no longer validates: %s", device[:80], exc)
         return out
 
     def secret(self) -> bytes:

@@ -47,7 +47,7 @@ def test_the_store_numbers_flags_without_gaps_in_the_message_it_queues(tmp_path)
 
 
 @pytest.mark.parametrize("raw, why", [
-    (b"x" * 2000, "over"), (b"[" * 600 + b"]" * 600, "over"), (b"[]", "not a pneumoflag.resend/1"),
+    (b"x" * 2000, "over the 1024 byte limit"), (b"[" * 60 + b"]" * 60, "nested deeper"), (b"[]", "not a JSON object"),
     (json.dumps({"schema": RESEND_SCHEMA, "station": "a/b", "first": 1, "last": 2}).encode(), "station"),
     (json.dumps({"schema": RESEND_SCHEMA, "station": "a", "first": 3, "last": 2}).encode(), "first and last"),
     (json.dumps({"schema": RESEND_SCHEMA, "station": "a", "first": True, "last": 2}).encode(), "first and last"),

@@ -48,7 +48,7 @@ def test_order_is_priority_then_oldest_and_acknowledged_rows_go_last(wl):
     }
     for payload in rows.values():
         assert wl.add_flag(payload, "xray-1", received=T0) is not None
-    wl.add_ack(AckMessage(rows["urgent-acked"]["event_id"], "desk-a", "Ada").to_dict(), received=T0)
+    wl.add_ack(AckMessage(rows["urgent-acked"]["event_id"], "desk-a", "Ada").to_dict(), "xray-1", received=T0)
     order = [r.event_id for r in wl.rows(now=T0)]
     names = {p["event_id"]: name for name, p in rows.items()}
     assert [names[e] for e in order] == ["urgent-old", "urgent-new", "flag-old", "routine-old", "urgent-acked"]
@@ -61,8 +61,8 @@ def test_a_repeat_delivery_adds_nothing(wl):
     assert wl.add_flag(dict(payload), "xray-1", received=T0 + 5) is None
     assert len(wl.rows(now=T0)) == 1
     ack = AckMessage(payload["event_id"], "desk-a", "Ada").to_dict()
-    assert wl.add_ack(ack, received=T0) == payload["event_id"]
-    assert wl.add_ack(dict(ack), received=T0 + 1) is None
+    assert wl.add_ack(ack, "xray-1", received=T0) == payload["event_id"]
+    assert wl.add_ack(dict(ack), "xray-1", received=T0 + 1) is None
 
 
 def test_time_to_notification_is_received_minus_written(wl):
@@ -77,7 +77,7 @@ def test_time_to_notification_is_received_minus_written(wl):
 def test_an_ack_that_arrives_before_its_flag_is_shown_once_the_flag_comes(wl):
     payload = flag()
     ack = AckMessage(payload["event_id"], "desk-b", "Bo", at="2027-01-15T08:00:01.000Z").to_dict()
-    assert wl.add_ack(ack, received=T0) == payload["event_id"]
+    assert wl.add_ack(ack, "xray-1", received=T0) == payload["event_id"]
     assert wl.row(payload["event_id"]) is None
     row = wl.add_flag(payload, "xray-1", received=T0)
     assert row.ack is not None and (row.ack.by, row.ack.station, row.ack.at) == ("Bo", "desk-b", ack["at"])
@@ -86,8 +86,8 @@ def test_an_ack_that_arrives_before_its_flag_is_shown_once_the_flag_comes(wl):
 def test_the_first_ack_wins_when_two_stations_acknowledge(wl):
     payload = flag()
     wl.add_flag(payload, "xray-1", received=T0)
-    wl.add_ack(AckMessage(payload["event_id"], "desk-b", "Bo", at="2027-01-15T08:00:05.000Z").to_dict())
-    wl.add_ack(AckMessage(payload["event_id"], "desk-a", "Ada", at="2027-01-15T08:00:02.000Z").to_dict())
+    wl.add_ack(AckMessage(payload["event_id"], "desk-b", "Bo", at="2027-01-15T08:00:05.000Z").to_dict(), "xray-1")
+    wl.add_ack(AckMessage(payload["event_id"], "desk-a", "Ada", at="2027-01-15T08:00:02.000Z").to_dict(), "xray-1")
     assert wl.row(payload["event_id"]).ack.by == "Ada"
 
 
@@ -178,7 +178,7 @@ def test_heat_maps_leave_with_their_rows_and_orphans_after_an_hour(wl):
     for p in (open_, acked):
         wl.add_flag(p, "xray-1", received=T0)
         wl.add_heatmap(p["event_id"], "xray-1", png(), received=T0)
-    wl.add_ack(AckMessage(acked["event_id"], "desk-a", "Ada").to_dict(), received=T0)
+    wl.add_ack(AckMessage(acked["event_id"], "desk-a", "Ada").to_dict(), "xray-1", received=T0)
     assert wl.prune_heatmaps(now=T0 + ACK_KEEP_S - 1) == 0  # the acknowledged row is still on the page
     assert wl.prune_heatmaps(now=T0 + ACK_KEEP_S + 1) == 1
     assert wl.heatmap(acked["event_id"]) is None and wl.row(acked["event_id"]).heatmap is False
