@@ -95,10 +95,12 @@ class DecodeWorker:
 
     def start(self) -> None:
         parent, child = socket.socketpair()
+        # the service manager's notifications are the daemon's alone (NotifyAccess=main)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pneumoflag.device.decoder", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+                [sys.executable, "-m", "pneumoflag.device.decoder", str(child.fileno()), str(os.getpid())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, close_fds=True, env=env)
         finally:
             child.close()
         self._conn = Connection(parent.detach())
@@ -175,8 +177,21 @@ class DecodeWorker:
             self._proc = None
 
 
-def _serve(fd: int) -> int:
+def _die_with(parent: int) -> None:
+    """Linux: be killed when the daemon dies, even in the middle of a long decode (which reads no EOF)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker ends at its next read instead
+        log.debug("PR_SET_PDEATHSIG unavailable")
+    if os.getppid() != parent:  # the daemon died before the line above
+        os._exit(0)
+
+
+def _serve(fd: int, parent: int) -> int:
     """The worker: settings once, then (name, bytes) -> ("ok", Decoded) | ("error", (reason, message))."""
+    _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the daemon's to handle; EOF ends us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     conn = Connection(fd)
@@ -202,4 +217,4 @@ if __name__ == "__main__":
     # the package's module, not this __main__ copy: what is pickled must name pneumoflag.device.decoder
     from pneumoflag.device.decoder import _serve as serve
 
-    sys.exit(serve(int(sys.argv[1])))
+    sys.exit(serve(int(sys.argv[1]), int(sys.argv[2])))
