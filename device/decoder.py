@@ -32,7 +32,8 @@ import numpy as np
 
 from .dicom import is_dicom, read_dicom
 from .gate import GateLimits, check_jpeg_stream, check_pixels, check_source
-from .preprocess import ImageDecodeError, PreprocessSpec, SourceInfo, decode_with_info, finish, resize
+from .preprocess import (ImageDecodeError, PreprocessSpec, SourceInfo, decode_with_info, finish, resize,
+                         scan_header)
 from .vocab import Reason
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class DecodeWorker:
 
     def decode(self, data: bytes, name: str) -> Decoded:
         """Raises :class:`ImageDecodeError`: the decode's own reason, ``too-slow`` or ``crashed-decoder``."""
+        scan_header(data, name)  # a header flood is refused here, before a copy of it goes to the worker
         if not self.alive():
             self._reap()
             self.start()
