@@ -11,6 +11,10 @@ Guarantees:
   it ``supersedes``; a copy of content already seen elsewhere gets a
   ``duplicate-of`` message naming the first event, never a second alert;
 - nothing outside the export folder is read (see ``reader``);
+- no file holds the loop longer than ``watch.max_decode_seconds`` (decoding runs in a
+  reused worker process, see ``decoder``; the watchdog pings go on while it waits), and
+  a file the daemon died on twice while processing it is refused (``crashed-decoder``),
+  never retried in a restart loop;
 - a worker thread that dies, or a watcher that stops, ends the process with
   status 1 (systemd restarts it): it never sits ``online`` and deaf; a replaced
   export folder is watched again;
