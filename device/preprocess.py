@@ -228,6 +228,8 @@ def scan_jpeg_header(data: bytes, name: str) -> None:
         if marker == 0xDA or i + 2 > n:  # start of scan: header parsing ends here
             return
         length = int.from_bytes(data[i : i + 2], "big")
+        if i + length > n:  # cut short (still being written?): Pillow's verdict stands
+            return
         if marker in _SOF and i + 2 < n and data[i + 2] != 8:
             raise ImageDecodeError(
                 "unsupported-image",
@@ -251,7 +253,7 @@ def scan_png_chunks(data: bytes, name: str) -> None:
     while i + 8 <= n:
         length = int.from_bytes(data[i : i + 4], "big")
         cid = data[i + 4 : i + 8]
-        if cid == b"IEND":
+        if cid == b"IEND" or i + 12 + length > n:  # the end, or a chunk cut short: Pillow's verdict stands
             return
         total += 1
         if cid == b"acTL" and i + 12 <= n and int.from_bytes(data[i + 8 : i + 12], "big") > 1:
