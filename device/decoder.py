@@ -194,8 +194,10 @@ def _die_with(parent: int) -> None:
 def _serve(fd: int, parent: int) -> int:
     """The worker: settings once, then (name, bytes) -> ("ok", Decoded) | ("error", (reason, message))."""
     _die_with(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the daemon's to handle; EOF ends us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # a Ctrl-C or systemd's SIGTERM to the whole unit is the daemon's to handle (it finishes the image in
+    # hand, which this worker may be decoding); EOF or the daemon's death ends the worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(fd)
     try:
         settings: DecodeSettings = pickle.loads(conn.recv_bytes())

@@ -117,6 +117,43 @@ def test_a_file_the_daemon_died_on_twice_is_refused_with_its_reason(broker, dirs
     assert _in_progress(state, "slow.jpeg") == 0 and d.proc.poll() is None
 
 
+def test_a_decoder_that_dies_on_a_file_refuses_it_and_the_next_file_is_scored(broker, dirs, daemons):
+    import os
+    import signal
+
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address, env={"PNEUMOFLAG_WATCH_MAX_DECODE_SECONDS": "120"}).start()
+    (watch / "slow.jpeg").write_bytes(slow_jpeg())
+    wait_until(lambda: _in_progress(state, "slow.jpeg") == 1, 60, "the decode to start")
+    pid = d.proc.pid
+    (worker,) = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    os.kill(worker, signal.SIGKILL)  # as a segfault in a decoder library would end it
+    (err,) = sub.wait_errors(1, timeout=60)
+    assert err["reason"] == "crashed-decoder" and "killed by signal 9" in err["message"], err
+    drop(GOOD, watch)
+    (flag,) = sub.wait_flags(1, timeout=60)
+    assert flag["file"] == GOOD.name and d.proc.poll() is None
+
+
+def test_sigterm_mid_decode_finishes_the_file_in_hand(broker, dirs, daemons):
+    """systemd sends SIGTERM to the whole unit, the decoder worker included: the file is still decided."""
+    import os
+    import signal
+
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address, env={"PNEUMOFLAG_WATCH_MAX_DECODE_SECONDS": "3"}).start()
+    (watch / "slow.jpeg").write_bytes(slow_jpeg())
+    wait_until(lambda: _in_progress(state, "slow.jpeg") == 1, 60, "the decode to start")
+    pid = d.proc.pid
+    for p in [pid, *[int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]]:
+        os.kill(p, signal.SIGTERM)
+    assert d.wait(60) == 0
+    (err,) = sub.wait_errors(1, timeout=30)
+    assert err["reason"] == "too-slow", err
+
+
 def test_an_animated_png_and_a_12_bit_jpeg_are_refused_with_a_specific_reason(broker, dirs, daemons, tmp_path):
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
