@@ -38,7 +38,7 @@ from typing import Callable, Optional
 from . import __version__
 from .card import CardError
 from .config import EMBEDDED_BROKER, Config
-from .decoder import DecodeWorker
+from .decoder import DecoderUnavailable, DecodeWorker
 from .escalation import AckDesk
 from .ingest import Ingest, IngestError, Ready
 from .messages import ErrorMessage, encode, utc_iso
@@ -127,6 +127,10 @@ class Daemon:
             raise StartupError(f"state.dir {state}: {exc} (the daemon needs a writable state folder)") from None
         if cfg.watch.archive_dir:
             Path(cfg.watch.archive_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            self.pipeline.decoder.start()
+        except DecoderUnavailable as exc:
+            raise StartupError(str(exc)) from None
         if not cfg.mqtt.broker:
             self._start_embedded_broker()
         self.publisher = Publisher(cfg, self.store)
@@ -138,7 +142,6 @@ class Daemon:
             self.heatmaps = HeatmapWorker(cfg, self.card, self.pipeline, self.store, self.publisher)
             self.heatmaps.start()
         self.publisher.start()
-        self.pipeline.decoder.start()
         points = self.card.raw.get("operating_points", {}).get("source", {})
         log.info(
             "pneumoflag %s: model %s %s (card revision %d, operating points from %s) on %s (%s); %s; "
@@ -175,7 +178,12 @@ class Daemon:
         # a recursive watch walks folder chains as deep as PATH_MAX allows (about 2,000 levels) with
         # recursive code (watchdog, os.walk): give it the frames rather than dying at 1,000
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            if getattr(self, "pipeline", None) is not None and self.pipeline.decoder is not None:
+                self.pipeline.decoder.stop()  # the worker must not outlive a failed start
+            raise
         self._install_signals()
         self.ingest.start()  # events first, so nothing arriving during the backlog scan is missed
         if self.cfg.watch.backlog:

@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
 
 
+#: how long a new worker may take to import its modules
+START_SECONDS = 60.0
+
+
+class DecoderUnavailable(RuntimeError):
+    """The worker process cannot be started (a broken install): nothing can be scored."""
+
+
 @dataclass
 class Decoded:
     pixels: np.ndarray  # the model's uint8 input (H, W, C)
@@ -105,7 +113,16 @@ class DecodeWorker:
         finally:
             child.close()
         self._conn = Connection(parent.detach())
-        self._conn.send_bytes(pickle.dumps(self.settings))
+        try:
+            self._conn.send_bytes(pickle.dumps(self.settings))
+            if not self._conn.poll(START_SECONDS):
+                raise EOFError
+            self._conn.recv_bytes()  # b"ready": its imports are done
+        except (EOFError, OSError):
+            self._proc.kill()
+            code = self._reap()
+            raise DecoderUnavailable(f"the decoder worker process did not start (exit status {code}); "
+                                     f"try: {sys.executable} -m pneumoflag.device.decoder") from None
         log.debug("decoder worker %d started", self._proc.pid)
 
     def alive(self) -> bool:
@@ -201,6 +218,7 @@ def _serve(fd: int, parent: int) -> int:
     conn = Connection(fd)
     try:
         settings: DecodeSettings = pickle.loads(conn.recv_bytes())
+        conn.send_bytes(b"ready")
         while True:
             name = conn.recv_bytes().decode("utf-8", "surrogateescape")
             data = conn.recv_bytes()

@@ -7,6 +7,8 @@ first is scored once, when its pixels have arrived.
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import sqlite3
 import threading
@@ -117,10 +119,12 @@ def test_a_file_the_daemon_died_on_twice_is_refused_with_its_reason(broker, dirs
     assert _in_progress(state, "slow.jpeg") == 0 and d.proc.poll() is None
 
 
-def test_a_decoder_that_dies_on_a_file_refuses_it_and_the_next_file_is_scored(broker, dirs, daemons):
-    import os
-    import signal
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+def test_a_decoder_that_dies_on_a_file_refuses_it_and_the_next_file_is_scored(broker, dirs, daemons):
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
     d = new_daemon(daemons, watch, state, broker.address, env={"PNEUMOFLAG_WATCH_MAX_DECODE_SECONDS": "120"}).start()
@@ -128,6 +132,8 @@ def test_a_decoder_that_dies_on_a_file_refuses_it_and_the_next_file_is_scored(br
     wait_until(lambda: _in_progress(state, "slow.jpeg") == 1, 60, "the decode to start")
     pid = d.proc.pid
     (worker,) = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    idle = _cpu_seconds(worker)  # an idle worker uses none: it waits on its socket
+    wait_until(lambda: _cpu_seconds(worker) > idle + 0.5, 60, "the worker to decode the file")
     os.kill(worker, signal.SIGKILL)  # as a segfault in a decoder library would end it
     (err,) = sub.wait_errors(1, timeout=60)
     assert err["reason"] == "crashed-decoder" and "killed by signal 9" in err["message"], err
@@ -138,9 +144,6 @@ def test_a_decoder_that_dies_on_a_file_refuses_it_and_the_next_file_is_scored(br
 
 def test_sigterm_mid_decode_finishes_the_file_in_hand(broker, dirs, daemons):
     """systemd sends SIGTERM to the whole unit, the decoder worker included: the file is still decided."""
-    import os
-    import signal
-
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
     d = new_daemon(daemons, watch, state, broker.address, env={"PNEUMOFLAG_WATCH_MAX_DECODE_SECONDS": "3"}).start()
