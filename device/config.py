@@ -66,6 +66,7 @@ class WatchConfig:
     max_file_mb: float = 100.0
     max_pixels: int = 60_000_000
     max_decode_mb: float = 96.0  # memory one decode may take, budgeted from the header; more is too-large
+    max_decode_seconds: float = 10.0  # time one decode may take (in the worker process); more is too-slow
     ignore: list = field(default_factory=lambda: ["*.part", "*.tmp", "~*", ".*", "*.crdownload", "*.swp"])
     backlog: bool = True  # score files that arrived while the daemon was down
     rescan_interval: float = 300.0  # look for files the watcher missed this often (0: never); also after lost events
@@ -231,7 +232,7 @@ POSITIVE = {("watch", "poll_interval"), ("watch", "max_file_mb"), ("watch", "max
 NON_NEGATIVE = {("watch", "settle_seconds"), ("watch", "incomplete_timeout"), ("alerts", "max_escalations"),
                 ("watch", "rescan_interval"), ("gate", "min_detail")}
 POSITIVE |= {("gate", "max_uniform"), ("alerts", "escalate_after"), ("station", "silent_after"), ("watch", "max_decode_mb"),
-             ("gate", "min_side"), ("gate", "max_aspect"), ("station", "login_failures"),
+             ("watch", "max_decode_seconds"), ("gate", "min_side"), ("gate", "max_aspect"), ("station", "login_failures"),
              ("station", "login_failures_total"), ("station", "login_window")}
 
 

@@ -11,6 +11,10 @@ Guarantees:
   it ``supersedes``; a copy of content already seen elsewhere gets a
   ``duplicate-of`` message naming the first event, never a second alert;
 - nothing outside the export folder is read (see ``reader``);
+- no file holds the loop longer than ``watch.max_decode_seconds`` (decoding runs in a
+  reused worker process, see ``decoder``; the watchdog pings go on while it waits), and
+  a file the daemon died on twice while processing it is refused (``crashed-decoder``),
+  never retried in a restart loop;
 - a worker thread that dies, or a watcher that stops, ends the process with
   status 1 (systemd restarts it): it never sits ``online`` and deaf; a replaced
   export folder is watched again;
@@ -34,6 +38,7 @@ from typing import Callable, Optional
 from . import __version__
 from .card import CardError
 from .config import EMBEDDED_BROKER, Config
+from .decoder import DecoderUnavailable, DecodeWorker
 from .escalation import AckDesk
 from .ingest import Ingest, IngestError, Ready
 from .messages import ErrorMessage, encode, utc_iso
@@ -53,7 +58,9 @@ log = logging.getLogger(__name__)
 
 #: decode failures that a file still being written produces
 INCOMPLETE_REASONS = {Reason.TRUNCATED, Reason.CORRUPT, Reason.EMPTY_FILE, Reason.UNSUPPORTED_FORMAT,
-                      Reason.DICOM_INVALID, Reason.UNREADABLE}
+                      Reason.DICOM_INVALID, Reason.UNREADABLE, Reason.DICOM_NO_PIXELS}
+#: a file whose decoding or scoring was under way this many times when the daemon died is refused
+MAX_INTERRUPTED = 2
 #: how often the main loop checks that the watcher runs and the export folder is the same one
 HEALTH_INTERVAL = 2.0
 
@@ -87,6 +94,8 @@ class Daemon:
         self._folder_state = "ok"
         self._watch_restarts: list[float] = []
         self._next_rescan = time.monotonic() + cfg.watch.rescan_interval
+        self._wd: Optional[float] = None  # watchdog ping interval (None: no watchdog)
+        self._next_wd = 0.0
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
@@ -105,6 +114,9 @@ class Daemon:
         except (CardError, OSError) as exc:
             raise StartupError(f"model refused: {exc}") from None
         self.pipeline = Pipeline(cfg, self.scorer, self.card)
+        # decodes run in a reused worker process with a deadline; the wait pings the watchdog
+        self.pipeline.decoder = DecodeWorker(self.pipeline.settings, cfg.watch.max_decode_seconds,
+                                             tick=self._watchdog_tick)  # started last, below
         state = Path(cfg.state.dir)
         try:
             self.store = Store(state)
@@ -116,6 +128,10 @@ class Daemon:
             raise StartupError(f"state.dir {state}: {exc} (the daemon needs a writable state folder)") from None
         if cfg.watch.archive_dir:
             Path(cfg.watch.archive_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            self.pipeline.decoder.start()
+        except DecoderUnavailable as exc:
+            raise StartupError(str(exc)) from None
         if not cfg.mqtt.broker:
             self._start_embedded_broker()
         self.publisher = Publisher(cfg, self.store)
@@ -164,7 +180,12 @@ class Daemon:
         # a recursive watch walks folder chains as deep as PATH_MAX allows (about 2,000 levels) with
         # recursive code (watchdog, os.walk): give it the frames rather than dying at 1,000
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            if getattr(self, "pipeline", None) is not None and self.pipeline.decoder is not None:
+                self.pipeline.decoder.stop()  # the worker must not outlive a failed start
+            raise
         self._install_signals()
         self.ingest.start()  # events first, so nothing arriving during the backlog scan is missed
         if self.cfg.watch.backlog:
@@ -172,8 +193,8 @@ class Daemon:
         self.notifier.ready(f"watching {self.root}")
         if self.on_ready:
             self.on_ready(self)
-        wd = self.notifier.watchdog_interval()
-        next_wd = next_health = next_escalation = time.monotonic()
+        self._wd = self.notifier.watchdog_interval()
+        self._next_wd = next_health = next_escalation = time.monotonic()
         next_stats = time.monotonic() + min(5.0, self.cfg.mqtt.stats_interval)
         status = 0
         try:
@@ -192,9 +213,7 @@ class Daemon:
                     if not self._healthy():
                         status = 1
                         break
-                if wd and now >= next_wd:
-                    self.notifier.watchdog()
-                    next_wd = now + wd
+                self._watchdog_tick()
                 if now >= next_stats:
                     self.publish_stats()
                     next_stats = now + self.cfg.mqtt.stats_interval
@@ -203,6 +222,14 @@ class Daemon:
         finally:
             self._shutdown()
         return status
+
+    def _watchdog_tick(self) -> None:
+        """Ping the watchdog when due, from the main loop or while it waits on a (bounded) decode;
+        never once a worker thread has died."""
+        now = time.monotonic()
+        if self._wd and now >= self._next_wd and not self._fatal:
+            self.notifier.watchdog()
+            self._next_wd = now + self._wd
 
     def _enqueue_backlog(self, why: str) -> None:
         backlog = [p for p in self.ingest.backlog() if not self._already_seen(p)]
@@ -301,6 +328,8 @@ class Daemon:
         self.ingest.stop()
         if self.heatmaps is not None:
             self.heatmaps.stop()
+        if self.pipeline.decoder is not None:
+            self.pipeline.decoder.stop()
         try:
             self._restore_store()
             if not self.publisher.drain(timeout=5.0):
@@ -401,10 +430,21 @@ class Daemon:
             return
         supersedes = prev.event_id if prev is not None else None
         try:
+            interrupted = self.store.begin(rel, sha)  # journaled before decoding: a crash leaves it behind
+        except StoreError as exc:
+            return self._store_failed(path, exc)
+        if interrupted >= MAX_INTERRUPTED:
+            self._finish_error(path, rel, sha, fr.sig, Reason.CRASHED_DECODER,
+                               f"{rel}: the daemon stopped {interrupted} times while this file was being decoded or "
+                               "scored (killed, out of memory, or a crash); refused so that it cannot stop the "
+                               "appliance again", prev=prev)
+            return
+        try:
             msg, decoded = self.pipeline.score_decoded(fr.data, rel, sha)
         except ImageDecodeError as exc:
             if exc.reason in INCOMPLETE_REASONS and self._still_arriving(rel, fr.sig):
                 log.debug("%s: %s; still being written? retrying", label, exc.reason)
+                self._not_in_progress(rel)
                 self.ingest.retry_later(path, max(self.cfg.watch.settle_seconds, 0.2))
                 return
             self._finish_error(path, rel, sha, fr.sig, exc.reason, str(exc), prev=prev)
@@ -432,6 +472,13 @@ class Daemon:
         log.info("%s: %s (p=%.4f, %.1f ms)%s", label, msg.priority.upper(), msg.probability, msg.timings_ms.total,
                  f", supersedes {supersedes}" if supersedes else "")
         self._archive(path, rel)
+
+    def _not_in_progress(self, rel: str) -> None:
+        """A decode that ended (the file is retried later): not an interrupted one."""
+        try:
+            self.store.end(rel)
+        except StoreError as exc:
+            log.debug("%s: in-progress marker not cleared: %s", printable(rel), exc)
 
     def _still_arriving(self, rel: str, sig: FileSig) -> bool:
         """The file changed less than incomplete_timeout ago, as this daemon saw it.

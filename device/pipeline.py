@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,22 +15,14 @@ import numpy as np
 
 from .card import ModelCard
 from .config import Config
-from .dicom import is_dicom, read_dicom
-from .gate import GateLimits, check_jpeg_stream, check_pixels, check_source
+from .decoder import Decoded, DecodeSettings, DecodeWorker, decode_bytes
+from .gate import GateLimits
 from .messages import FlagMessage, ModelRef, Timings, utc_iso
-from .preprocess import ImageDecodeError, SourceInfo, decode_with_info, finish, resize
+from .preprocess import ImageDecodeError
 from .scorer import Scorer
 from .vocab import Reason
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Decoded:
-    pixels: np.ndarray  # the model's uint8 input (H, W, C)
-    dicom_ids: Optional[dict[str, str]]
-    decode_ms: float
-    acquired_at: Optional[float] = None  # POSIX time from the DICOM header, when it has one
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -49,6 +40,10 @@ class Pipeline:
         self.gate = GateLimits(g.enabled, g.min_side, g.max_aspect, g.min_dynamic_range, g.min_smoothness,
                                g.strict_jpeg, g.min_detail, g.max_uniform, g.min_template_similarity,
                                card.layout_template)
+        self.settings = DecodeSettings(self.spec, self.gate, cfg.watch.max_pixels,
+                                       int(cfg.watch.max_decode_mb * 2**20), self.dicom_options())
+        #: set by the daemon: decode in a reused worker process with a deadline
+        self.decoder: Optional[DecodeWorker] = None
 
     def dicom_options(self) -> dict:
         """What ``read_dicom`` takes from the configuration (shared with the heat-map worker)."""
@@ -59,26 +54,11 @@ class Pipeline:
                 "max_bytes": int(self.cfg.watch.max_decode_mb * 2**20)}
 
     def decode(self, data: bytes, name: str) -> Decoded:
-        """Bytes -> the model's input: decode (JPEG/PNG, or DICOM through pydicom), the plausibility
-        gate, then the shared ``resize`` and ``finish`` steps of the one preprocessing function."""
-        t0 = time.perf_counter()
-        ids, acquired = None, None
-        max_bytes = int(self.cfg.watch.max_decode_mb * 2**20)
-        if is_dicom(data[:132]):
-            gray, info = read_dicom(data, name=name, **self.dicom_options())
-            ids = info.ids()
-            acquired = info.acquired_at.timestamp() if info.acquired_at else None
-            check_source(SourceInfo(gray.shape[1], gray.shape[0], "DICOM", "L"), self.gate, name)
-        else:
-            gray, src = decode_with_info(data, self.spec, self.cfg.watch.max_pixels, name=name, max_bytes=max_bytes)
-            check_source(src, self.gate, name)
-            if src.format == "JPEG":  # Pillow repairs a damaged stream silently; a strict decoder does not
-                check_jpeg_stream(data, self.gate, name)
-        small = resize(gray, self.spec)
-        check_pixels(small, self.gate, name)
-        pixels = finish(small, self.spec, gray)
-        del gray
-        return Decoded(pixels, ids, (time.perf_counter() - t0) * 1000.0, acquired)
+        """Bytes -> the model's input (:func:`~.decoder.decode_bytes`): in the worker process, with its
+        deadline, when the daemon gave the pipeline one (``decoder``), else here."""
+        if self.decoder is not None:
+            return self.decoder.decode(data, name)
+        return decode_bytes(data, name, self.settings)
 
     def score(self, data: bytes, rel_path: str, sha256: str) -> FlagMessage:
         """Raises :class:`ImageDecodeError` for input that cannot be scored."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -52,6 +53,13 @@ DEFAULT_MAX_PIXELS = 60_000_000
 #: Above this a decode is refused as too-large before it starts: a 4,300 x 3,500
 #: 16-bit radiograph needs about 60 MiB; the appliance stays under 300 MB in all.
 DEFAULT_MAX_DECODE_BYTES = 96 * 2**20
+
+#: Header structure a real radiograph never comes near; beyond it Pillow's own parsing keeps every
+#: segment or chunk in Python lists (25 million empty COM segments took 1.9 GB), so the file is
+#: refused from a scan of the raw bytes before Pillow sees it.
+MAX_HEADER_SEGMENTS = 1_000  # JPEG segments before the image data, PNG chunks other than IDAT
+MAX_HEADER_BYTES = 16 * 2**20  # JPEG APPn/COM and PNG ancillary chunk payload, in all
+MAX_PNG_CHUNKS = 200_000  # all PNG chunks (IDAT included): 8 KB IDATs of a 100 MB file are 12,800
 
 Source = Union[str, os.PathLike, bytes, np.ndarray, Image.Image]
 
@@ -188,10 +196,96 @@ def too_large(name: str, what: str, needed: int, max_bytes: int) -> ImageDecodeE
     )
 
 
+_FILL = re.compile(rb"\xff+")
+#: JPEG markers without a length field (TEM, RSTn, SOI, EOI)
+_STANDALONE = {0x01, *range(0xD0, 0xDA)}
+_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
+
+
+def _header_limit(name: str, what: str) -> ImageDecodeError:
+    return ImageDecodeError(
+        "too-large",
+        f"{name}: {what} around the image data (at most {MAX_HEADER_SEGMENTS:,} header segments and "
+        f"{MAX_HEADER_BYTES / 2**20:.0f} MiB of metadata are read); not decoded",
+    )
+
+
+def scan_jpeg_header(data: bytes, name: str) -> None:
+    """Walk the JPEG segments up to the first scan (C-speed skips, no copies) and refuse what
+    Pillow would keep or cannot decode: a metadata flood, a sample precision other than 8 bits."""
+    i, n, segments, meta = 2, len(data), 0, 0
+    while i < n:
+        if data[i] != 0xFF:
+            return  # junk: Pillow's verdict (corrupt) stands
+        j = _FILL.match(data, i).end()  # type: ignore[union-attr]
+        if j >= n:
+            return
+        marker, i = data[j], j + 1
+        if marker in _STANDALONE:
+            if marker == 0xD9:
+                return
+            continue
+        if marker == 0xDA or i + 2 > n:  # start of scan: header parsing ends here
+            return
+        length = int.from_bytes(data[i : i + 2], "big")
+        if i + length > n:  # cut short (still being written?): Pillow's verdict stands
+            return
+        if marker in _SOF and i + 2 < n and data[i + 2] != 8:
+            raise ImageDecodeError(
+                "unsupported-image",
+                f"{name}: a {data[i + 2]}-bit JPEG (SOF{marker - 0xC0}); only 8-bit JPEG is supported: export "
+                "8-bit JPEG, PNG or DICOM",
+            )
+        segments += 1
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            meta += length
+        if segments > MAX_HEADER_SEGMENTS:
+            raise _header_limit(name, f"more than {MAX_HEADER_SEGMENTS:,} JPEG segments")
+        if meta > MAX_HEADER_BYTES:
+            raise _header_limit(name, f"{meta / 2**20:.0f} MiB of JPEG APPn/COM segments")
+        i += length
+
+
+def scan_png_chunks(data: bytes, name: str) -> None:
+    """Walk the PNG chunk headers and refuse what Pillow would keep (private chunks, in a list)
+    or would show differently from what is scored (an animated PNG: a browser plays it)."""
+    i, n, total, ancillary, meta = 8, len(data), 0, 0, 0
+    while i + 8 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        cid = data[i + 4 : i + 8]
+        if cid == b"IEND" or i + 12 + length > n:  # the end, or a chunk cut short: Pillow's verdict stands
+            return
+        total += 1
+        if cid == b"acTL" and i + 12 <= n and int.from_bytes(data[i + 8 : i + 12], "big") > 1:
+            frames = int.from_bytes(data[i + 8 : i + 12], "big")
+            raise ImageDecodeError(
+                "unsupported-image",
+                f"{name}: an animated PNG ({frames} frames) is not supported: a viewer plays the animation "
+                "while only its still image would be scored",
+            )
+        if cid != b"IDAT":
+            ancillary += 1
+            meta += length
+        if ancillary > MAX_HEADER_SEGMENTS or total > MAX_PNG_CHUNKS:
+            raise _header_limit(name, "more than " + (f"{MAX_PNG_CHUNKS:,} PNG chunks" if total > MAX_PNG_CHUNKS else f"{MAX_HEADER_SEGMENTS:,} PNG ancillary chunks"))
+        if meta > MAX_HEADER_BYTES:
+            raise _header_limit(name, f"{meta / 2**20:.0f} MiB of PNG ancillary chunks")
+        i += 12 + length
+
+
+def scan_header(data: bytes, name: str) -> None:
+    """Refuse from the raw bytes what would cost Pillow unbounded memory (see MAX_HEADER_SEGMENTS)."""
+    if data[:2] == b"\xff\xd8":
+        scan_jpeg_header(data, name)
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        scan_png_chunks(data, name)
+
+
 def _open(source: Source, max_pixels: int, name: str = "<bytes>") -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageDecodeError("empty-file", f"{name}: empty file (0 bytes)")
+        scan_header(bytes(source) if isinstance(source, bytearray) else source, name)
         fp: Any = io.BytesIO(source)
     else:
         path = Path(source)  # type: ignore[arg-type]

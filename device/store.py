@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS flags (
     heatmap        TEXT             -- the overlay's file name under STATE/heatmaps (explain.enabled)
 );
 CREATE INDEX IF NOT EXISTS flags_open ON flags(priority, acked_at);
+-- a file being decoded and scored now: left behind when the daemon dies on it (see Store.begin)
+CREATE TABLE IF NOT EXISTS in_progress (
+    path     TEXT PRIMARY KEY,
+    sha256   TEXT,
+    attempts INTEGER NOT NULL,      -- times its processing began without a result being journaled
+    started  REAL NOT NULL
+);
 -- every acknowledgement received, in order (a flag may be acknowledged by several stations)
 CREATE TABLE IF NOT EXISTS acks (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -297,6 +304,7 @@ class Store:
                 (path, sha256, sig.size, sig.mtime_ns, sig.ctime_ns, status, reason, event_id, supersedes,
                  time.time()),
             )
+            db.execute("DELETE FROM in_progress WHERE path=?", (path,))
             if flag is not None:
                 seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM flags").fetchone()[0]
                 payload = numbered(flag.payload, seq)
@@ -318,6 +326,38 @@ class Store:
             return cur.lastrowid
 
         return self._write(tx)
+
+    def begin(self, path: str, sha256: str) -> int:
+        """Mark the file as being processed now; how many earlier starts on this content never ended.
+
+        The mark goes when its result is journaled (:meth:`record`) or :meth:`end`; one left from a
+        daemon that died on the file counts. Written without an fsync: it must survive the process
+        (a kill, the OOM killer), not a power cut, and the flag's latency must not pay for it.
+        """
+
+        def tx(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT sha256, attempts FROM in_progress WHERE path=?", (path,)).fetchone()
+            before = row[1] if row is not None and row[0] == sha256 else 0
+            db.execute("INSERT OR REPLACE INTO in_progress (path, sha256, attempts, started) VALUES (?,?,?,?)",
+                       (path, sha256, before + 1, time.time()))
+            return before
+
+        self._synchronous("NORMAL")
+        try:
+            return self._write(tx)
+        finally:
+            self._synchronous("FULL")
+
+    def _synchronous(self, level: str) -> None:
+        with self._lock:
+            try:
+                self._db.execute(f"PRAGMA synchronous={level}")
+            except sqlite3.Error:  # the write that follows reports a broken database
+                log.debug("PRAGMA synchronous=%s failed", level, exc_info=True)
+
+    def end(self, path: str) -> None:
+        """The file's processing ended without a result (it is retried later): no longer in progress."""
+        self._write(lambda db: db.execute("DELETE FROM in_progress WHERE path=?", (path,)))
 
     def journal(self, limit: int = 1000) -> list[JournalRow]:
         rows = self._read("SELECT " + JOURNAL_COLUMNS + " FROM journal "

@@ -47,6 +47,12 @@ def _vm_hwm_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
+def _peaks_mb(pid: int) -> dict[int, float]:
+    """Peak RSS of the daemon and of its children (the decoder worker), by pid."""
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return {p: _vm_hwm_mb(p) for p in [pid, *children]}
+
+
 # ----------------------------------------------------------------------------- 1. names that are not UTF-8
 
 def test_a_name_that_is_not_utf8_is_scored_and_survives_a_restart(broker, dirs, daemons):
@@ -152,8 +158,8 @@ def test_small_files_that_decode_huge_are_refused_and_memory_stays_small(broker,
         assert errors[name]["reason"] == "too-large", errors[name]
         assert re.search(r"needs \d+ MiB to decode, over the limit of 96 MiB", errors[name]["message"])
     assert [f["file"] for f in sub.wait_flags(1, timeout=60)] == ["dr16.png"]
-    peak = _vm_hwm_mb(d.proc.pid)
-    assert peak <= 300, f"daemon peak RSS {peak:.0f} MB"
+    peaks = _peaks_mb(d.proc.pid)
+    assert sum(peaks.values()) <= 300, f"peak RSS by process: {peaks} MB"
 
 
 # ----------------------------------------------------------------------------- 5. a permission fixed later
@@ -626,3 +632,38 @@ def test_a_read_only_or_corrupt_state_database_stops_the_start_with_the_reason(t
     (state / "pneumoflag.db").write_bytes(b"this is not an SQLite database" * 100)
     assert run_cli("watch", watch, "--state-dir", state, "--broker", "127.0.0.1:1") == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_header_floods_are_refused_and_memory_stays_small(broker, dirs, daemons, tmp_path):
+    """99 MB of empty JPEG COM segments (1,865 MB before) or of empty private PNG chunks (1,105 MB):
+    refused from a scan of the bytes; the daemon and its decoder worker together stay under 300 MB."""
+    import struct
+    import zlib
+
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address).start()
+    size = 99 * 10**6
+    jpeg = GOOD.read_bytes()
+    buf = io.BytesIO()
+    Image.open(GOOD).convert("L").save(buf, "PNG")
+    png = buf.getvalue()
+    chunk = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "com.jpeg").write_bytes(jpeg[:2] + b"\xff\xfe\x00\x02" * ((size - len(jpeg)) // 4) + jpeg[2:])
+    (staging / "chunks.png").write_bytes(png[:33] + chunk * ((size - len(png)) // 12) + png[33:])
+    for f in sorted(staging.iterdir()):
+        assert 98e6 < f.stat().st_size < 100 * 2**20
+        drop(f, watch)
+        f.unlink()
+    errors = {e["file"]: e for e in sub.wait_errors(2, timeout=120)}
+    assert errors["com.jpeg"]["reason"] == "too-large"
+    assert "more than 1,000 JPEG segments" in errors["com.jpeg"]["message"]
+    assert errors["chunks.png"]["reason"] == "too-large"
+    assert "more than 1,000 PNG ancillary chunks" in errors["chunks.png"]["message"]
+    drop(GOOD, watch)  # still scoring
+    assert [f["file"] for f in sub.wait_flags(1, timeout=60)] == [GOOD.name]
+    peaks = _peaks_mb(d.proc.pid)
+    print(f"peak RSS by process: {peaks} MB")
+    assert sum(peaks.values()) <= 300, f"peak RSS by process: {peaks} MB"

@@ -140,3 +140,20 @@ def test_spec_round_trip_and_validation():
         PreprocessSpec(128, 128, 2)
     with pytest.raises(ValueError, match="version"):
         PreprocessSpec.from_dict({**SPEC.to_dict(), "version": 99})
+
+
+def test_the_header_scan_refuses_floods_but_leaves_cut_files_to_the_decoder():
+    """Floods of JPEG segments / PNG chunks are too-large before Pillow keeps them; a file cut short
+    (still being written) is not mistaken for one, and gets Pillow's verdict."""
+    from pneumoflag.device.preprocess import scan_header
+
+    jpeg = JPEG.read_bytes()
+    with pytest.raises(ImageDecodeError) as e:
+        scan_header(jpeg[:2] + b"\xff\xfe\x00\x02" * 1001 + jpeg[2:], "x.jpeg")
+    assert e.value.reason == "too-large"
+    with pytest.raises(ImageDecodeError) as e:
+        scan_header(jpeg[:2] + (b"\xff\xe1\xff\xff" + b"\0" * 65533) * 300 + jpeg[2:], "x.jpeg")
+    assert e.value.reason == "too-large" and "MiB of JPEG APPn/COM segments" in str(e.value)
+    scan_header(jpeg, "x.jpeg")  # a real radiograph passes
+    scan_header(jpeg[: len(jpeg) // 50], "x.jpeg")  # cut short: no verdict here
+    scan_header(b"\x89PNG\r\n\x1a\n garbage", "x.png")
