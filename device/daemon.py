@@ -45,6 +45,7 @@ from .safe_text import path_text, printable
 from .scorer import load_scorer
 from .sdnotify import Notifier
 from .store import FileSig, FlagRecord, JournalRow, Store, StoreError
+from .statelock import StateLock, StateLocked
 from .stats import Stats, time_to_notification
 from .vocab import Priority, Reason
 
@@ -99,6 +100,13 @@ class Daemon:
             self.ingest.check_root()
         except IngestError as exc:
             raise StartupError(str(exc)) from None
+        self.state_lock = StateLock(cfg.state.dir)
+        try:  # before the model (a quick refusal) and before the database is opened
+            self.state_lock.acquire()
+        except StateLocked as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"state.dir {cfg.state.dir}: {exc} (the daemon needs a writable state folder)") from None
         try:
             self.scorer, self.card = load_scorer(cfg.model.path, cfg.model.accelerator, cfg.model.threads)
         except (CardError, OSError) as exc:
@@ -310,6 +318,7 @@ class Daemon:
         if self.broker is not None:
             self.broker.stop()
         self.store.close()
+        self.state_lock.release()
         log.info("stopped")
 
     def _restore_store(self) -> None:

@@ -129,7 +129,8 @@ class DueEscalation:
     event_id: str
     payload: bytes
     escalations: int
-    delivered_at: float
+    delivered_at: float  # wall clock, as stamped at the PUBACK
+    last_escalated: Optional[float] = None  # wall clock
 
 
 #: the journal columns a :class:`JournalRow` is made of, in its field order
@@ -162,10 +163,7 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = self._connect()
             self._db.executescript(SCHEMA)
-            for table, column, kind in MIGRATIONS:
-                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            self._write(self._migrate)
             self._db.execute("PRAGMA quick_check").fetchone()
             # a write now, not at the first radiograph: a read-only state folder fails the start
             self._db.execute("PRAGMA user_version = 1")
@@ -174,6 +172,15 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise self._error(exc) from None
         self._inode = self.path.stat().st_ino
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Add the columns an older database lacks; in one write transaction, so two processes opening
+        the same database at once cannot both add a column (``duplicate column name``)."""
+        for table, column, kind in MIGRATIONS:
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
@@ -355,13 +362,16 @@ class Store:
         """One acknowledgement (see :meth:`record_acks`); True when it names one of our flags."""
         return self.record_acks([{"event_id": event_id, "station": station, "by": by, "at": at}])[0][0]
 
-    def due_escalations(self, now: float, after_s: float, max_escalations: int) -> list[DueEscalation]:
-        """Urgent flags delivered, unacknowledged, and quiet for ``after_s`` since delivery or the last escalation."""
+    def open_urgent(self, max_escalations: int) -> list[DueEscalation]:
+        """Urgent flags delivered, unacknowledged and not yet escalated ``max_escalations`` times.
+
+        Which of them are due is decided by the caller on its monotonic clock (see ``escalation``): the
+        wall-clock stamps kept here are for the report, and a clock step must not move an escalation.
+        """
         rows = self._read(
-            "SELECT event_id, payload, escalations, delivered_at FROM flags WHERE priority='urgent' "
-            "AND acked_at IS NULL AND delivered_at IS NOT NULL AND escalations < ? "
-            "AND ? - COALESCE(last_escalated, delivered_at) >= ? ORDER BY delivered_at",
-            (max_escalations, now, after_s))
+            "SELECT event_id, payload, escalations, delivered_at, last_escalated FROM flags WHERE priority='urgent' "
+            "AND acked_at IS NULL AND delivered_at IS NOT NULL AND escalations < ? ORDER BY delivered_at",
+            (max_escalations,))
         return [DueEscalation(*r) for r in rows]
 
     def record_escalation(self, event_id: str, n: int, topic: str, payload: bytes) -> None:
