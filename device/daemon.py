@@ -14,7 +14,10 @@ Guarantees:
 - a worker thread that dies, or a watcher that stops, ends the process with
   status 1 (systemd restarts it): it never sits ``online`` and deaf; a replaced
   export folder is watched again;
-- a full state disk is reported once per episode and retried with backoff;
+- a full state disk is reported once per episode and retried with backoff; a
+  state database that can no longer be written (read-only file system) ends
+  the process with status 1 after publishing ``offline``: the file in hand is
+  not journaled, so it is scored on the next start;
 - SIGTERM finishes the image in hand, publishes ``offline`` and exits 0.
 """
 from __future__ import annotations
@@ -224,6 +227,8 @@ class Daemon:
 
     def _healthy(self) -> bool:
         """False when the process must exit non-zero: a worker thread died or the watcher stopped."""
+        if not self._fatal and self.store.on_read_only_fs():  # found even when no file arrives to be written
+            self._fatal = self._read_only_text("its file system is mounted read-only")
         if self._fatal:
             log.critical("%s; exiting with status 1 so the service manager restarts pneumoflag", self._fatal)
             return False
@@ -499,6 +504,9 @@ class Daemon:
             self._fatal = (f"state database corrupt ({exc}); move it aside and restart: pneumoflag starts a new one, "
                            "and the files still in the export folder are scored again")
             return
+        if exc.read_only:  # does not pass with time, unlike a full disk: say so and exit 1 (see run)
+            self._fatal = self._read_only_text(str(exc))
+            return
         if self._disk_full_since is None:
             self._disk_full_since = time.monotonic()
             free = shutil.disk_usage(self.cfg.state.dir).free if os.path.isdir(self.cfg.state.dir) else -1
@@ -513,6 +521,10 @@ class Daemon:
             log.debug("state still not writable: %s", exc)
         self.ingest.retry_later(path, self._store_backoff)
         self._store_backoff = min(self._store_backoff * 2, 60.0)
+
+    def _read_only_text(self, why: str) -> str:
+        return (f"state database {self.store.path} can no longer be written ({why}): nothing can be journaled, so "
+                "nothing is scored; the files waiting are scored after a restart with a writable state disk")
 
     def _store_ok(self) -> None:
         if self._disk_full_since is not None:

@@ -10,10 +10,13 @@ Paths are stored as :func:`~pneumoflag.device.safe_text.path_text` (valid UTF-8
 whatever bytes the name had). A file counts as already seen only when path,
 size, mtime *and* ctime match: a chmod or any attribute change brings it back.
 When the state disk is full every write raises :class:`StoreError` with
-``disk_full`` set, and nothing half-written is left behind.
+``disk_full`` set, and nothing half-written is left behind; a database that
+can no longer be written at all (a read-only file system, SQLITE_READONLY) has
+``read_only`` set instead: that does not pass with time, unlike a full disk.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -85,10 +88,11 @@ MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEX
 class StoreError(RuntimeError):
     """The state database cannot be written (disk full, read-only, I/O error)."""
 
-    def __init__(self, message: str, disk_full: bool = False, corrupt: bool = False):
+    def __init__(self, message: str, disk_full: bool = False, corrupt: bool = False, read_only: bool = False):
         super().__init__(message)
         self.disk_full = disk_full
         self.corrupt = corrupt
+        self.read_only = read_only
 
 
 @dataclass
@@ -189,7 +193,28 @@ class Store:
         return db
 
     def _error(self, exc: BaseException) -> StoreError:
-        return StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc), _is_corrupt(exc))
+        full = _is_disk_full(exc)
+        read_only = not full and (_is_read_only(exc) or self.on_read_only_fs() or
+                                  (_is_io_error(exc) and self._refuses_new_files()))
+        return StoreError(f"state database {self.path}: {exc}", full, _is_corrupt(exc), read_only)
+
+    def _refuses_new_files(self) -> bool:
+        """After an I/O error: can the state folder still take a file? EROFS says the disk went read-only
+        (ext4 ``errors=remount-ro`` after a media error leaves it mounted ``rw,emergency_ro``)."""
+        probe = self.path.with_name(f".{self.path.name}.probe")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            probe.unlink()
+        except OSError as exc:
+            return exc.errno in (errno.EROFS, errno.EIO)
+        return False
+
+    def on_read_only_fs(self) -> bool:
+        """The state folder's file system is mounted read-only (remounted after an I/O error, say)."""
+        try:
+            return bool(os.statvfs(self.path.parent).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
 
     def restore_if_deleted(self) -> bool:
         """The database file was deleted while open: write it back from the open copy (True when it did).
@@ -409,6 +434,19 @@ class Store:
 def _is_corrupt(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or \
         "malformed" in str(exc) or "not a database" in str(exc)
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_READONLY or \
+            getattr(exc, "errno", None) == errno.EROFS:
+        return True
+    text = str(exc).lower()
+    return "readonly database" in text or "read-only file system" in text
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_IOERR or \
+        getattr(exc, "errno", None) == errno.EIO
 
 
 def _is_disk_full(exc: BaseException) -> bool:

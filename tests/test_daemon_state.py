@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sqlite3
 import time
 import uuid
 from pathlib import Path
+
+import pytest
 
 from mqtt_helpers import Subscriber, drop, new_daemon, wait_until
 
@@ -172,3 +175,46 @@ def test_across_a_restart_the_wait_is_the_journals_clamped_to_one_interval(broke
     finally:
         pub.stop()
         store.close()
+
+
+# ----------------------------------------------------------------------------- a state disk turned read-only
+
+
+def _loop_ext4(tmp_path: Path) -> Path:
+    """An 16 MB ext4 image, mounted with ``errors=remount-ro`` (as a state partition is) by the test."""
+    img = tmp_path / "state.ext4"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-o", "loop", str(img), str(probe)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs unshare and a loop device (mount -o loop) to make a real read-only disk")
+    return img
+
+
+def test_a_state_disk_turned_read_only_mid_run_ends_the_daemon_with_status_1(broker, dirs, daemons, tmp_path):
+    """A real read-only disk: the state folder is an ext4 file system (``errors=remount-ro``) in the daemon's
+    private mount namespace, and the kernel is made to find an error in it while the daemon runs
+    (``/sys/fs/ext4/DEV/trigger_fs_error``): it turns read-only as after a media error."""
+    watch, state = dirs
+    img = _loop_ext4(tmp_path)
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    wrapper = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+               f'mount -o loop,errors=remount-ro {img} {state} && exec "$@"', "sh")
+    d = new_daemon(daemons, watch, state, broker.address, wrapper=wrapper).start()
+    drop(SAMPLE_FILES[0], watch, "before.jpeg")
+    sub.wait_flags(1)
+    subprocess.run(["nsenter", "-t", str(d.proc.pid), "-m", "sh", "-c",
+                    f"echo test > /sys/fs/ext4/$(basename $(findmnt -n -o SOURCE {state}))/trigger_fs_error"],
+                   check=True)
+    drop(SAMPLE_FILES[1], watch, "after.jpeg")
+    assert d.wait(60) == 1, d.output()
+    out = d.output()
+    assert f"state database {state / 'pneumoflag.db'} can no longer be written" in out, out
+    assert "exiting with status 1" in out and "state disk full" not in out, out
+    wait_until(lambda: sub.where(lambda m: m.topic == "pneumoflag/test/status")[-1].payload == "offline", 10,
+               "offline status")
+    assert [f["file"] for f in sub.flags()] == ["before.jpeg"]  # after.jpeg is not journaled: scored next start
+    sub.stop()
