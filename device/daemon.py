@@ -173,7 +173,12 @@ class Daemon:
         # a recursive watch walks folder chains as deep as PATH_MAX allows (about 2,000 levels) with
         # recursive code (watchdog, os.walk): give it the frames rather than dying at 1,000
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            if getattr(self, "state_lock", None) is not None:  # a refused start holds the state folder no longer
+                self.state_lock.release()
+            raise
         self._install_signals()
         self.ingest.start()  # events first, so nothing arriving during the backlog scan is missed
         if self.cfg.watch.backlog:

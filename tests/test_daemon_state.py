@@ -52,6 +52,20 @@ def test_two_daemons_started_at_the_same_instant_exactly_one_runs(broker, dirs, 
         assert not re.search(r"duplicate column|sqlite|database is locked|Traceback", d.output(), re.I), d.output()
 
 
+
+def test_two_daemons_with_one_device_id_on_one_broker_say_so(broker, tmp_path, daemons):
+    """Different state folders, the same device id: each takes the other's client id over; the log says why."""
+    pair = []
+    for name in ("a", "b"):
+        (tmp_path / name / "export").mkdir(parents=True)
+        (tmp_path / name / "state").mkdir()
+        pair.append(new_daemon(daemons, tmp_path / name / "export", tmp_path / name / "state", broker.address))
+    for d in pair:
+        d.start()
+    said = "MQTT client id pneumoflag-test is in use by another client"
+    wait_until(lambda: any(said in d.output() for d in pair), 60, "a daemon to say its client id is taken over")
+    assert "another daemon with device id test?" in next(d.output() for d in pair if said in d.output())
+
 # ----------------------------------------------------------------------------- acks while the daemon is away
 
 
