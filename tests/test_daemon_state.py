@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import sqlite3
 import time
 import uuid
@@ -232,3 +233,38 @@ def test_a_state_disk_turned_read_only_mid_run_ends_the_daemon_with_status_1(bro
                "offline status")
     assert [f["file"] for f in sub.flags()] == ["before.jpeg"]  # after.jpeg is not journaled: scored next start
     sub.stop()
+
+
+
+OPEN_AT = """
+import sys, time
+from pneumoflag.device.store import Store, StoreError
+while time.time() < float(sys.argv[2]):  # all at the same instant
+    pass
+try:
+    Store(sys.argv[1]).close()
+except StoreError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def test_the_schema_migration_is_safe_when_processes_open_an_old_database_at_once(tmp_path):
+    """Not only daemons open the database (report, a second daemon before it reads the lock): adding a
+    column must not fail with ``duplicate column name`` when several do so at the same instant."""
+    from pneumoflag.device.store import MIGRATIONS, SCHEMA
+
+    state = tmp_path / "state"
+    state.mkdir()
+    with sqlite3.connect(state / "pneumoflag.db") as db:  # a database from before the migrations
+        db.executescript(SCHEMA.replace("    heatmap        TEXT             -- the overlay's file name under "
+                                        "STATE/heatmaps (explain.enabled)\n", "").replace(
+                                            "last_escalated REAL,", "last_escalated REAL"))
+        for table, column, _ in MIGRATIONS:
+            assert column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+    start = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, str(state), start], stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    results = [(p.wait(60), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stderr.close()
+    assert results == [(0, "")] * 8
