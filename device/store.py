@@ -166,7 +166,6 @@ class Store:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = self._connect()
-            self._db.executescript(SCHEMA)
             self._write(self._migrate)
             self._db.execute("PRAGMA quick_check").fetchone()
             # a write now, not at the first radiograph: a read-only state folder fails the start
@@ -179,8 +178,11 @@ class Store:
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
-        """Add the columns an older database lacks; in one write transaction, so two processes opening
-        the same database at once cannot both add a column (``duplicate column name``)."""
+        """Make the tables and add the columns an older database lacks, in one write transaction: processes
+        opening the database at once wait their turn (no ``duplicate column name``, no busy deadlock)."""
+        for statement in SCHEMA.split(";\n"):
+            if statement.strip():
+                db.execute(statement)
         for table, column, kind in MIGRATIONS:
             have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
@@ -188,7 +190,14 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-        db.execute("PRAGMA journal_mode=WAL")
+        for attempt in range(100):  # switching to WAL does not wait for a lock held by another process opening it
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.1)
         db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
         return db
 
