@@ -18,6 +18,7 @@ Guarantees:
   state database that can no longer be written (read-only file system) ends
   the process with status 1 after publishing ``offline``: the file in hand is
   not journaled, so it is scored on the next start;
+- one daemon per state folder (``statelock``): a second one refuses to start;
 - SIGTERM finishes the image in hand, publishes ``offline`` and exits 0.
 """
 from __future__ import annotations

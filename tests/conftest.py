@@ -47,11 +47,7 @@ def _children() -> dict[int, str]:
     return out
 
 
-@pytest.fixture(autouse=True)
-def no_process_outlives_its_test():
-    """A test leaves no process running after it ends (its own fixtures' teardowns run before this check)."""
-    before = set(_children())
-    yield
+def _check_no_new_children(before: set[int], what: str) -> None:
     def leaked() -> dict[int, str]:
         return {pid: c for pid, c in _children().items() if pid not in before and not c.startswith("Z")}
 
@@ -64,7 +60,33 @@ def no_process_outlives_its_test():
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not left, f"processes left running after the test: {left}"
+    assert not left, f"processes left running after {what}: {left}"
+
+
+def _shares_processes(request) -> bool:
+    """The test uses a module- or session-scoped fixture, whose processes (a ward of stations, say) a test
+    may restart and which end with the module: those are checked when the module ends."""
+    defs = getattr(getattr(request.node, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(d.scope != "function" and d.argname != "no_process_outlives_its_module"
+               and not getattr(d.func, "__module__", "").startswith("_pytest")
+               for fixture_defs in defs.values() for d in fixture_defs)  # pytest's own (tmp_path_factory) start none
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_outlives_its_module():
+    """A test module leaves no process running (its module fixtures' teardowns run before this check)."""
+    before = set(_children())
+    yield
+    _check_no_new_children(before, "the test module")
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test(request):
+    """A test leaves no process running after it ends (its own fixtures' teardowns run before this check)."""
+    before = set(_children())
+    yield
+    if not _shares_processes(request):
+        _check_no_new_children(before, "the test")
 
 
 def run_cli(*argv: str) -> int:
