@@ -18,7 +18,11 @@ Guarantees:
 - a worker thread that dies, or a watcher that stops, ends the process with
   status 1 (systemd restarts it): it never sits ``online`` and deaf; a replaced
   export folder is watched again;
-- a full state disk is reported once per episode and retried with backoff;
+- a full state disk is reported once per episode and retried with backoff; a
+  state database that can no longer be written (read-only file system) ends
+  the process with status 1 after publishing ``offline``: the file in hand is
+  not journaled, so it is scored on the next start;
+- one daemon per state folder (``statelock``): a second one refuses to start;
 - SIGTERM finishes the image in hand, publishes ``offline`` and exits 0.
 """
 from __future__ import annotations
@@ -51,6 +55,7 @@ from .safe_text import path_text, printable
 from .scorer import load_scorer
 from .sdnotify import Notifier
 from .store import FileSig, FlagRecord, JournalRow, Store, StoreError
+from .statelock import StateLock, StateLocked
 from .stats import Stats, time_to_notification
 from .vocab import Priority, Reason
 
@@ -109,6 +114,13 @@ class Daemon:
             self.ingest.check_root()
         except IngestError as exc:
             raise StartupError(str(exc)) from None
+        self.state_lock = StateLock(cfg.state.dir)
+        try:  # before the model (a quick refusal) and before the database is opened
+            self.state_lock.acquire()
+        except StateLocked as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"state.dir {cfg.state.dir}: {exc} (the daemon needs a writable state folder)") from None
         try:
             self.scorer, self.card = load_scorer(cfg.model.path, cfg.model.accelerator, cfg.model.threads)
         except (CardError, OSError) as exc:
@@ -185,6 +197,8 @@ class Daemon:
         except BaseException:
             if getattr(self, "pipeline", None) is not None and self.pipeline.decoder is not None:
                 self.pipeline.decoder.stop()  # the worker must not outlive a failed start
+            if getattr(self, "state_lock", None) is not None:  # a refused start holds the state folder no longer
+                self.state_lock.release()
             raise
         self._install_signals()
         self.ingest.start()  # events first, so nothing arriving during the backlog scan is missed
@@ -246,6 +260,8 @@ class Daemon:
 
     def _healthy(self) -> bool:
         """False when the process must exit non-zero: a worker thread died or the watcher stopped."""
+        if not self._fatal and self.store.on_read_only_fs():  # found even when no file arrives to be written
+            self._fatal = self._read_only_text("its file system is mounted read-only")
         if self._fatal:
             log.critical("%s; exiting with status 1 so the service manager restarts pneumoflag", self._fatal)
             return False
@@ -342,6 +358,7 @@ class Daemon:
         if self.broker is not None:
             self.broker.stop()
         self.store.close()
+        self.state_lock.release()
         log.info("stopped")
 
     def _restore_store(self) -> None:
@@ -544,6 +561,9 @@ class Daemon:
             self._fatal = (f"state database corrupt ({exc}); move it aside and restart: pneumoflag starts a new one, "
                            "and the files still in the export folder are scored again")
             return
+        if exc.read_only:  # does not pass with time, unlike a full disk: say so and exit 1 (see run)
+            self._fatal = self._read_only_text(str(exc))
+            return
         if self._disk_full_since is None:
             self._disk_full_since = time.monotonic()
             free = shutil.disk_usage(self.cfg.state.dir).free if os.path.isdir(self.cfg.state.dir) else -1
@@ -558,6 +578,10 @@ class Daemon:
             log.debug("state still not writable: %s", exc)
         self.ingest.retry_later(path, self._store_backoff)
         self._store_backoff = min(self._store_backoff * 2, 60.0)
+
+    def _read_only_text(self, why: str) -> str:
+        return (f"state database {self.store.path} can no longer be written ({why}): nothing can be journaled, so "
+                "nothing is scored; the files waiting are scored after a restart with a writable state disk")
 
     def _store_ok(self) -> None:
         if self._disk_full_since is not None:

@@ -6,6 +6,16 @@ seconds after the broker took it is published again on
 ``{prefix}/{device}/escalations``, at most ``alerts.max_escalations`` times. An
 escalation goes through the outbox like a flag: it survives a broker outage and
 a restart, and it is counted in the same transaction that queues it.
+
+Waits are measured on the monotonic clock from the moment this process first
+saw the flag delivered (or escalated), so a wall-clock step (NTP, a wrong RTC
+fixed by hand) moves no escalation. Across a restart the monotonic clock is not
+comparable: the wait already elapsed is then taken from the wall-clock stamps in
+the journal, clamped to between 0 and ``escalate_after`` (a step while the
+daemon was down brings an escalation forward to the restart, or delays it by at
+most one ``escalate_after``). No escalation is queued until the daemon's MQTT
+session is connected and subscribed, so the acks the broker kept for it while
+it was away are journaled first.
 """
 from __future__ import annotations
 
@@ -13,6 +23,7 @@ import json
 import logging
 import queue
 import time
+from typing import Callable
 
 from . import contract
 from .config import Config
@@ -69,8 +80,12 @@ def parse_ack(raw: bytes) -> dict[str, str]:
 class AckDesk:
     """Receives acks on paho's thread, journals them and escalates on the daemon's main loop."""
 
-    def __init__(self, cfg: Config, store: Store, publisher: Publisher):
+    def __init__(self, cfg: Config, store: Store, publisher: Publisher,
+                 wall: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic):
         self.cfg, self.store, self.publisher = cfg, store, publisher
+        self._wall, self._mono = wall, mono  # injectable: tests step the wall clock, never the machine's
+        # event_id -> (monotonic time its current wait started, monotonic time it was delivered)
+        self._clock: dict[str, tuple[float, float]] = {}
         self._received: "queue.Queue[bytes]" = queue.Queue(MAX_WAITING)
         self._dropped = 0  # acks beyond MAX_WAITING, since the last report
         self._refused: dict[str, int] = {}  # why -> count, since the last report
@@ -129,21 +144,36 @@ class AckDesk:
         alerts = self.cfg.alerts
         if alerts.max_escalations <= 0:
             return
+        if not self.publisher.subscribed.is_set():
+            return  # acks kept by the broker for our session may still be on their way
         try:
-            due = self.store.due_escalations(time.time(), alerts.escalate_after, alerts.max_escalations)
+            open_flags = self.store.open_urgent(alerts.max_escalations)
         except StoreError:
             return
+        mono, wall, after = self._mono(), self._wall(), alerts.escalate_after
+        clock = {}
+        due = []
+        for d in open_flags:
+            if d.event_id not in self._clock:  # delivered moments ago, or before a restart: see the docstring
+                waited = min(max(wall - (d.last_escalated or d.delivered_at), 0.0), after)
+                since = min(max(wall - d.delivered_at, 0.0), after * (d.escalations + 1))
+                self._clock[d.event_id] = (mono - waited, mono - since)
+            clock[d.event_id] = self._clock[d.event_id]
+            if mono - clock[d.event_id][0] >= after:
+                due.append(d)
+        self._clock = clock  # acknowledged flags, and those escalated their last time, leave it
         for d in due:
             n = d.escalations + 1
             msg = EscalationMessage(event_id=d.event_id, device=self.cfg.mqtt.device_id, escalation=n,
                                     max_escalations=alerts.max_escalations,
-                                    unacknowledged_s=round(time.time() - d.delivered_at, 1),
+                                    unacknowledged_s=round(mono - self._clock[d.event_id][1], 1),
                                     flag=json.loads(d.payload))
             try:
                 self.store.record_escalation(d.event_id, n, self.cfg.topic("escalations"), encode(msg.to_dict()))
             except StoreError as exc:
                 log.error("could not queue the escalation of %s: %s", d.event_id, exc)
                 return
+            self._clock[d.event_id] = (mono, self._clock[d.event_id][1])
             self.publisher.wake()
             log.warning("urgent flag %s (%s) unacknowledged for %.0f s: escalation %d of %d", d.event_id,
                         printable(msg.flag.get("file", "?")), msg.unacknowledged_s, n, alerts.max_escalations)

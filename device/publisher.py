@@ -4,6 +4,12 @@ Each outbox row is handed to paho once per process; paho itself re-sends
 unacknowledged QoS 1 messages after a reconnect, so an outage delivers
 everything, in order, once. After a restart, rows still in the outbox are sent
 again (at-least-once; ``event_id`` lets subscribers drop a repeat).
+
+The daemon's session is persistent under its stable client id (MQTT 3.1.1
+``clean_session = false``, MQTT 5 ``clean_start = false`` with a week's expiry),
+so the broker keeps the QoS 1 acks published while the daemon is stopped or
+cut off and delivers them when it is back. ``subscribed`` is set once the
+broker has confirmed the subscriptions of the current connection.
 """
 from __future__ import annotations
 
@@ -96,15 +102,21 @@ class Publisher:
         self.cfg = cfg
         self.store = store
         self.status_topic = cfg.topic("status")
-        self.client = make_client(cfg, cfg.client_id, will_topic=self.status_topic)
+        self.client = make_client(cfg, cfg.client_id, will_topic=self.status_topic, clean=False)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_subscribe = self._on_subscribe
         self._logged_problems: set[str] = set()
         self._last_reminder = 0.0
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker confirmed this connection's subscriptions
+        self._sub_mid: Optional[int] = None
+        self._dropped_soon: list[float] = []  # monotonic times of connections lost soon after they were made
+        self._connected_at = 0.0
+        self._takeover_said = -1e9
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._acks: "queue.Queue[int]" = queue.Queue()
@@ -170,10 +182,14 @@ class Publisher:
             self._problem(f"broker refused the connection: {reason_code}")
             return
         self._logged_problems.clear()
-        log.info("MQTT connected to %s", self.cfg.mqtt.broker)
+        log.info("MQTT connected to %s (session %s)", self.cfg.mqtt.broker,
+                 "resumed" if getattr(flags, "session_present", False) else "new")
+        self._connected_at = time.monotonic()
         client.publish(self.status_topic, "online", qos=1, retain=True)
         if self._subscriptions:
-            client.subscribe([(t, 1) for t in self._subscriptions])
+            self._sub_mid = client.subscribe([(t, 1) for t in self._subscriptions])[1]
+        else:
+            self.subscribed.set()
         self.connected.set()
         self._wake.set()
 
@@ -187,6 +203,16 @@ class Publisher:
             log.warning("MQTT %s: %s; retrying with backoff, %d results wait in the outbox",
                         self.cfg.mqtt.broker, text, waiting)
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        if mid != self._sub_mid:
+            return
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:  # an ACL that forbids our acks topic: acks never arrive, escalations follow
+            log.error("MQTT broker refused the subscription to %s (%s): acknowledgements from the stations "
+                      "cannot reach this daemon; allow it in the broker's ACL", ", ".join(self._subscriptions),
+                      ", ".join(refused))
+        self.subscribed.set()  # queued acks were delivered before the SUBACK (the broker sends them first)
+
     def _on_connect_fail(self, client, userdata) -> None:
         exc = getattr(client, "last_connect_error", None)
         self._problem(f"cannot connect ({exc})" if exc else "cannot connect")
@@ -194,9 +220,29 @@ class Publisher:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        self.subscribed.clear()
+        if was and not self._stop.is_set():
+            self._taken_over(reason_code)
         if not self._stop.is_set():
             self._problem(f"disconnected ({reason_code})" if was else
                           f"connection closed before the broker accepted it ({reason_code}; TLS client certificate?)")
+
+    def _taken_over(self, reason_code) -> None:
+        """Say clearly when another client keeps taking our client id (two daemons with one device id)."""
+        now = time.monotonic()
+        if getattr(reason_code, "value", None) != 142:  # MQTT 5 "Session taken over"; 3.1.1 just closes
+            if now - self._connected_at > 10:
+                return
+            self._dropped_soon = [t for t in self._dropped_soon if now - t < 60] + [now]
+            if len(self._dropped_soon) < 3:
+                return
+        self._dropped_soon = []
+        if now - self._takeover_said < 300:  # once every five minutes, not at every flip
+            return
+        self._takeover_said = now
+        log.error("MQTT client id %s is in use by another client, which takes the connection over (another "
+                  "daemon with device id %s?): each device needs its own mqtt.device_id (or mqtt.client_id)",
+                  self.cfg.client_id, self.cfg.mqtt.device_id)
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         # Called by paho's network thread while it holds its own lock: hand the ack

@@ -10,10 +10,13 @@ Paths are stored as :func:`~pneumoflag.device.safe_text.path_text` (valid UTF-8
 whatever bytes the name had). A file counts as already seen only when path,
 size, mtime *and* ctime match: a chmod or any attribute change brings it back.
 When the state disk is full every write raises :class:`StoreError` with
-``disk_full`` set, and nothing half-written is left behind.
+``disk_full`` set, and nothing half-written is left behind; a database that
+can no longer be written at all (a read-only file system, SQLITE_READONLY) has
+``read_only`` set instead: that does not pass with time, unlike a full disk.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -91,17 +94,18 @@ CREATE TABLE IF NOT EXISTS acks (
 MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"), ("journal", "heatmap", "TEXT"),
               ("flags", "heatmap", "TEXT"), ("flags", "seq", "INTEGER"))
 #: indexes on migrated columns, made after the migrations
-LATE_INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS flags_seq ON flags(seq);"
+LATE_INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS flags_seq ON flags(seq)"
 
 
 
 class StoreError(RuntimeError):
     """The state database cannot be written (disk full, read-only, I/O error)."""
 
-    def __init__(self, message: str, disk_full: bool = False, corrupt: bool = False):
+    def __init__(self, message: str, disk_full: bool = False, corrupt: bool = False, read_only: bool = False):
         super().__init__(message)
         self.disk_full = disk_full
         self.corrupt = corrupt
+        self.read_only = read_only
 
 
 @dataclass
@@ -142,7 +146,8 @@ class DueEscalation:
     event_id: str
     payload: bytes
     escalations: int
-    delivered_at: float
+    delivered_at: float  # wall clock, as stamped at the PUBACK
+    last_escalated: Optional[float] = None  # wall clock
 
 
 #: the journal columns a :class:`JournalRow` is made of, in its field order
@@ -176,12 +181,7 @@ class Store:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = self._connect()
-            self._db.executescript(SCHEMA)
-            for table, column, kind in MIGRATIONS:
-                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            self._db.executescript(LATE_INDEXES)
+            self._write(self._migrate)
             self._db.execute("PRAGMA quick_check").fetchone()
             # a write now, not at the first radiograph: a read-only state folder fails the start
             self._db.execute("PRAGMA user_version = 1")
@@ -191,14 +191,55 @@ class Store:
             raise self._error(exc) from None
         self._inode = self.path.stat().st_ino
 
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Make the tables and add the columns an older database lacks, in one write transaction: processes
+        opening the database at once wait their turn (no ``duplicate column name``, no busy deadlock)."""
+        for statement in SCHEMA.split(";\n"):
+            if statement.strip():
+                db.execute(statement)
+        for table, column, kind in MIGRATIONS:
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        db.execute(LATE_INDEXES)
+
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-        db.execute("PRAGMA journal_mode=WAL")
+        for attempt in range(100):  # switching to WAL does not wait for a lock held by another process opening it
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.1)
         db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
         return db
 
     def _error(self, exc: BaseException) -> StoreError:
-        return StoreError(f"state database {self.path}: {exc}", _is_disk_full(exc), _is_corrupt(exc))
+        full = _is_disk_full(exc)
+        read_only = not full and (_is_read_only(exc) or self.on_read_only_fs() or
+                                  (_is_io_error(exc) and self._refuses_new_files()))
+        return StoreError(f"state database {self.path}: {exc}", full, _is_corrupt(exc), read_only)
+
+    def _refuses_new_files(self) -> bool:
+        """After an I/O error: can the state folder still take a file? EROFS says the disk went read-only
+        (ext4 ``errors=remount-ro`` after a media error leaves it mounted ``rw,emergency_ro``)."""
+        probe = self.path.with_name(f".{self.path.name}.probe")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            probe.unlink()
+        except OSError as exc:
+            return exc.errno in (errno.EROFS, errno.EIO)
+        return False
+
+    def on_read_only_fs(self) -> bool:
+        """The state folder's file system is mounted read-only (remounted after an I/O error, say)."""
+        try:
+            return bool(os.statvfs(self.path.parent).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
 
     def restore_if_deleted(self) -> bool:
         """The database file was deleted while open: write it back from the open copy (True when it did).
@@ -414,13 +455,16 @@ class Store:
         """One acknowledgement (see :meth:`record_acks`); True when it names one of our flags."""
         return self.record_acks([{"event_id": event_id, "station": station, "by": by, "at": at}])[0][0]
 
-    def due_escalations(self, now: float, after_s: float, max_escalations: int) -> list[DueEscalation]:
-        """Urgent flags delivered, unacknowledged, and quiet for ``after_s`` since delivery or the last escalation."""
+    def open_urgent(self, max_escalations: int) -> list[DueEscalation]:
+        """Urgent flags delivered, unacknowledged and not yet escalated ``max_escalations`` times.
+
+        Which of them are due is decided by the caller on its monotonic clock (see ``escalation``): the
+        wall-clock stamps kept here are for the report, and a clock step must not move an escalation.
+        """
         rows = self._read(
-            "SELECT event_id, payload, escalations, delivered_at FROM flags WHERE priority='urgent' "
-            "AND acked_at IS NULL AND delivered_at IS NOT NULL AND escalations < ? "
-            "AND ? - COALESCE(last_escalated, delivered_at) >= ? ORDER BY delivered_at",
-            (max_escalations, now, after_s))
+            "SELECT event_id, payload, escalations, delivered_at, last_escalated FROM flags WHERE priority='urgent' "
+            "AND acked_at IS NULL AND delivered_at IS NOT NULL AND escalations < ? ORDER BY delivered_at",
+            (max_escalations,))
         return [DueEscalation(*r) for r in rows]
 
     def record_escalation(self, event_id: str, n: int, topic: str, payload: bytes) -> None:
@@ -485,6 +529,19 @@ def numbered(payload: bytes, seq: int) -> bytes:
 def _is_corrupt(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or \
         "malformed" in str(exc) or "not a database" in str(exc)
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_READONLY or \
+            getattr(exc, "errno", None) == errno.EROFS:
+        return True
+    text = str(exc).lower()
+    return "readonly database" in text or "read-only file system" in text
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_IOERR or \
+        getattr(exc, "errno", None) == errno.EIO
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -1,8 +1,11 @@
 """Shared fixtures: real images copied into temporary folders, a tiny model trained once per run."""
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,77 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 MINI = TESTS / "data" / "mini"  # 16 NORMAL + 16 PNEUMONIA 224 px training images (credit: tests/data/README.md)
 MODELS = REPO / "models"
+
+
+def _become_subreaper() -> bool:
+    """Orphans of this process's children (a traced daemon whose strace was killed) become its children,
+    where :func:`no_process_outlives_its_test` can see them instead of losing them to init."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+SUBREAPER = _become_subreaper()
+
+
+def _children() -> dict[int, str]:
+    """Child processes of this one: pid -> "STATE command line" (state Z: exited, not yet reaped)."""
+    me, out = os.getpid(), {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == me:
+            out[int(entry.name)] = state + " " + cmd
+    return out
+
+
+def _check_no_new_children(before: set[int], what: str) -> None:
+    def leaked() -> dict[int, str]:
+        return {pid: c for pid, c in _children().items() if pid not in before and not c.startswith("Z")}
+
+    deadline = time.monotonic() + 10  # a process killed in a teardown may take a moment to go
+    while leaked() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = leaked()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"processes left running after {what}: {left}"
+
+
+def _shares_processes(request) -> bool:
+    """The test uses a module- or session-scoped fixture, whose processes (a ward of stations, say) a test
+    may restart and which end with the module: those are checked when the module ends."""
+    defs = getattr(getattr(request.node, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(d.scope != "function" and d.argname != "no_process_outlives_its_module"
+               and not getattr(d.func, "__module__", "").startswith("_pytest")
+               for fixture_defs in defs.values() for d in fixture_defs)  # pytest's own (tmp_path_factory) start none
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_outlives_its_module():
+    """A test module leaves no process running (its module fixtures' teardowns run before this check)."""
+    before = set(_children())
+    yield
+    _check_no_new_children(before, "the test module")
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test(request):
+    """A test leaves no process running after it ends (its own fixtures' teardowns run before this check)."""
+    before = set(_children())
+    yield
+    if not _shares_processes(request):
+        _check_no_new_children(before, "the test")
 
 
 def run_cli(*argv: str) -> int:

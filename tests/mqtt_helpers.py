@@ -180,8 +180,9 @@ class DaemonProc:
 
     def start(self, wait: bool = True) -> "DaemonProc":
         self._fh = open(self.log, "wb")
+        # its own process group, so close() ends a wrapper (strace) and the daemon it runs together
         self.proc = subprocess.Popen(self.cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=str(REPO))
+                                     cwd=str(REPO), start_new_session=True)
         if wait:
             wait_until(lambda: "watching " in self.output() or self.proc.poll() is not None, 30, "daemon start")
             assert self.proc.poll() is None, f"daemon exited at start:\n{self.output()}"
@@ -202,9 +203,13 @@ class DaemonProc:
         return self.proc.wait(timeout)
 
     def close(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc:
+            try:  # the whole group: killing only a wrapper would leave the traced daemon running
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if self.proc.poll() is None:
+                self.proc.wait(10)
         if getattr(self, "_fh", None):
             self._fh.close()
 
