@@ -383,4 +383,5 @@ def test_disk_errors_keep_the_file_for_later(tmp_path, monkeypatch):
         assert d.store.outbox_depth() == 1 and [r.path for r in d.store.journal()] == [f.name]
     finally:
         d.publisher.stop(timeout=0.5)
+        d.pipeline.decoder.stop()
         d.store.close()

@@ -882,6 +882,10 @@ def test_opening_a_row_shows_the_heat_map_the_daemon_drew(ward):
         wait_until(lambda: panel(page)["width"] == 384, 10, f"{key!r} to open the panel")
         page.find_element(By.ID, "detail-close").click()
         wait_until(lambda: not panel(page)["open"], 5, "the Close button")
+        # the focus goes back to the row with the dialog's close event: wait for it, or it could land after
+        # the next row is focused (and Enter would open this row again)
+        wait_until(lambda: panel(page)["focus"] == flag["event_id"] and panel(page)["src"] is None, 5,
+                   "the focus back on the row after Close")
     # the appliance draws no map for a routine image: the panel says so
     focus_row(page, routine["event_id"]).send_keys(Keys.ENTER)
     wait_until(lambda: panel(page)["open"], 5, "the routine row's panel")
