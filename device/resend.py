@@ -7,7 +7,9 @@ journals it). A station that was away longer than its broker would queue for it 
 the last flag it has, and asks for the missing ones. The copies are the flags exactly as first published,
 queued through the outbox like any message, on the asking station's own topic: no other station or terminal
 sees them twice. Requests are untrusted input, so they are bounded: a small message, a station name that is
-a safe topic level, at most ``MAX_RESEND`` flags and one request per station every ``MIN_INTERVAL_S``.
+a safe topic level, at most ``MAX_RESEND`` flags and one request per station every ``MIN_INTERVAL_S``, and
+never more than ``MAX_BACKLOG`` copies waiting in the outbox for all stations together: a new flag queues
+behind what waits there, and a requester that changes its station name every time must not delay it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ MIN_INTERVAL_S = 5.0
 #: requests waiting for the main loop; a flood beyond this is dropped
 MAX_WAITING = 100
 REQUESTS_PER_PASS = 5
+#: copies waiting to go out, all stations together; a request beyond it gets what fits (the station asks again)
+MAX_BACKLOG = 500
 
 
 class ResendError(ValueError):
@@ -59,6 +63,7 @@ class ResendDesk:
         self.cfg, self.store, self.publisher = cfg, store, publisher
         self._received: queue.Queue[bytes] = queue.Queue(MAX_WAITING)
         self._last: dict[str, float] = {}  # station -> monotonic time of its last answered request
+        self.refused = contract.RateLimitedLog(log)
         publisher.subscribe(cfg.topic("resend"), self._receive)
 
     def _receive(self, raw: bytes) -> None:
@@ -76,7 +81,7 @@ class ResendDesk:
             try:
                 req = parse_resend(raw)
             except ResendError as exc:
-                log.warning("ignored a message on %s: %s", self.cfg.topic("resend"), exc)
+                self.refused.refused("resend", str(exc), self.cfg.topic("resend"))
                 continue
             now = time.monotonic()
             if now - self._last.get(req.station, -MIN_INTERVAL_S) < MIN_INTERVAL_S:
@@ -85,7 +90,11 @@ class ResendDesk:
             if len(self._last) > 1000:  # bounded: forget the oldest
                 self._last.pop(next(iter(self._last)))
             try:
-                flags = self.store.flags_between(req.first, req.last)
+                room = MAX_BACKLOG - self.store.resend_backlog()
+                if room <= 0:
+                    log.debug("resend request of %s deferred: %d copies wait already", req.station, MAX_BACKLOG)
+                    continue
+                flags = self.store.flags_between(req.first, min(req.last, req.first + room - 1))
                 self.store.queue_resend(self.cfg.topic(f"replay/{req.station}"), flags, req.station)
             except StoreError as exc:
                 log.error("could not answer %s's resend request: %s", printable(req.station), exc)

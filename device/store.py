@@ -501,6 +501,10 @@ class Store:
         return self._read("SELECT event_id, payload FROM flags WHERE seq BETWEEN ? AND ? ORDER BY seq",
                           (first, last))
 
+    def resend_backlog(self) -> int:
+        """Copies sent again that wait in the outbox (a new flag queues behind them)."""
+        return int(self._read("SELECT COUNT(*) FROM outbox WHERE event_id LIKE '%#resend-%'", one=True)[0])
+
     def queue_resend(self, topic: str, flags: list[tuple[str, bytes]], tag: str) -> None:
         """Queue copies of flags on a station's own replay topic (one transaction); ``tag`` tells requests apart."""
         now = time.time()

@@ -131,10 +131,11 @@ CREATE INDEX IF NOT EXISTS errors_supersedes ON errors (supersedes);
 """
 
 
-#: missing ranges kept per device (the oldest go first, with a warning), and the largest jump that stats may
-#: announce (beyond it the device's numbering is taken as restarted, not as a million missed flags)
+#: missing ranges kept per device (beyond it the two closest are merged: nothing missed is forgotten), and the
+#: largest jump in the numbers taken as missed flags (a bigger one, from a flag or from stats, is no backlog
+#: any broker keeps: it is ignored and logged, so one forged number cannot hide the real ones)
 MAX_GAPS = 100
-MAX_STATS_JUMP = 100_000
+MAX_JUMP = 100_000
 
 
 #: a message that does not follow the contract; logged and dropped (and still acknowledged). The contract's own
@@ -388,9 +389,9 @@ class Worklist:
         return (int(r[0]), contract.loads(r[1])) if r else None
 
     def _set_sequence(self, device: str, high: int, gaps: list[list]) -> None:
-        if len(gaps) > MAX_GAPS:
-            log.warning("%s: more than %d ranges of missed flags; forgetting the oldest", device, MAX_GAPS)
-            gaps = gaps[-MAX_GAPS:]
+        while len(gaps) > MAX_GAPS:  # merge the two closest ranges: the numbers between them are asked again
+            i = min(range(len(gaps) - 1), key=lambda k: gaps[k + 1][0] - gaps[k][1])
+            gaps[i:i + 2] = [[gaps[i][0], gaps[i + 1][1], min(gaps[i][2], gaps[i + 1][2])]]
         self.db.execute("INSERT INTO sequence VALUES (?,?,?) ON CONFLICT(device) DO UPDATE SET high = excluded.high, "
                         "gaps = excluded.gaps", (device, high, contract.dumps(gaps)))
 
@@ -398,20 +399,26 @@ class Worklist:
         """A flag numbered ``seq`` arrived: a jump past the highest is a gap, a number inside a gap fills it.
 
         The first number seen from a device is where this station starts counting (it does not ask for the
-        device's past); a 1 that fills no gap means the device started numbering again (a new state folder).
+        device's past). A 1 that fills no gap means the device started numbering again (a new state folder),
+        but only while nothing is missing: with gaps open it is not believed, so one forged flag cannot wipe
+        the record of real ones (the broker's ACL decides who may publish as a device).
         """
         now = time.time() if now is None else now
         known = self._sequence(device)
         if known is None:
             return self._set_sequence(device, seq, [])
         high, gaps = known
+        if seq > high + MAX_JUMP:
+            log.warning("%s: a flag numbered %d, %d beyond the last one here: not taken as missed flags", device,
+                        seq, seq - high)
+            return None
         if seq > high:
             if seq > high + 1:
                 gaps.append([high + 1, seq - 1, now])
             return self._set_sequence(device, seq, gaps)
         inside = [g for g in gaps if g[0] <= seq <= g[1]]
         if not inside:
-            if seq == 1:
+            if seq == 1 and not gaps:
                 log.info("%s numbers its flags from 1 again (a new state folder?)", device)
                 self._set_sequence(device, 1, [])
             return None
@@ -428,13 +435,12 @@ class Worklist:
         if known is None or delivered <= known[0]:
             return
         high, gaps = known
-        if delivered - high > MAX_STATS_JUMP:
-            log.warning("%s: stats announce flag %d, %d beyond the last one here: taken as a new numbering",
+        if delivered - high > MAX_JUMP:
+            log.warning("%s: stats announce flag %d, %d beyond the last one here: not taken as missed flags",
                         device, delivered, delivered - high)
-            return self._set_sequence(device, delivered, [])
+            return
         gaps.append([high + 1, delivered, time.time() if now is None else now])
         self._set_sequence(device, delivered, gaps)
-        return None
 
     def missing(self, older_than: float, now: float | None = None) -> dict[str, tuple[int, int]]:
         """Per device, the oldest missed range noticed over ``older_than`` seconds ago (what to ask for)."""

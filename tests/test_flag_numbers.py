@@ -58,6 +58,30 @@ def test_a_resend_request_is_untrusted_input(raw, why):
         parse_resend(raw)
 
 
+def test_resend_requests_under_changing_names_cannot_bury_new_flags(tmp_path):
+    """A requester that changes its station name every time gets past the per-station limit, not past the cap
+    on copies waiting in the outbox (a new flag would queue behind them)."""
+    from pneumoflag.device.config import load_config
+    from pneumoflag.device.publisher import Publisher
+    from pneumoflag.device.resend import MAX_BACKLOG, ResendDesk
+
+    cfg = load_config(env={}, overrides={"state.dir": str(tmp_path), "mqtt.broker": "127.0.0.1:1",
+                                         "mqtt.device_id": "xr"})
+    store = Store(tmp_path)
+    for i in range(MAX_BACKLOG + 100):
+        _flag(store, f"f{i}.jpeg")
+    store.ack([r.seq for r in store.pending(limit=10_000)])
+    desk = ResendDesk(cfg, store, Publisher(cfg, store))  # never connected: what it queues stays queued
+    for n in range(40):
+        desk._receive(json.dumps({"schema": RESEND_SCHEMA, "station": f"x{n}", "first": 1, "last": MAX_RESEND}).encode())
+    for _ in range(10):
+        desk.serve_requests()
+    assert store.resend_backlog() == MAX_BACKLOG
+    replayed = [json.loads(r.payload)["seq"] for r in store.pending(limit=10_000)]
+    assert replayed == list(range(1, MAX_BACKLOG + 1))  # the first request, cut to what fits; the rest wait
+    store.close()
+
+
 def test_the_worklist_keeps_what_it_missed(tmp_path):
     wl = Worklist(tmp_path / "w.db")
     wl.set_status("xr", "online")
@@ -77,8 +101,26 @@ def test_the_worklist_keeps_what_it_missed(tmp_path):
     wl.note_seq("xr", 1)  # the device numbers from 1 again (a new state folder): not 15 missed flags
     wl.note_seq("xr", 2)
     assert wl.devices(60)[0].missed == 0
-    wl.note_delivered("xr", 10**9)  # a number far beyond any real backlog is a new numbering, not a backlog
-    assert wl.devices(60)[0].missed == 0
+
+
+def test_forged_numbers_cannot_hide_or_inflate_what_a_station_missed(tmp_path):
+    """Whoever may publish as a device can send any number: none of these may lose a real gap."""
+    wl = Worklist(tmp_path / "w.db")
+    wl.set_status("xr", "online")
+    for n in (1, 2, 3, 5):
+        wl.note_seq("xr", n, now=0)
+    wl.note_seq("xr", 1, now=1)  # "a new numbering" is not believed while #4 is missing
+    assert wl.devices(60)[0].missed_ranges == [[4, 4]]
+    wl.note_seq("xr", 2**53, now=1)  # no broker keeps such a backlog: ignored, #4 still asked for
+    wl.note_delivered("xr", 10**12, now=1)
+    assert wl.devices(60)[0].missed == 1 and wl.missing(older_than=0, now=2) == {"xr": (4, 4)}
+    high = 5
+    for _ in range(150):  # more gaps than are kept: the closest are merged, the real one stays covered
+        high += 2
+        wl.note_seq("xr", high, now=1)
+    state = wl.devices(60)[0]
+    assert state.missed_ranges[0][0] == 4 and wl.missing(older_than=0, now=2)["xr"][0] == 4
+    assert state.missed >= 1 + 150  # every number not received is still counted
 
 
 def test_a_station_that_missed_the_newest_flags_gets_them_back_and_says_so(tmp_path):
