@@ -473,13 +473,18 @@ class Worklist:
 
     def _prune_orphan_acks(self, now: float) -> int:
         """Acks without their flag: older than ``ORPHAN_ACK_KEEP_S``, or beyond the newest ``MAX_ORPHAN_ACKS``."""
+        return self._prune_flagless("acks", now - ORPHAN_ACK_KEEP_S, MAX_ORPHAN_ACKS)
+
+    def _prune_flagless(self, table: str, before: float, keep: int) -> int:
+        """Delete the rows of ``table`` (acks, heat maps) whose flag is not here: those received before ``before``,
+        and all but the newest ``keep``. Untrusted input may name any event id: this bounds what it can store."""
         cur = self.db.execute(
-            "DELETE FROM acks WHERE rowid IN (SELECT a.rowid FROM acks a "
+            f"DELETE FROM {table} WHERE rowid IN (SELECT a.rowid FROM {table} a "
             "WHERE NOT EXISTS (SELECT 1 FROM flags f WHERE f.event_id = a.event_id) "
-            "AND (a.received_epoch < ? OR a.rowid NOT IN (SELECT o.rowid FROM acks o "
+            f"AND (a.received_epoch < ? OR a.rowid NOT IN (SELECT o.rowid FROM {table} o "
             "WHERE NOT EXISTS (SELECT 1 FROM flags g WHERE g.event_id = o.event_id) "
             "ORDER BY o.received_epoch DESC, o.rowid DESC LIMIT ?)))",
-            (now - ORPHAN_ACK_KEEP_S, MAX_ORPHAN_ACKS))
+            (before, keep))
         return cur.rowcount
 
     def add_escalation(self, payload: dict, topic_device: str, received: float | None = None) -> Row:
@@ -575,14 +580,7 @@ class Worklist:
 
     def _prune_orphans(self, now: float) -> int:
         """Heat maps without a flag: older than ``ORPHAN_KEEP_S``, or beyond the newest ``MAX_ORPHANS``."""
-        cur = self.db.execute(
-            "DELETE FROM heatmaps WHERE event_id IN (SELECT h.event_id FROM heatmaps h "
-            "WHERE NOT EXISTS (SELECT 1 FROM flags f WHERE f.event_id = h.event_id) "
-            "AND (h.received_epoch < ? OR h.event_id NOT IN (SELECT o.event_id FROM heatmaps o "
-            "WHERE NOT EXISTS (SELECT 1 FROM flags g WHERE g.event_id = o.event_id) "
-            "ORDER BY o.received_epoch DESC, o.rowid DESC LIMIT ?)))",
-            (now - ORPHAN_KEEP_S, MAX_ORPHANS))
-        return cur.rowcount
+        return self._prune_flagless("heatmaps", now - ORPHAN_KEEP_S, MAX_ORPHANS)
 
     # ------------------------------------------------------------------ reads
     def row(self, event_id: str) -> Row | None:
