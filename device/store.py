@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .messages import MAX_RESEND, encode
+from .messages import MAX_RESEND, encode, utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -496,10 +496,15 @@ class Store:
                               one=True)[0])
 
     def flags_between(self, first: int, last: int) -> list[tuple[str, bytes]]:
-        """(event_id, payload as published) of flags ``first``..``last``, at most :data:`MAX_RESEND`."""
+        """(event_id, payload) of flags ``first``..``last``, at most :data:`MAX_RESEND`: each as first published,
+        with ``acked`` (by, station, at) when a station acknowledged it, since the station that missed the flag
+        missed that ack too (acks are not kept by the broker for it any more than flags)."""
         last = min(last, first + MAX_RESEND - 1)
-        return self._read("SELECT event_id, payload FROM flags WHERE seq BETWEEN ? AND ? ORDER BY seq",
-                          (first, last))
+        rows = self._read("SELECT event_id, payload, acked_by, ack_station, acked_at FROM flags "
+                          "WHERE seq BETWEEN ? AND ? ORDER BY seq", (first, last))
+        return [(e, p if by is None else encode({**json.loads(p), "acked": {"by": by, "station": st,
+                                                                            "at": utc_iso(at)}}))
+                for e, p, by, st, at in rows]
 
     def resend_backlog(self) -> int:
         """Copies sent again that wait in the outbox (a new flag queues behind them)."""

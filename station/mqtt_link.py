@@ -50,7 +50,7 @@ MAX_STATUS_BYTES = 64
 class Incoming:
     """One message off the broker, parsed on paho's thread and handled on the event loop's."""
 
-    kind: str  # flag | error | status | stats | ack | escalation | heatmap
+    kind: str  # flag | replay | error | status | stats | ack | escalation | heatmap
     device: str  # from the topic
     payload: dict[str, Any] | str | bytes  # JSON object, the status text, or a heat map's PNG bytes
     retained: bool
@@ -62,14 +62,17 @@ class Incoming:
 def classify(prefix: str, topic: str, station: str | None = None) -> tuple[str, str] | None:
     """``pneumoflag/xray-1/flags/urgent`` -> ("flag", "xray-1"); None for a topic the station ignores.
 
-    Flags sent again for this station (``{prefix}/{device}/replay/{station}``, see ``device.resend``) are flags.
+    Flags sent again for this station (``{prefix}/{device}/replay/{station}``, see ``device.resend``) are
+    "replay": a flag, with the ack it had (if any) when the device sent it again.
     """
     parts = topic.split("/")
     if len(parts) < 3 or parts[0] != prefix:
         return None
     device, rest = parts[1], parts[2:]
-    if len(rest) == 2 and (rest[0] == "flags" or (rest[0] == "replay" and rest[1] == station)):
+    if len(rest) == 2 and rest[0] == "flags":
         return "flag", device
+    if len(rest) == 2 and rest[0] == "replay" and rest[1] == station:
+        return "replay", device
     if len(rest) == 2 and rest[0] == "heatmaps":
         return "heatmap", device
     if len(rest) == 1 and rest[0] in KINDS:

@@ -134,7 +134,9 @@ class Station:
             return
         if not isinstance(payload, dict):
             raise BadMessage("not a JSON object")
-        if item.kind == "flag":
+        if item.kind == "replay":  # a flag this station missed, sent again with the ack it missed too
+            self._replayed(payload, item.device)
+        elif item.kind == "flag":
             row = wl.add_flag(payload, item.device)
             if row:
                 self.hub.publish("row", row.to_json())
@@ -154,6 +156,19 @@ class Station:
         elif item.kind == "stats":
             wl.set_stats(item.device, payload, item.retained)
             self._refresh_devices()
+
+    def _replayed(self, payload: dict, device: str) -> None:
+        acked = payload.pop("acked", None)
+        row = self.worklist.add_flag(payload, device)
+        if isinstance(acked, dict):
+            try:
+                if self.worklist.add_ack({**acked, "event_id": payload.get("event_id")}, device):
+                    row = self.worklist.row(payload["event_id"])
+            except BadMessage as exc:  # the flag stays; its ack is not taken
+                self.refused.refused("replay", f"its ack: {exc}", device)
+        if row:
+            self.hub.publish("row", row.to_json())
+            self._replaced(payload)
 
     def _replaced(self, payload: dict) -> None:
         """A newer result for the same file (``supersedes``): the old row is shown replaced, no longer open."""

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 import uuid
 
 import pytest
 from mqtt_helpers import DaemonProc, Mosquitto, Subscriber, wait_until
-from pneumoflag.device.messages import FLAG_SCHEMA, MAX_RESEND, RESEND_SCHEMA, encode
+from pneumoflag.device.messages import FLAG_SCHEMA, AckMessage, MAX_RESEND, RESEND_SCHEMA, encode
 from pneumoflag.device.resend import ResendError, parse_resend
 from pneumoflag.device.store import FileSig, FlagRecord, Store
 from pneumoflag.station.worklist import Worklist
@@ -44,6 +45,7 @@ def test_the_store_numbers_flags_without_gaps_in_the_message_it_queues(tmp_path)
     store.ack([r.seq for r in store.pending()])
     assert store.delivered_seq() == 4
     assert [json.loads(p)["seq"] for _, p in store.flags_between(2, 3)] == [2, 3]
+    assert all("acked" not in json.loads(p) for _, p in store.flags_between(1, 4))
 
 
 @pytest.mark.parametrize("raw, why", [
@@ -151,6 +153,11 @@ def test_a_station_that_missed_the_newest_flags_gets_them_back_and_says_so(tmp_p
             drop_bytes(unique_jpeg((PNEUMONIA + NORMAL)[i % 8], name), export, name)
         flags = sub.wait_flags(9, timeout=60)
         assert sorted(f["seq"] for f in flags) == list(range(1, 10))  # numbered 1..9, no gaps
+        # another desk acknowledges the newest: the broker drops that ack for desk-q too (its queue is full)
+        newest = max(flags, key=lambda f: f["seq"])
+        ack = AckMessage(event_id=newest["event_id"], station="desk-r", by="Nurse Ro")
+        publish(broker.address, "pneumoflag/xray-q/acks", encode(ack.to_dict()))
+        wait_until(lambda: "acknowledged by Nurse Ro" in daemon.output(), 20, "the daemon to journal the ack")
         station.start()
         wait_until(lambda: len(_rows(page)) == 9, 60, "every flag on the page again")
         log = station.output()
@@ -158,6 +165,10 @@ def test_a_station_that_missed_the_newest_flags_gets_them_back_and_says_so(tmp_p
         assert "sent again" in daemon.output()
         assert {r for r in _rows(page)} == {"first.jpeg", *names}
         wait_until(lambda: not _missed(page), 15, "the notice to go")
+        rows = {r["event_id"]: r for r in _state(station)["rows"]}  # the copy brought the ack desk-q missed
+        assert rows[newest["event_id"]]["ack"] == {"by": "Nurse Ro", "station": "desk-r", "at": rows[
+            newest["event_id"]]["ack"]["at"]}
+        assert all(r["ack"] is None for e, r in rows.items() if e != newest["event_id"])
     finally:
         for part in reversed(parts):
             _stop(part)
@@ -194,6 +205,11 @@ def test_the_page_says_which_flags_never_came_and_the_station_asks_for_them(tmp_
         for part in reversed(parts):
             _stop(part)
         broker.stop()
+
+
+def _state(station: StationProc) -> dict:
+    with urllib.request.urlopen(station.url + "/api/state", timeout=30) as r:
+        return json.loads(r.read())
 
 
 def _rows(page) -> list[str]:
