@@ -457,7 +457,11 @@ class Daemon:
                                "appliance again", prev=prev)
             return
         try:
-            msg, decoded = self.pipeline.score_decoded(fr.data, rel, sha)
+            msg, decoded = self._score(fr.data, rel, sha, label)
+        except DecoderUnavailable as exc:  # not the file's fault: it is scored after the restart
+            self._not_in_progress(rel)
+            self._fatal = f"the decoder worker cannot be started ({exc})"
+            return
         except ImageDecodeError as exc:
             if exc.reason in INCOMPLETE_REASONS and self._still_arriving(rel, fr.sig):
                 log.debug("%s: %s; still being written? retrying", label, exc.reason)
@@ -496,6 +500,17 @@ class Daemon:
             self.store.end(rel)
         except StoreError as exc:
             log.debug("%s: in-progress marker not cleared: %s", printable(rel), exc)
+
+    def _score(self, data: bytes, rel: str, sha: str, label: str):
+        """Score, and once more in a fresh worker when the worker died on the file: one death may be the
+        machine's (the OOM killer, a kill by hand), two in a row are the file's (``crashed-decoder``)."""
+        try:
+            return self.pipeline.score_decoded(data, rel, sha)
+        except ImageDecodeError as exc:
+            if exc.reason != Reason.CRASHED_DECODER:
+                raise
+            log.warning("%s: the decoder worker died on it (%s); once more in a new worker", label, exc)
+        return self.pipeline.score_decoded(data, rel, sha)
 
     def _still_arriving(self, rel: str, sig: FileSig) -> bool:
         """The file changed less than incomplete_timeout ago, as this daemon saw it.

@@ -215,8 +215,10 @@ def scan_jpeg_header(data: bytes, name: str) -> None:
     Pillow would keep or cannot decode: a metadata flood, a sample precision other than 8 bits."""
     i, n, segments, meta = 2, len(data), 0, 0
     while i < n:
-        if data[i] != 0xFF:
-            return  # junk: Pillow's verdict (corrupt) stands
+        if data[i] != 0xFF:  # junk between segments: Pillow skips it and reads on, so the walk does too
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return
         j = _FILL.match(data, i).end()  # type: ignore[union-attr]
         if j >= n:
             return
@@ -237,6 +239,7 @@ def scan_jpeg_header(data: bytes, name: str) -> None:
                 "8-bit JPEG, PNG or DICOM",
             )
         segments += 1
+        length = max(length, 2)  # a length of 0 or 1: Pillow reads on after the two length bytes
         if 0xE0 <= marker <= 0xEF or marker == 0xFE:
             meta += length
         if segments > MAX_HEADER_SEGMENTS:
@@ -256,12 +259,12 @@ def scan_png_chunks(data: bytes, name: str) -> None:
         if cid == b"IEND" or i + 12 + length > n:  # the end, or a chunk cut short: Pillow's verdict stands
             return
         total += 1
-        if cid == b"acTL" and i + 12 <= n and int.from_bytes(data[i + 8 : i + 12], "big") > 1:
-            frames = int.from_bytes(data[i + 8 : i + 12], "big")
+        if cid in (b"acTL", b"fcTL", b"fdAT"):  # any APNG: even "1 frame" may show a picture that is not scored
+            frames = int.from_bytes(data[i + 8 : i + 12], "big") if cid == b"acTL" and length >= 4 else None
             raise ImageDecodeError(
                 "unsupported-image",
-                f"{name}: an animated PNG ({frames} frames) is not supported: a viewer plays the animation "
-                "while only its still image would be scored",
+                f"{name}: an animated PNG" + (f" ({frames} frame{'' if frames == 1 else 's'})" if frames is not None else "")
+                + " is not supported: a viewer plays the animation while only its still image would be scored",
             )
         if cid != b"IDAT":
             ancillary += 1

@@ -3,6 +3,7 @@ folder, acknowledgements that survive a restart, a state disk that turns read-on
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -268,3 +269,25 @@ def test_the_schema_migration_is_safe_when_processes_open_an_old_database_at_onc
     for p in procs:
         p.stderr.close()
     assert results == [(0, "")] * 8
+
+
+def test_the_state_lock_is_never_taken_through_a_link_or_on_a_fifo(tmp_path):
+    """The pid note would overwrite a link's target; a FIFO is no lock file either."""
+    from pneumoflag.device.statelock import LOCK_NAME, StateLock
+
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / LOCK_NAME).symlink_to(precious)
+    with pytest.raises(OSError):
+        StateLock(state).acquire()
+    assert precious.read_text() == "keep me"
+    (state / LOCK_NAME).unlink()
+    os.mkfifo(state / LOCK_NAME)
+    with pytest.raises(OSError, match="not a plain file"):
+        StateLock(state).acquire()
+    (state / LOCK_NAME).unlink()
+    lock = StateLock(state)
+    lock.acquire()  # a plain file: taken
+    lock.release()

@@ -154,6 +154,31 @@ def test_the_header_scan_refuses_floods_but_leaves_cut_files_to_the_decoder():
     with pytest.raises(ImageDecodeError) as e:
         scan_header(jpeg[:2] + (b"\xff\xe1\xff\xff" + b"\0" * 65533) * 300 + jpeg[2:], "x.jpeg")
     assert e.value.reason == "too-large" and "MiB of JPEG APPn/COM segments" in str(e.value)
+    # the walk does not stop where Pillow reads on: a length of 0, or junk between segments, before the flood
+    for lead in (b"\xff\xfe\x00\x00", b"\xff\xfe\x00\x01", b"\x00\x13\x37"):
+        with pytest.raises(ImageDecodeError) as e:
+            scan_header(jpeg[:2] + lead + b"\xff\xfe\x00\x02" * 1001 + jpeg[2:], "x.jpeg")
+        assert e.value.reason == "too-large", lead
     scan_header(jpeg, "x.jpeg")  # a real radiograph passes
     scan_header(jpeg[: len(jpeg) // 50], "x.jpeg")  # cut short: no verdict here
     scan_header(b"\x89PNG\r\n\x1a\n garbage", "x.png")
+
+
+def test_any_animated_png_is_refused_also_one_of_one_frame():
+    """An APNG of "1 frame" whose frame is not the still image shows a viewer a picture that is not scored."""
+    import io
+    import zlib
+
+    from PIL import Image
+    from pneumoflag.device.preprocess import scan_header
+
+    buf = io.BytesIO()
+    Image.open(JPEG).convert("L").save(buf, format="PNG")
+    png = buf.getvalue()
+    body = b"acTL" + (1).to_bytes(4, "big") + (0).to_bytes(4, "big")
+    actl = (8).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    at = 8 + 25  # after the signature and IHDR
+    scan_header(png, "still.png")
+    with pytest.raises(ImageDecodeError) as e:
+        scan_header(png[:at] + actl + png[at:], "anim.png")
+    assert e.value.reason == "unsupported-image" and "animated PNG (1 frame)" in str(e.value)
