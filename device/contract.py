@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .messages import EVENT_ID
+from .messages import EVENT_ID, dumps  # noqa: F401 - dumps: the contract's one JSON writer, kept here too
 from .safe_text import printable
 
 #: the most a message may weigh (a flag is ~1 KB, an escalation carries one flag)
@@ -74,7 +74,7 @@ def _float(digits: str) -> float:
     return value
 
 
-def _check_text(value: Any, depth: int = 0) -> None:
+def _check_text(value: Any) -> None:
     """Every string (keys too) must be encodable as UTF-8; nesting is already bounded by the scan."""
     if isinstance(value, str):
         try:
@@ -83,11 +83,11 @@ def _check_text(value: Any, depth: int = 0) -> None:
             raise ContractError("text that is not valid UTF-8 (a lone surrogate)") from None
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_text(k, depth + 1)
-            _check_text(v, depth + 1)
+            _check_text(k)
+            _check_text(v)
     elif isinstance(value, list):
         for v in value:
-            _check_text(v, depth + 1)
+            _check_text(v)
 
 
 def loads(raw: bytes | bytearray | str, max_bytes: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DEPTH,
@@ -127,11 +127,6 @@ def loads_object(raw: bytes | bytearray | str, max_bytes: int = MAX_MESSAGE_BYTE
     if not isinstance(value, dict):
         raise ContractError("not a JSON object")
     return value
-
-
-def dumps(value: Any) -> str:
-    """Compact JSON that any parser (a browser's too) reads: NaN and Infinity refused (``ValueError``)."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- fields

@@ -169,5 +169,11 @@ class ResendRequest:
         return asdict(self)
 
 
+def dumps(value: Any) -> str:
+    """Compact JSON that any parser (a browser's too) reads: NaN and Infinity refused (``ValueError``). The one
+    JSON writer of the contract: MQTT, the station's database, HTTP and its event stream."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
 def encode(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), sort_keys=False, allow_nan=False).encode()
+    return dumps(payload).encode()

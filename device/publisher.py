@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -95,6 +96,23 @@ def connect_kwargs(cfg: Config, client: mqtt.Client) -> dict:
     if not clean:
         props.SessionExpiryInterval = SESSION_EXPIRY_S
     return {"clean_start": clean, "properties": props}
+
+
+def describe_connect_error(exc: BaseException | None) -> str:
+    """Why a connection could not be made, in the words of whoever runs the network (daemon and station)."""
+    if exc is None:
+        return "no answer"
+    if isinstance(exc, socket.gaierror):
+        return f"the broker's name does not resolve (DNS: {exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (no broker listening on that port)"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out (host unreachable or filtered)"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"unreachable ({exc.strerror or exc})"
+    return str(exc) or type(exc).__name__
 
 
 class Publisher:
@@ -215,7 +233,7 @@ class Publisher:
 
     def _on_connect_fail(self, client, userdata) -> None:
         exc = getattr(client, "last_connect_error", None)
-        self._problem(f"cannot connect ({exc})" if exc else "cannot connect")
+        self._problem(f"cannot connect: {describe_connect_error(exc)}")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         was = self.connected.is_set()

@@ -31,7 +31,7 @@ import paho.mqtt.client as mqtt
 from pneumoflag.device import contract
 from pneumoflag.device.config import Config
 from pneumoflag.device.messages import AckMessage, ResendRequest, encode
-from pneumoflag.device.publisher import connect_kwargs, make_client
+from pneumoflag.device.publisher import connect_kwargs, describe_connect_error, make_client
 
 from .settings import StationSettings
 
@@ -86,26 +86,6 @@ def _topic(message: mqtt.MQTTMessage) -> str:
         return message.topic
     except UnicodeDecodeError:
         return repr(bytes(message._topic))[:200]
-
-
-def describe_connect_error(exc: BaseException | None) -> str:
-    """Why a connection could not be made, in a nurse's IT department's words."""
-    import socket
-    import ssl
-
-    if exc is None:
-        return "no answer"
-    if isinstance(exc, socket.gaierror):
-        return f"the broker's name does not resolve (DNS: {exc.strerror or exc})"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (no broker listening on that port)"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake failed ({exc})"
-    if isinstance(exc, (TimeoutError, socket.timeout)):
-        return "timed out (host unreachable or filtered)"
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"unreachable ({exc.strerror or exc})"
-    return str(exc) or type(exc).__name__
 
 
 def build_client(cfg: Config, client_id: str) -> mqtt.Client:

@@ -56,10 +56,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_ACK_BODY = 4096
 
 
-def json_response(data: Any, status: int = 200) -> web.Response:
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """JSON as every browser parses it: ``contract.dumps`` refuses NaN and Infinity (bare ``NaN`` is a
     ``SyntaxError`` in ``JSON.parse``, and the page would show no rows)."""
-    return web.json_response(data, status=status, dumps=contract.dumps)
+    return web.json_response(data, status=status, headers=headers, dumps=contract.dumps)
 
 
 def _station(request: web.Request) -> Station:
@@ -117,7 +117,7 @@ async def host_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not request.app[HOSTS_KEY].allows(host):
         _quietly(request, f"host:{_client(request)}", "refused %s %s from %s: Host %r is not one of this "
                  "station's names (station.allowed_hosts)", request.method, request.path, _client(request), host)
-        return web.json_response(
+        return json_response(
             {"error": f"this station does not answer to Host {host!r}: open it by its own address, or add that "
                       "name to station.allowed_hosts (e.g. a reverse proxy's public name)"}, status=421)
     return await handler(request)
@@ -134,13 +134,13 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         wait = throttle.reserve(client)
         if wait:
             _too_many(request, wait, "a bearer token")
-            return web.json_response({"error": f"too many wrong passwords; retry in {retry_after(wait)} s"},
-                                     status=429, headers={"Retry-After": retry_after(wait)})
+            return json_response({"error": f"too many wrong passwords; retry in {retry_after(wait)} s"},
+                                 status=429, headers={"Retry-After": retry_after(wait)})
         if guard.bearer(request):
             throttle.forgive(client)
         else:
             _wrong_password(request, "bearer token")
-            return web.json_response({"error": "wrong bearer token"}, status=401)
+            return json_response({"error": "wrong bearer token"}, status=401)
     if (request.method, request.path) not in PUBLIC and not guard.authenticated(request):
         if request.method == "GET" and request.path == "/":
             raise web.HTTPSeeOther("/login")

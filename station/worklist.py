@@ -24,13 +24,12 @@ import secrets
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pneumoflag.device import contract
 from pneumoflag.device.contract import MAX_TEXT, ContractError
-from pneumoflag.device.messages import EVENT_ID
+from pneumoflag.device.messages import EVENT_ID, utc_iso
 from pneumoflag.device.vocab import PRIORITIES
 
 log = logging.getLogger(__name__)
@@ -141,10 +140,6 @@ MAX_JUMP = 100_000
 #: a message that does not follow the contract; logged and dropped (and still acknowledged). The contract's own
 #: error, so the field validators of ``device.contract`` raise what the station's callers catch
 BadMessage = ContractError
-
-
-def utc_iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(value: Any) -> float | None:
