@@ -27,19 +27,17 @@ from ..device.scorer import load_scorer
 from .dataset import LABELS, load_samples, scan_folder
 from .metrics import (
     FLAG_MIN_SENSITIVITY,
+    MIN_PER_CLASS,
     URGENT_MIN_SPECIFICITY,
     TierError,
     choose_operating_points,
     evaluate_scores,
+    format_points,
 )
 from .progress import Progress
 from .quantize import data_record, write_card
 
 log = logging.getLogger(__name__)
-
-#: Fewer images of a class than this cannot set a threshold worth trusting:
-#: at 50 normals one false positive moves specificity by 2 points.
-MIN_PER_CLASS = 50
 
 
 class CalibrateError(Exception):
@@ -68,6 +66,24 @@ def bump_version(version: str, revision: int) -> str:
     return f"{m.group(1)}.{int(m.group(2)) + 1}.0"
 
 
+def _refuse_adapted_on(card: ModelCard, samples: list) -> None:
+    """Thresholds set on images that trained the weights would be optimistic: refuse them, by content."""
+    adaptation = card.raw.get("adaptation")
+    if not adaptation:
+        return
+    from .dataset import content_digests
+
+    seen = set(adaptation["site_data"].get("image_digests") or [])
+    overlap = sum(d in seen for d in content_digests(s.path for s in samples))
+    if overlap:
+        raise CalibrateError(
+            f"{overlap} of these {len(samples)} images trained {card.name} {card.version}'s weights "
+            f"(pneumoflag adapt on {adaptation['site_data']['folder']}): thresholds set on them would be optimistic. "
+            "Its operating points already come from adapt's out-of-fold scores; calibrate only on images the "
+            "model has not seen, or run adapt again from the base model with all the labelled images"
+        )
+
+
 def calibrate(cfg: CalibrateConfig) -> dict:
     card_path = cfg.card or card_path_for(cfg.model)
     try:
@@ -89,6 +105,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             f"site data {cfg.data}: {', '.join(f'{LABELS[i]}={counts[i]}' for i in range(2))} images; calibration "
             f"needs at least {MIN_PER_CLASS} of each class to set thresholds worth trusting"
         )
+    _refuse_adapted_on(card, samples)
     scorer, card = load_scorer(cfg.model, "cpu", card=card)
     ds = load_samples(samples, card.preprocessing, cfg.workers, Progress("decoding", len(samples)))
     readable = np.bincount(ds.y, minlength=2)
@@ -138,8 +155,6 @@ def calibrate(cfg: CalibrateConfig) -> dict:
 
 
 def summary(result: dict) -> str:
-    from .commands import format_points
-
     card, fig = result["card"], result["figures"]
     ops = card["operating_points"]
     lines = [

@@ -6,12 +6,11 @@ the device CLI starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 from ..device.preprocess import CONTRASTS
 from ..device.vocab import ACCELERATORS
 from .augment import AUGMENTATIONS
-from .metrics import FLAG_MIN_SENSITIVITY, URGENT_MIN_SPECIFICITY
+from .budget import MAX_INFER_MS, MAX_TFLITE_BYTES
+from .metrics import FLAG_MIN_SENSITIVITY, MIN_PER_CLASS, URGENT_MIN_SPECIFICITY, format_points
 from .model import ARCHITECTURES
 
 
@@ -122,26 +121,6 @@ def add_convert(sub) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
-def _fmt_ci(v: Optional[float], ci: Optional[list]) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
-def format_points(figures: dict) -> list[str]:
-    """One line per operating point: threshold, sensitivity and specificity with their intervals."""
-    lines = []
-    for name, m in figures["operating_points"].items():
-        line = (f"  {name:<7} p >= {m['threshold']:.4f}  sensitivity {_fmt_ci(m['sensitivity'], m.get('sensitivity_ci95'))}"
-                f"  specificity {_fmt_ci(m['specificity'], m.get('specificity_ci95'))}")
-        prev = m.get("at_prevalence")
-        if prev:
-            line += (f"  flagged {prev['share_flagged']:.1%}, PPV {_fmt_ci(prev['ppv'], None)} "
-                     f"at prevalence {prev['prevalence']:.1%}")
-        lines.append(line)
-    return lines
-
-
 def _cmd_convert(args) -> int:
     from ..convert.quantize import ConvertConfig, ConvertError, convert
 
@@ -228,6 +207,97 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def add_adapt(sub) -> None:
+
+    p = sub.add_parser(
+        "adapt",
+        help="fine-tune the model on a site's labelled images (patient-level cross-fitting, acceptance protocol)",
+        description="Fit MODEL to a site's labelled images (DATA with NORMAL/ and PNEUMONIA/, at least 50 of each) "
+        "so that every figure on them stays out-of-fold: the site's patients are dealt into --folds folds; for each "
+        "fold every ensemble member (the card's float members) is fine-tuned on the other folds and scores the "
+        "held-out one. The operating points are set on those out-of-fold scores (same rules as calibrate). What "
+        "ships is the average of the fold models, converted to int8 through convert's checks. The acceptance "
+        "protocol is written to OUT.adapt.json before training and checked after: out-of-fold AUROC at least the "
+        "base model's on the same images + --min-gain; validation AUROC down by at most --max-forgetting; the int8 "
+        "check; distinct tiers; size, Edge TPU ops and latency within budget. OUT, its card and its float members "
+        "are written only if every criterion holds; otherwise adapt says which failed (exit status 1) and the base "
+        "model stays the one to use. Needs the toolchain (TensorFlow).",
+    )
+    p.add_argument("--model", required=True, type=Path, help="the base .tflite (its card and float members beside it)")
+    p.add_argument("--data", required=True, type=Path, help="the site's labelled images: NORMAL/ and PNEUMONIA/")
+    p.add_argument("--out", required=True, type=Path, help="the adapted .tflite (its card, members and record beside it)")
+    p.add_argument("--folds", type=int, default=5, help="patient-level folds (default 5)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the folds and of the fine-tuning (default 42)")
+    p.add_argument("--train", choices=("head", "all"), default="head",
+                   help="head: only the dense head after the convolutional layers learns (default; the shipped "
+                   "graph shares those layers between folds); all: every weight but the batch norms")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs per fold (fixed: no early stopping; "
+                   "default 10)")
+    p.add_argument("--learning-rate", type=float, help="Adam learning rate (default: 1e-3 for head, 1e-4 for all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--augment", choices=AUGMENTATIONS, default="geometric",
+                   help="augmentation of the site images while fine-tuning (as train; default geometric)")
+    p.add_argument("--flip", action="store_true", help="also flip left-right at random")
+    p.add_argument("--mix-train", type=float, default=0.0, metavar="SHARE",
+                   help="add this share (of each fold's site images) of images from the members' own training split, "
+                   "so that what was learnt there is kept (default 0; never their validation split)")
+    p.add_argument("--min-gain", type=float, default=0.005,
+                   help="protocol: out-of-fold AUROC must beat the base model's on the site by this (default 0.005)")
+    p.add_argument("--max-forgetting", type=float, default=0.01,
+                   help="protocol: validation AUROC may fall by at most this (default 0.01)")
+    p.add_argument("--min-sensitivity", type=float, default=FLAG_MIN_SENSITIVITY,
+                   help=f"flag: highest out-of-fold threshold with this sensitivity (default {FLAG_MIN_SENSITIVITY})")
+    p.add_argument("--urgent-min-specificity", type=float, default=URGENT_MIN_SPECIFICITY,
+                   help=f"urgent: lowest out-of-fold threshold with this specificity (default {URGENT_MIN_SPECIFICITY})")
+    p.add_argument("--single-tier", action="store_true", help="allow a card without an urgent tier")
+    p.add_argument("--prevalence", type=float, help="the site's share of pneumonia, for PPV and the flagged share "
+                   "(default: the data's own)")
+    p.add_argument("--calibration", type=Path, help="int8 calibration images (default: the members' training folder)")
+    p.add_argument("--validation", type=Path,
+                   help="the validation folder (default: the validation split the members' training recorded)")
+    p.add_argument("--num-calibration", type=int, default=200, help="calibration images (default 200)")
+    p.add_argument("--max-auroc-drop", type=float, default=0.005, help="protocol: int8 vs float (default 0.005)")
+    p.add_argument("--max-bytes", type=int, default=MAX_TFLITE_BYTES,
+                   help=f"protocol: .tflite bytes in all (default {MAX_TFLITE_BYTES:,})")
+    p.add_argument("--max-infer-ms", type=float, default=MAX_INFER_MS,
+                   help=f"protocol: infer p50 on this CPU (default {MAX_INFER_MS} ms)")
+    p.add_argument("--model-version", help="version of the adapted model (default: the base's major version bumped)")
+    p.add_argument("--edgetpu", action="store_true", help="also compile NAME_edgetpu.tflite with edgetpu_compiler")
+    p.add_argument("--plots", type=Path, help="write roc.png, confusion.png, misclassified.png and evaluation.json of "
+                   "the out-of-fold scores here")
+    p.add_argument("--min-per-class", type=int, default=MIN_PER_CLASS,
+                   help=f"refuse fewer labelled site images of a class than this (default {MIN_PER_CLASS}, as "
+                   "calibrate; lower it only to study how many images adaptation needs)")
+    p.add_argument("--workers", type=int, default=2, help="threads that decode and augment (default 2)")
+    p.set_defaults(func=_cmd_adapt)
+
+
+def _cmd_adapt(args) -> int:
+    from ..convert.adapt import AdaptConfig, AdaptError, AdaptRefused, adapt, summary
+
+    cfg = AdaptConfig(
+        model=args.model, data=args.data, out=args.out, folds=args.folds, seed=args.seed, train=args.train,
+        epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, augment=args.augment,
+        flip=args.flip, mix_train=args.mix_train, min_gain=args.min_gain, max_forgetting=args.max_forgetting,
+        min_sensitivity=args.min_sensitivity, urgent_min_specificity=args.urgent_min_specificity,
+        single_tier=args.single_tier, prevalence=args.prevalence, calibration=args.calibration,
+        validation=args.validation, num_calibration=args.num_calibration, max_auroc_drop=args.max_auroc_drop,
+        max_bytes=args.max_bytes, max_infer_ms=args.max_infer_ms, version=args.model_version, edgetpu=args.edgetpu,
+        plots=args.plots, min_per_class=args.min_per_class, workers=args.workers,
+    )
+    try:
+        res = adapt(cfg)
+    except AdaptRefused as exc:
+        import sys
+
+        print(f"pneumoflag adapt: {exc}", file=sys.stderr)
+        return 1
+    except AdaptError as exc:
+        raise _cli_error(str(exc)) from None
+    print(summary(res))
+    return 0
+
+
 def add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -270,7 +340,7 @@ def register(sub) -> dict:
     from .dataset import DataError
     from .quantize import ConvertError
 
-    for add in (add_train, add_convert, add_calibrate, add_evaluate):
+    for add in (add_train, add_convert, add_calibrate, add_adapt, add_evaluate):
         add(sub)
     return {"title": TITLE, "errors": (DataError, ConvertError, CalibrateError)}
 

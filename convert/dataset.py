@@ -185,3 +185,48 @@ def split_fingerprint(samples: Iterable[Sample]) -> str:
     for s in sorted(samples, key=lambda s: str(s.path)):
         h.update(f"{s.path.parent.name}/{s.path.name}\n".encode())
     return h.hexdigest()[:16]
+
+
+def patient_folds(samples: Sequence[Sample], k: int, seed: int) -> list[int]:
+    """A fold number (0..k-1) for each sample: seeded, by patient, the classes dealt evenly.
+
+    Every image of a patient lands in one fold, so a model never scores a
+    patient it was trained on. Patients of each class are shuffled and dealt
+    round-robin, starting where the previous class left off, so fold sizes
+    differ by at most a patient or two per class.
+    """
+    if k < 2:
+        raise ValueError(f"folds must be at least 2, not {k}")
+    patients = sorted({s.patient for s in samples})
+    if len(patients) < k:
+        raise DataError(f"{len(patients)} patients cannot make {k} folds: every fold needs a patient of its own")
+    # a patient's class: the first label of its images (one with both classes stays in one fold all the same)
+    label_of: dict[str, int] = {}
+    for s in samples:
+        label_of.setdefault(s.patient, s.label)
+    rng = random.Random(seed)
+    fold_of: dict[str, int] = {}
+    start = 0
+    for label in range(len(LABELS)):
+        group = sorted(p for p in patients if label_of[p] == label)
+        rng.shuffle(group)
+        for i, p in enumerate(group):
+            fold_of[p] = (start + i) % k
+        start = (start + len(group)) % k
+    return [fold_of[s.patient] for s in samples]
+
+
+def content_digests(paths: Iterable[Path]) -> list[str]:
+    """Sorted short sha256 of each file's bytes: which images a model was trained on, without their names.
+
+    Names can carry patient ids; the bytes' digest identifies an image without
+    revealing anything about it, and finds it again under another name.
+    """
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out.append(h.hexdigest()[:16])
+    return sorted(out)

@@ -121,7 +121,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def format_summary(r: dict) -> str:
-    from .commands import format_points
+    from .metrics import format_points
 
     lo, hi = r.get("auroc_ci95", [float("nan")] * 2)
     s95 = r.get("specificity_at_sensitivity", {})

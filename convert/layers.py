@@ -80,6 +80,7 @@ class ActivationModel:
         except Exception as exc:  # noqa: BLE001 - keras raises many types for bad files
             raise LayersUnavailable(f"{keras_path}: cannot load as a Keras model ({type(exc).__name__})") from None
         self.path = keras_path
+        model = _conv_model(model)
         self.names = _block_outputs(model)
         if not self.names:
             raise LayersUnavailable(f"{keras_path}: no convolution layers to show")
@@ -111,6 +112,24 @@ class ActivationModel:
         """Compute the blocks for one preprocessed input and write its contact sheet to ``out``."""
         out.write_bytes(contact_sheet(self.member_input(pixels, spec), self.blocks(pixels, spec), title))
         return out
+
+
+def _conv_model(model):
+    """The model, or the first model nested in it that holds the convolutions.
+
+    An adapted member (``pneumoflag adapt``) runs its convolutional layers as a
+    nested ``trunk`` shared by its fold heads (``--train all``: the first fold's copy).
+    """
+    import keras
+
+    if any(isinstance(layer, keras.layers.Conv2D) for layer in model.layers):
+        return model
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            inner = _conv_model(layer)
+            if any(isinstance(x, keras.layers.Conv2D) for x in inner.layers):
+                return inner
+    return model
 
 
 def _block_outputs(model) -> list[str]:

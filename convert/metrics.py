@@ -12,6 +12,9 @@ import numpy as np
 
 FLAG_MIN_SENSITIVITY = 0.97
 URGENT_MIN_SPECIFICITY = 0.95
+#: Fewer site images of a class than this cannot set a threshold worth trusting:
+#: at 50 normals one false positive moves specificity by 2 points.
+MIN_PER_CLASS = 50
 
 
 def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -239,3 +242,23 @@ def evaluate_scores(y, p, thresholds: dict[str, Optional[float]], intervals: boo
             r["at_prevalence"] = at_prevalence(r["sensitivity"], r["specificity"], prevalence)
         out["operating_points"][k] = r
     return out
+
+
+def _fmt_ci(v: Optional[float], ci: Optional[list]) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def format_points(figures: dict) -> list[str]:
+    """One line per operating point: threshold, sensitivity and specificity with their intervals."""
+    lines = []
+    for name, m in figures["operating_points"].items():
+        line = (f"  {name:<7} p >= {m['threshold']:.4f}  sensitivity {_fmt_ci(m['sensitivity'], m.get('sensitivity_ci95'))}"
+                f"  specificity {_fmt_ci(m['specificity'], m.get('specificity_ci95'))}")
+        prev = m.get("at_prevalence")
+        if prev:
+            line += (f"  flagged {prev['share_flagged']:.1%}, PPV {_fmt_ci(prev['ppv'], None)} "
+                     f"at prevalence {prev['prevalence']:.1%}")
+        lines.append(line)
+    return lines

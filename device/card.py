@@ -108,6 +108,17 @@ class ModelCard:
         names = [m.get("file") for m in source.get("members") or [source]]
         return [Path(model_path).parent / n for n in names if n]
 
+    def adaptation_summary(self) -> Optional[str]:
+        """One line saying that this model was adapted to a site and on which data (``pneumoflag adapt``)."""
+        a = self.raw.get("adaptation")
+        if not a:
+            return None
+        base, site = a.get("base_model") or {}, a.get("site_data") or {}
+        counts = ", ".join(f"{k} {v}" for k, v in (site.get("images") or {}).items())
+        return (f"model {self.name} {self.version} is adapted: {base.get('name')} {base.get('version')} fine-tuned "
+                f"on site data {site.get('folder')} ({counts}; file list sha256 {site.get('files_sha256')}), "
+                f"{(a.get('folds') or {}).get('k')} patient-level folds; operating points from out-of-fold scores")
+
     @property
     def layout_template(self) -> Optional[np.ndarray]:
         """The mean training radiograph at 32 x 32 (``plausibility.template``), for the gate's layout check."""

@@ -164,6 +164,9 @@ class Daemon:
             points.get("folder", "its validation data"), self.scorer.report.accelerator,
             self.scorer.report.runtime, self.card.thresholds.describe(), cfg.mqtt.broker, cfg.topic(""),
         )
+        adapted = self.card.adaptation_summary()
+        if adapted:
+            log.info("%s", adapted)
 
     def _start_embedded_broker(self) -> None:
         from .broker import BrokerStartError, EmbeddedBroker, port_in_use

@@ -261,3 +261,7 @@ def test_daemon_logs_probabilities_as_the_thresholds_are_written(tmp_path):
     assert run.returncode == 0, run.stderr
     line = next(x for x in run.stderr.splitlines() if SAMPLES[0].name in x and "p=" in x)
     assert re.search(r"p=\d\.\d{4},", line), line
+    # the shipped model is adapted to a site: the daemon says so, and on which data
+    adapted = ModelCard.load(SHIPPED_MODEL.with_suffix(".json")).raw["adaptation"]["site_data"]
+    said = next(x for x in run.stderr.splitlines() if "is adapted" in x)
+    assert f"site data {adapted['folder']}" in said and adapted["files_sha256"] in said, said

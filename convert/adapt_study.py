@@ -1,0 +1,245 @@
+"""The adaptation study's commands: do ``adapt``'s thresholds hold on patients it never saw, and how many
+site images does it need?
+
+    python -m pneumoflag.convert.adapt_study nested --model BASE.tflite --data SITE --work runs/nested
+    python -m pneumoflag.convert.adapt_study curve  --model BASE.tflite --data SITE --work runs/curve
+    python -m pneumoflag.convert.adapt_study row runs/X.adapt.json
+
+``nested`` deals the site's patients into outer folds; for each it runs the
+whole of ``adapt`` (its own inner folds, out-of-fold thresholds, the shipped
+average, the int8 conversion) on the other outer folds and scores the held-out
+patients with the model it ships, at the thresholds it set. The pooled held-out
+figures are what a site would see after go-live, against what adapt intended.
+``curve`` holds out a fixed set of patients and adapts on growing subsets of
+the rest. ``row`` prints a study table row from an adapt record (also a refused one).
+Images are linked, never copied; the work folder holds the runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .adapt import AdaptConfig, AdaptError, AdaptRefused, adapt, record_path
+from .dataset import LABELS, Sample, load_samples, patient_folds, scan_folder
+from .metrics import Confusion, auroc, auroc_interval, evaluate_scores, specificity_at_sensitivity
+
+log = logging.getLogger(__name__)
+
+
+def link_set(samples: list[Sample], dest: Path) -> Path:
+    """A labelled folder of links to these images (NORMAL/, PNEUMONIA/)."""
+    for lab in LABELS:
+        (dest / lab).mkdir(parents=True, exist_ok=True)
+    for s in samples:
+        link = dest / LABELS[s.label] / s.path.name
+        if not link.exists():
+            link.symlink_to(s.path.resolve())
+    return dest
+
+
+def shuffled_labels(samples: list[Sample], seed: int) -> list[Sample]:
+    """The same images with their patients' labels permuted: a site whose labels carry no signal."""
+    patients = sorted({s.patient for s in samples})
+    labels = [next(s.label for s in samples if s.patient == p) for p in patients]
+    random.Random(seed).shuffle(labels)
+    new = dict(zip(patients, labels, strict=True))
+    return [Sample(s.path, new[s.patient]) for s in samples]
+
+
+def score_folder(model: Path, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The int8 model's probabilities on these images, their labels and the card's thresholds."""
+    from ..device.scorer import load_scorer
+
+    scorer, card = load_scorer(model, "cpu")
+    ds = load_samples(samples, card.preprocessing, workers=2)
+    p = np.array([scorer.score(x) for x in ds.x])
+    return ds.y, p, card.thresholds.as_dict()
+
+
+def _wilson(k: int, n: int) -> list[float]:
+    if n == 0:
+        return [float("nan"), float("nan")]
+    z, ph = 1.96, k / n
+    d = 1 + z * z / n
+    c = ph + z * z / (2 * n)
+    r = z * np.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n))
+    return [float((c - r) / d), float((c + r) / d)]
+
+
+def _adapt_cfg(args, data: Path, out: Path) -> AdaptConfig:
+    return AdaptConfig(model=args.model, data=data, out=out, folds=args.folds, train=args.train, epochs=args.epochs,
+                       mix_train=args.mix_train, min_per_class=args.min_per_class, verbose=0)
+
+
+def _run(cfg: AdaptConfig) -> Optional[dict]:
+    try:
+        return adapt(cfg)
+    except AdaptRefused as exc:
+        log.warning("%s", exc)
+        return None
+
+
+def nested(args) -> dict:
+    samples = scan_folder(args.data, "site data folder")
+    outer = np.asarray(patient_folds(samples, args.outer, args.seed))
+    pooled = {"flag": [], "urgent": []}
+    rows = []
+    for o in range(args.outer):
+        inner = [s for s, g in zip(samples, outer, strict=True) if g != o]
+        held = [s for s, g in zip(samples, outer, strict=True) if g == o]
+        work = args.work / f"outer{o}"
+        res = _run(_adapt_cfg(args, link_set(inner, work / "site"), work / "adapted.tflite"))
+        if res is None:
+            rows.append({"outer": o, "refused": True})
+            continue
+        y, p, th = score_folder(work / "adapted.tflite", held)
+        row = {"outer": o, "images": len(held), "auroc_held_out": auroc(y, p), "thresholds": th,
+               "intended_out_of_fold": {k: {"sensitivity": v["sensitivity"], "specificity": v["specificity"]}
+                                        for k, v in res["oof"]["operating_points"].items()}}
+        for tier, t in th.items():
+            if t is None:
+                continue
+            c = Confusion.at(y, p, t)
+            pooled[tier].append(c)
+            row[tier] = c.report()
+        rows.append(row)
+    summary = {"outer_folds": args.outer, "seed": args.seed, "rows": rows, "pooled": {}}
+    for tier, cs in pooled.items():
+        if not cs:
+            continue
+        tp, fn = sum(c.tp for c in cs), sum(c.fn for c in cs)
+        tn, fp = sum(c.tn for c in cs), sum(c.fp for c in cs)
+        summary["pooled"][tier] = {"sensitivity": tp / (tp + fn), "sensitivity_ci95": _wilson(tp, tp + fn),
+                                   "specificity": tn / (tn + fp), "specificity_ci95": _wilson(tn, tn + fp),
+                                   "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+    return summary
+
+
+def _nested_subsets(pool: list[Sample], sizes: list[int], seed: int) -> dict[int, list[Sample]]:
+    """Subsets of whole patients, each inside the next, keeping the pool's class ratio."""
+    rng = random.Random(seed)
+    by_class = []
+    for lab in range(len(LABELS)):
+        patients = sorted({s.patient for s in pool if s.label == lab})
+        rng.shuffle(patients)
+        by_class.append([s for p in patients for s in pool if s.patient == p and s.label == lab])
+    out = {}
+    for n in sizes:
+        chosen = []
+        for group in by_class:
+            k = round(n * len(group) / len(pool))
+            chosen += group[:k]
+        out[n] = chosen
+    return out
+
+
+def curve(args) -> dict:
+    samples = scan_folder(args.data, "site data folder")
+    folds = np.asarray(patient_folds(samples, args.hold_folds, args.seed))
+    held = [s for s, g in zip(samples, folds, strict=True) if g == 0]
+    pool = [s for s, g in zip(samples, folds, strict=True) if g != 0]
+    sizes = sorted(n for n in args.sizes if n < len(pool)) + [len(pool)]
+    y_h, p_base, _ = score_folder(args.model, held)
+    rows = [{"site_images": 0, "model": "base", "auroc_held_out": auroc(y_h, p_base),
+             "auroc_held_out_ci95": auroc_interval(y_h, p_base),
+             "spec_at_sens_0.95_held_out": specificity_at_sensitivity(y_h, p_base, 0.95)}]
+    for n, subset in _nested_subsets(pool, sizes, args.seed).items():
+        work = args.work / f"n{n}"
+        res = _run(_adapt_cfg(args, link_set(subset, work / "site"), work / "adapted.tflite"))
+        row = {"site_images": len(subset), "classes": {LABELS[i]: sum(s.label == i for s in subset) for i in range(2)}}
+        rec = json.loads(record_path(work / "adapted.tflite").read_text())
+        result = rec.get("result", {})
+        row["out_of_fold_auroc"] = (result.get("out_of_fold") or {}).get("auroc")
+        row["accepted"] = res is not None
+        row["failed"] = [c["name"] for c in result.get("criteria", []) if not c["passed"]]
+        if res is not None:
+            y, p, th = score_folder(work / "adapted.tflite", held)
+            fig = evaluate_scores(y, p, th, intervals=True)
+            row.update(auroc_held_out=fig["auroc"], auroc_held_out_ci95=fig["auroc_ci95"],
+                       **{"spec_at_sens_0.95_held_out": fig["specificity_at_sensitivity"]["0.95"]},
+                       held_out_points={k: {m: v[m] for m in ("sensitivity", "specificity")}
+                                        for k, v in fig["operating_points"].items()})
+        rows.append(row)
+    return {"held_out_images": len(held), "held_out_classes": {LABELS[i]: int((y_h == i).sum()) for i in range(2)},
+            "pool_images": len(pool), "rows": rows}
+
+
+def row(args) -> str:
+    rec = json.loads(Path(args.record).read_text())
+    r = rec["result"]
+    oof, m = r["out_of_fold"], r["protocol"]["method"]
+    pts = oof["operating_points"]
+    cells = [args.name or Path(args.record).name.removesuffix(".adapt.json"),
+             f"{m['train']}, {m['epochs']} ep, lr {m['learning_rate']:g}, {m['folds']} folds, mix {m['mix_train']:g}",
+             f"{oof['auroc']:.4f} [{oof['auroc_ci95'][0]:.3f}, {oof['auroc_ci95'][1]:.3f}]",
+             f"{oof['specificity_at_sensitivity']['0.95']:.3f}"]
+    for tier in ("flag", "urgent"):
+        v = pts.get(tier)
+        cells.append(f"{v['sensitivity']:.3f} / {v['specificity']:.3f}" if v else "n/a")
+    failed = [c["name"] for c in r["criteria"] if not c["passed"]]
+    size = next((c["value"] for c in r["criteria"] if c["name"] == "size"), None)
+    ms = next((c["value"] for c in r["criteria"] if c["name"] == "latency"), None)
+    cells += [f"{size:,}" if isinstance(size, int) else "n/a", f"{ms}" if isinstance(ms, float) else "n/a",
+              "accepted" if not failed else "refused: " + ", ".join(failed)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="python -m pneumoflag.convert.adapt_study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("nested", "curve"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", required=True, type=Path, help="the base .tflite")
+        p.add_argument("--data", required=True, type=Path, help="the site's labelled images")
+        p.add_argument("--work", required=True, type=Path, help="a folder for the runs (links, models, records)")
+        p.add_argument("--seed", type=int, default=7, help="seed of the outer split (other than adapt's own 42)")
+        p.add_argument("--folds", type=int, default=5, help="adapt's inner folds")
+        p.add_argument("--train", default="head")
+        p.add_argument("--epochs", type=int, default=10)
+        p.add_argument("--mix-train", type=float, default=0.0)
+        p.add_argument("--min-per-class", type=int, default=50)
+        p.add_argument("--json", type=Path, help="write the figures here")
+        if name == "nested":
+            p.add_argument("--outer", type=int, default=5, help="outer folds (default 5)")
+        else:
+            p.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200])
+            p.add_argument("--hold-folds", type=int, default=3,
+                           help="hold out one of this many patient folds as the common test set (default 3)")
+    p = sub.add_parser("shuffle", help="link a copy of a labelled folder with its patients' labels permuted")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("row")
+    p.add_argument("record", type=Path)
+    p.add_argument("--name")
+    args = ap.parse_args(argv)
+    if args.cmd == "row":
+        print(row(args))
+        return 0
+    if args.cmd == "shuffle":
+        print(link_set(shuffled_labels(scan_folder(args.data), args.seed), args.out))
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    try:
+        out = nested(args) if args.cmd == "nested" else curve(args)
+    except AdaptError as exc:
+        print(f"adapt_study: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(out, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
