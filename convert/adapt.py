@@ -15,7 +15,7 @@ thresholds carry over (``models/EXPERIMENTS.md`` measures it on patients no
 fold saw). A model refit on all the site's images would score more extreme
 than its fold models and the thresholds would not hold.
 
-The acceptance protocol (:func:`protocol`) is written to ``OUT.adapt.json``
+The acceptance protocol (:func:`protocol`) is written to ``NAME.adapt.json`` beside ``NAME.tflite``
 before anything trains and checked after; the adapted model and its card are
 written only if every criterion holds, otherwise the base model stays the one
 to use and the record says which criterion failed.
@@ -46,6 +46,7 @@ from .dataset import (
     LoadedSet,
     Sample,
     content_digests,
+    file_digest,
     load_samples,
     patient_folds,
     patient_split,
@@ -253,15 +254,24 @@ def _score_all(scorer: Scorer, data: LoadedSet, label: str) -> np.ndarray:
     return p
 
 
-def _infer_p50_ms(scorer: Scorer, x: np.ndarray, repeats: int = 60) -> float:
+def _infer_p50_ms(scorer: Scorer, x: np.ndarray, repeats: int = 40, rounds: int = 5) -> float:
+    """The lowest of a few rounds' median invoke time: what the CPU does, not what a busy moment let it do.
+
+    A shared machine (another training run, a test suite) moves one round by 2x or more; the budget is the
+    model's cost, so the quietest round counts, as the benchmarks take the lower of their runs.
+    """
     for _ in range(5):
         scorer.raw(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        scorer.raw(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    medians = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            scorer.raw(x)
+            times.append((time.perf_counter() - t0) * 1000)
+        medians.append(statistics.median(times))
+        time.sleep(0.05)
+    return min(medians)
 
 
 def _class_weight(y: np.ndarray) -> dict[int, float]:
@@ -422,7 +432,8 @@ def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list
             "base_on_site": base_fig,
         }
         record.update(status="accepted" if not failed else "refused", finished=datetime.now(timezone.utc)
-                      .isoformat(timespec="seconds"), result=adaptation)
+                      .isoformat(timespec="seconds"), result=adaptation,
+                      out_of_fold_scores=_scores_by_image(site, folds, p_oof))
         if failed:
             _write_record(rec_path, record)
             raise AdaptRefused(
@@ -441,9 +452,21 @@ def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list
         (cfg.plots / "evaluation.json").write_text(json.dumps(
             {"model": f"{card['name']} {card['version']}", "scores": "out-of-fold (pneumoflag adapt)",
              "data": site_rec, **oof}, indent=2) + "\n")
-        written_files += [cfg.plots / "evaluation.json", *write_plots(cfg.plots, site, p_oof, oof)]
+        written_files += [cfg.plots / "evaluation.json", *write_plots(
+            cfg.plots, site, p_oof, oof, f"ROC: out-of-fold scores on {site_rec['folder']}")]
     return {"card": card, "card_path": card_path_for(cfg.out), "record_path": rec_path, "files": written_files,
             "criteria": criteria, "oof": oof}
+
+
+def _scores_by_image(site: LoadedSet, folds: np.ndarray, p: np.ndarray) -> dict:
+    """Each site image's out-of-fold probability, keyed by its bytes' digest: the audit trail of the points.
+
+    Kept in the record, not the card: a physicist can check or re-derive any operating point from it.
+    """
+    digests = [file_digest(path) for path in site.paths]
+    return {"columns": ["image_sha256_16", "label", "fold", "probability"],
+            "rows": [[d, int(y), int(f) + 1, round(float(v), 6)] for d, y, f, v in zip(
+                digests, site.y, folds, p, strict=True)]}
 
 
 def _say(c: dict) -> str:

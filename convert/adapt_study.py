@@ -2,16 +2,18 @@
 site images does it need?
 
     python -m pneumoflag.convert.adapt_study nested --model BASE.tflite --data SITE --work runs/nested
-    python -m pneumoflag.convert.adapt_study curve  --model BASE.tflite --data SITE --work runs/curve
+    python -m pneumoflag.convert.adapt_study nested ... --site-images 100 --min-per-class 10   # learning curve
     python -m pneumoflag.convert.adapt_study row runs/X.adapt.json
 
 ``nested`` deals the site's patients into outer folds; for each it runs the
 whole of ``adapt`` (its own inner folds, out-of-fold thresholds, the shipped
 average, the int8 conversion) on the other outer folds and scores the held-out
 patients with the model it ships, at the thresholds it set. The pooled held-out
-figures are what a site would see after go-live, against what adapt intended.
-``curve`` holds out a fixed set of patients and adapts on growing subsets of
-the rest. ``row`` prints a study table row from an adapt record (also a refused one).
+figures are what a site would see after go-live, against what adapt intended
+(an outer fold whose adaptation is refused keeps the base model, as the site
+would). With ``--site-images N`` each outer adaptation sees only N images of
+its pool: the learning curve, judged on the same held-out patients. ``row``
+prints a study table row from an adapt record (also a refused one).
 Images are linked, never copied; the work folder holds the runs.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 
 from .adapt import AdaptConfig, AdaptError, AdaptRefused, adapt, record_path
 from .dataset import LABELS, Sample, load_samples, patient_folds, scan_folder
-from .metrics import Confusion, auroc, auroc_interval, evaluate_scores, specificity_at_sensitivity
+from ..device.card import ModelCard
+from .metrics import Confusion, auroc, auroc_interval, specificity_at_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,8 @@ def _wilson(k: int, n: int) -> list[float]:
 
 def _adapt_cfg(args, data: Path, out: Path) -> AdaptConfig:
     return AdaptConfig(model=args.model, data=data, out=out, folds=args.folds, train=args.train, epochs=args.epochs,
-                       mix_train=args.mix_train, min_per_class=args.min_per_class, verbose=0)
+                       mix_train=args.mix_train, urgent_min_specificity=args.urgent_min_specificity,
+                       min_per_class=args.min_per_class, verbose=0)
 
 
 def _run(cfg: AdaptConfig) -> Optional[dict]:
@@ -87,22 +91,37 @@ def _run(cfg: AdaptConfig) -> Optional[dict]:
 
 
 def nested(args) -> dict:
+    """Adapt on all but one outer fold (or on ``--site-images`` of them), judge on the held-out fold; pool."""
     samples = scan_folder(args.data, "site data folder")
     outer = np.asarray(patient_folds(samples, args.outer, args.seed))
     pooled = {"flag": [], "urgent": []}
     rows = []
+    held_y, held_p, held_base = [], [], []
     for o in range(args.outer):
         inner = [s for s, g in zip(samples, outer, strict=True) if g != o]
+        if args.site_images:
+            inner = _nested_subsets(inner, [args.site_images], args.seed + o)[args.site_images]
         held = [s for s, g in zip(samples, outer, strict=True) if g == o]
         work = args.work / f"outer{o}"
         res = _run(_adapt_cfg(args, link_set(inner, work / "site"), work / "adapted.tflite"))
-        if res is None:
-            rows.append({"outer": o, "refused": True})
-            continue
-        y, p, th = score_folder(work / "adapted.tflite", held)
-        row = {"outer": o, "images": len(held), "auroc_held_out": auroc(y, p), "thresholds": th,
-               "intended_out_of_fold": {k: {"sensitivity": v["sensitivity"], "specificity": v["specificity"]}
-                                        for k, v in res["oof"]["operating_points"].items()}}
+        y, p_base, _ = score_folder(args.model, held)
+        row = {"outer": o, "site_images": len(inner), "held_out_images": len(held),
+               "auroc_base_held_out": auroc(y, p_base)}
+        rec = json.loads(record_path(work / "adapted.tflite").read_text()).get("result") or {}
+        row["out_of_fold_auroc"] = (rec.get("out_of_fold") or {}).get("auroc")
+        row["failed"] = [c["name"] for c in rec.get("criteria", []) if not c["passed"]]
+        if res is None:  # refused: the site keeps the base model, and that is what it would see
+            p, th = p_base, ModelCard.load(args.model.with_suffix(".json")).thresholds.as_dict()
+        else:
+            _, p, th = score_folder(work / "adapted.tflite", held)
+            row["intended_out_of_fold"] = {k: {"sensitivity": v["sensitivity"], "specificity": v["specificity"]}
+                                           for k, v in res["oof"]["operating_points"].items()}
+        row.update(accepted=res is not None, auroc_held_out=auroc(y, p), thresholds=th,
+                   scores={"label": [int(v) for v in y], "p": [round(float(v), 6) for v in p],
+                           "p_base": [round(float(v), 6) for v in p_base]})
+        held_y.append(y)
+        held_p.append(p)
+        held_base.append(p_base)
         for tier, t in th.items():
             if t is None:
                 continue
@@ -110,7 +129,13 @@ def nested(args) -> dict:
             pooled[tier].append(c)
             row[tier] = c.report()
         rows.append(row)
-    summary = {"outer_folds": args.outer, "seed": args.seed, "rows": rows, "pooled": {}}
+    y_all, p_all, b_all = np.concatenate(held_y), np.concatenate(held_p), np.concatenate(held_base)
+    summary = {"outer_folds": args.outer, "seed": args.seed, "site_images": args.site_images or "all",
+               "accepted": sum(r["accepted"] for r in rows), "rows": rows,
+               "pooled_auroc": auroc(y_all, p_all), "pooled_auroc_ci95": auroc_interval(y_all, p_all),
+               "pooled_spec_at_sens_0.95": specificity_at_sensitivity(y_all, p_all, 0.95),
+               "base_pooled_auroc": auroc(y_all, b_all),
+               "base_spec_at_sens_0.95": specificity_at_sensitivity(y_all, b_all, 0.95), "pooled": {}}
     for tier, cs in pooled.items():
         if not cs:
             continue
@@ -140,53 +165,25 @@ def _nested_subsets(pool: list[Sample], sizes: list[int], seed: int) -> dict[int
     return out
 
 
-def curve(args) -> dict:
-    samples = scan_folder(args.data, "site data folder")
-    folds = np.asarray(patient_folds(samples, args.hold_folds, args.seed))
-    held = [s for s, g in zip(samples, folds, strict=True) if g == 0]
-    pool = [s for s, g in zip(samples, folds, strict=True) if g != 0]
-    sizes = sorted(n for n in args.sizes if n < len(pool)) + [len(pool)]
-    y_h, p_base, _ = score_folder(args.model, held)
-    rows = [{"site_images": 0, "model": "base", "auroc_held_out": auroc(y_h, p_base),
-             "auroc_held_out_ci95": auroc_interval(y_h, p_base),
-             "spec_at_sens_0.95_held_out": specificity_at_sensitivity(y_h, p_base, 0.95)}]
-    for n, subset in _nested_subsets(pool, sizes, args.seed).items():
-        work = args.work / f"n{n}"
-        res = _run(_adapt_cfg(args, link_set(subset, work / "site"), work / "adapted.tflite"))
-        row = {"site_images": len(subset), "classes": {LABELS[i]: sum(s.label == i for s in subset) for i in range(2)}}
-        rec = json.loads(record_path(work / "adapted.tflite").read_text())
-        result = rec.get("result", {})
-        row["out_of_fold_auroc"] = (result.get("out_of_fold") or {}).get("auroc")
-        row["accepted"] = res is not None
-        row["failed"] = [c["name"] for c in result.get("criteria", []) if not c["passed"]]
-        if res is not None:
-            y, p, th = score_folder(work / "adapted.tflite", held)
-            fig = evaluate_scores(y, p, th, intervals=True)
-            row.update(auroc_held_out=fig["auroc"], auroc_held_out_ci95=fig["auroc_ci95"],
-                       **{"spec_at_sens_0.95_held_out": fig["specificity_at_sensitivity"]["0.95"]},
-                       held_out_points={k: {m: v[m] for m in ("sensitivity", "specificity")}
-                                        for k, v in fig["operating_points"].items()})
-        rows.append(row)
-    return {"held_out_images": len(held), "held_out_classes": {LABELS[i]: int((y_h == i).sum()) for i in range(2)},
-            "pool_images": len(pool), "rows": rows}
-
-
 def row(args) -> str:
     rec = json.loads(Path(args.record).read_text())
     r = rec["result"]
     oof, m = r["out_of_fold"], r["protocol"]["method"]
     pts = oof["operating_points"]
     cells = [args.name or Path(args.record).name.removesuffix(".adapt.json"),
-             f"{m['train']}, {m['epochs']} ep, lr {m['learning_rate']:g}, {m['folds']} folds, mix {m['mix_train']:g}",
+             f"{m['train']}, {m['epochs']} ep, lr {m['learning_rate']:g}, {m['folds']} folds, mix {m['mix_train']:g}"
+             + (f", augment {m['augment']}" if m["augment"] != "geometric" else ""),
              f"{oof['auroc']:.4f} [{oof['auroc_ci95'][0]:.3f}, {oof['auroc_ci95'][1]:.3f}]",
              f"{oof['specificity_at_sensitivity']['0.95']:.3f}"]
+    val = next((c["value"] for c in r["criteria"] if c["name"] == "nothing forgotten"), None)
     for tier in ("flag", "urgent"):
         v = pts.get(tier)
         cells.append(f"{v['sensitivity']:.3f} / {v['specificity']:.3f}" if v else "n/a")
     failed = [c["name"] for c in r["criteria"] if not c["passed"]]
     size = next((c["value"] for c in r["criteria"] if c["name"] == "size"), None)
     ms = next((c["value"] for c in r["criteria"] if c["name"] == "latency"), None)
-    cells += [f"{size:,}" if isinstance(size, int) else "n/a", f"{ms}" if isinstance(ms, float) else "n/a",
+    cells += [f"{val:.4f}" if isinstance(val, float) else "n/a",
+              f"{size:,}" if isinstance(size, int) else "n/a", f"{ms}" if isinstance(ms, float) else "n/a",
               "accepted" if not failed else "refused: " + ", ".join(failed)]
     return "| " + " | ".join(cells) + " |"
 
@@ -196,24 +193,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pneumoflag.convert.adapt_study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("nested", "curve"):
-        p = sub.add_parser(name)
-        p.add_argument("--model", required=True, type=Path, help="the base .tflite")
-        p.add_argument("--data", required=True, type=Path, help="the site's labelled images")
-        p.add_argument("--work", required=True, type=Path, help="a folder for the runs (links, models, records)")
-        p.add_argument("--seed", type=int, default=7, help="seed of the outer split (other than adapt's own 42)")
-        p.add_argument("--folds", type=int, default=5, help="adapt's inner folds")
-        p.add_argument("--train", default="head")
-        p.add_argument("--epochs", type=int, default=10)
-        p.add_argument("--mix-train", type=float, default=0.0)
-        p.add_argument("--min-per-class", type=int, default=50)
-        p.add_argument("--json", type=Path, help="write the figures here")
-        if name == "nested":
-            p.add_argument("--outer", type=int, default=5, help="outer folds (default 5)")
-        else:
-            p.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200])
-            p.add_argument("--hold-folds", type=int, default=3,
-                           help="hold out one of this many patient folds as the common test set (default 3)")
+    p = sub.add_parser("nested", help="adapt on the other outer folds, judge on the held-out one")
+    p.add_argument("--model", required=True, type=Path, help="the base .tflite")
+    p.add_argument("--data", required=True, type=Path, help="the site's labelled images")
+    p.add_argument("--work", required=True, type=Path, help="a folder for the runs (links, models, records)")
+    p.add_argument("--seed", type=int, default=7, help="seed of the outer split (other than adapt's own 42)")
+    p.add_argument("--outer", type=int, default=5, help="outer folds (default 5)")
+    p.add_argument("--site-images", type=int, default=0,
+                   help="adapt on only this many of the other folds' images (whole patients, their class "
+                   "ratio): the learning curve (default: all)")
+    p.add_argument("--folds", type=int, default=5, help="adapt's inner folds")
+    p.add_argument("--train", default="head")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--mix-train", type=float, default=0.0)
+    p.add_argument("--urgent-min-specificity", type=float, default=0.95)
+    p.add_argument("--min-per-class", type=int, default=50)
+    p.add_argument("--json", type=Path, help="write the figures here")
     p = sub.add_parser("shuffle", help="link a copy of a labelled folder with its patients' labels permuted")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
@@ -230,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     try:
-        out = nested(args) if args.cmd == "nested" else curve(args)
+        out = nested(args)
     except AdaptError as exc:
         print(f"adapt_study: {exc}", file=sys.stderr)
         return 2

@@ -216,17 +216,19 @@ def patient_folds(samples: Sequence[Sample], k: int, seed: int) -> list[int]:
     return [fold_of[s.patient] for s in samples]
 
 
-def content_digests(paths: Iterable[Path]) -> list[str]:
-    """Sorted short sha256 of each file's bytes: which images a model was trained on, without their names.
+def file_digest(path: Path) -> str:
+    """Short sha256 of a file's bytes (16 hex digits): an image's identity without its name.
 
     Names can carry patient ids; the bytes' digest identifies an image without
     revealing anything about it, and finds it again under another name.
     """
-    out = []
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out.append(h.hexdigest()[:16])
-    return sorted(out)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def content_digests(paths: Iterable[Path]) -> list[str]:
+    """Sorted :func:`file_digest` of each file: which images a model was trained on, in no telling order."""
+    return sorted(file_digest(p) for p in paths)

@@ -22,14 +22,15 @@ def _plt():
     return plt
 
 
-def write_plots(folder: Path, ds: LoadedSet, p: np.ndarray, result: dict) -> list[Path]:
+def write_plots(folder: Path, ds: LoadedSet, p: np.ndarray, result: dict,
+                title: str = "ROC: pneumonia vs normal") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    return [roc_plot(folder / "roc.png", ds.y, p, result),
+    return [roc_plot(folder / "roc.png", ds.y, p, result, title),
             confusion_plot(folder / "confusion.png", result),
             misclassified_sheet(folder / "misclassified.png", ds, p, result)]
 
 
-def roc_plot(path: Path, y, p, result: dict) -> Path:
+def roc_plot(path: Path, y, p, result: dict, title: str = "ROC: pneumonia vs normal") -> Path:
     plt = _plt()
     fpr, tpr, _ = roc_curve(y, p)
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -41,7 +42,7 @@ def roc_plot(path: Path, y, p, result: dict) -> Path:
                     label=f"{name} p>={m['threshold']:.3f}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
-    ax.set_title("ROC: pneumonia vs normal")
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -78,12 +78,13 @@ def test_calibrate_refuses_too_few_images_and_a_foreign_card(model, tmp_path, ca
 
 
 def test_tiers_that_cannot_differ_stop_calibrate_unless_single_tier(site, tmp_path, capsys):
-    """The shipped model separates these training images completely: no distinct urgent tier exists there."""
-    from mqtt_helpers import SHIPPED_MODEL
+    """The base model (2.1.0) separates these training images completely: no distinct urgent tier exists there."""
+    from mqtt_helpers import REPO
 
-    m = tmp_path / SHIPPED_MODEL.name
-    shutil.copy(SHIPPED_MODEL, m)
-    shutil.copy(SHIPPED_MODEL.with_suffix(".json"), m.with_suffix(".json"))
+    base = REPO / "models" / "base" / "pneumoflag-rn128.tflite"
+    m = tmp_path / base.name
+    shutil.copy(base, m)
+    shutil.copy(base.with_suffix(".json"), m.with_suffix(".json"))
     assert run_cli("calibrate", "--model", m, "--data", site) == 2
     assert "cannot support distinct tiers" in capsys.readouterr().err
     assert run_cli("calibrate", "--model", m, "--data", site, "--single-tier") == 0
