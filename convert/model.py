@@ -132,8 +132,8 @@ def build_model(arch: str, input_shape: Sequence[int], dropout: float = 0.3):
 def build_transfer(arch: str, input_shape: Sequence[int], dropout: float = 0.3, weights=None):
     """A Keras application with the project's end, its own input scaling inside.
 
-    ``weights`` goes to the application (None: randomly initialised; a path or "imagenet" where
-    those weights can be had). The application is built on the ``Rescaling`` tensor
+    ``weights`` goes to the application (None: randomly initialised; a weights file or "imagenet"
+    where those can be had, not tried here: ``pneumoflag train`` always passes None). The application is built on the ``Rescaling`` tensor
     (``input_tensor``), so its layers are the model's own (not one nested layer): layer names in the
     op report and ``explain --layers`` are the application's (``block1_conv1`` ...).
     """

@@ -201,7 +201,8 @@ def train(cfg: TrainConfig) -> dict:
         class_weight = {i: float(len(y_tr) / (2 * counts[i])) for i in range(2)}
         log.info("class weights %s", class_weight)
 
-    # a batch of 256 images of 224 px through InceptionResNetV2 needs tens of GB: the training batch size
+    # the transfer models are evaluated in batches of the training size, not 256: their activations at
+    # 224 px are far larger than the compact models'
     eval_batch = cfg.batch_size if cfg.arch in TRANSFER else 256
     paths = sidecar_paths(cfg.out)
     t1 = time.monotonic()
