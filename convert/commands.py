@@ -17,8 +17,8 @@ from .model import ARCHITECTURES
 def add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train the reduced-node CNN",
-        description="Train the compact reduced-node CNN on DATA (NORMAL/ and PNEUMONIA/ "
+        help="train the reduced-node CNN (or another --arch)",
+        description="Train the compact reduced-node CNN (or another --arch) on DATA (NORMAL/ and PNEUMONIA/ "
         "subfolders) with a seeded patient-level validation split. Writes OUT (.keras), "
         "OUT.history.csv, OUT.history.png and OUT.train.json (split, preprocessing, metrics).",
     )
@@ -26,9 +26,14 @@ def add_train(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="where to write the model (.keras)")
     p.add_argument("--arch", choices=tuple(ARCHITECTURES), default="reduced-node",
                    help="network: reduced-node (default, the shipped family), rgb64 or small-cnn "
-                   "(the source notebooks' other small CNNs)")
-    p.add_argument("--size", type=int, help="input height and width in px (default: 128; rgb64: 64)")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="input channels (default: 1; rgb64: 3)")
+                   "(the source notebooks' other small CNNs), or vgg19, inception-resnet-v2, resnet50v2 "
+                   "(the notebooks' transfer models: Keras applications with weights=None, 20-54 million "
+                   "parameters, far over the appliance's size and speed budget; they train on a GPU, on a "
+                   "small CPU use them only to prove the path, with --epochs 0)")
+    p.add_argument("--size", type=int,
+                   help="input height and width in px (default: 128; rgb64: 64; the transfer models: 224)")
+    p.add_argument("--channels", type=int, choices=(1, 3),
+                   help="input channels (default: 1; rgb64 and the transfer models: 3)")
     p.add_argument("--contrast", choices=CONTRASTS, default="equalize",
                    help="contrast step of the preprocessing: global histogram equalisation (default), "
                    "CLAHE, or none")
@@ -44,7 +49,9 @@ def add_train(sub) -> None:
     p.add_argument("--flip", action="store_true", help="also flip left-right at random")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="binary cross-entropy label smoothing")
     p.add_argument("--dropout", type=float, default=0.3, help="dropout before the dense head (default 0.3)")
-    p.add_argument("--epochs", type=int, default=30, help="maximum epochs (early stopping on val loss)")
+    p.add_argument("--epochs", type=int, default=30,
+                   help="maximum epochs (early stopping on val loss); 0: write the initialised, untrained model "
+                   "and its OUT.train.json (no history), to take an architecture through convert and the daemon")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
@@ -70,9 +77,11 @@ def _cmd_train(args) -> int:
         seed=args.seed, split_seed=args.split_seed, workers=args.workers,
     )
     meta = train(cfg)
+    done = (f"trained {args.out}: {meta['parameters']:,} parameters, {meta['training']['epochs_run']} epochs"
+            if not meta["training"]["untrained"] else
+            f"wrote the untrained {args.out} (--epochs 0): {meta['parameters']:,} parameters")
     print(
-        f"trained {args.out}: {meta['parameters']:,} parameters, {meta['training']['epochs_run']} epochs, "
-        f"validation AUROC {meta['validation']['auroc_float']:.4f} "
+        f"{done}, validation AUROC {meta['validation']['auroc_float']:.4f} "
         f"({meta['split']['val_images']} images, patient-level split)"
     )
     return 0
