@@ -4,6 +4,7 @@ site images does it need?
     python -m pneumoflag.convert.adapt_study nested --model BASE.tflite --data SITE --work runs/nested
     python -m pneumoflag.convert.adapt_study nested ... --site-images 100 --min-per-class 10   # learning curve
     python -m pneumoflag.convert.adapt_study row runs/X.adapt.json
+    python -m pneumoflag.convert.adapt_study summarise runs/nested.json
 
 ``nested`` deals the site's patients into outer folds; for each it runs the
 whole of ``adapt`` (its own inner folds, out-of-fold thresholds, the shipped
@@ -188,6 +189,37 @@ def row(args) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _pair(c: Optional[dict], ci: bool = False) -> str:
+    if not c:
+        return "n/a"
+    if ci:
+        return (f"{c['sensitivity']:.3f} [{c['sensitivity_ci95'][0]:.3f}, {c['sensitivity_ci95'][1]:.3f}] / "
+                f"{c['specificity']:.3f} [{c['specificity_ci95'][0]:.3f}, {c['specificity_ci95'][1]:.3f}]")
+    return f"{c['sensitivity']:.3f} / {c['specificity']:.3f}"
+
+
+def summarise(path: Path) -> str:
+    """Markdown rows of a ``nested`` run: one per outer fold, then the pooled figures."""
+    d = json.loads(Path(path).read_text())
+    lines = []
+    for r in d["rows"]:
+        intended = r.get("intended_out_of_fold") or {}
+        lines.append("| " + " | ".join([
+            str(r["outer"] + 1), str(r["site_images"]), str(r["held_out_images"]),
+            "accepted" if r["accepted"] else "refused: " + ", ".join(r["failed"]),
+            f"{r['auroc_held_out']:.3f} ({r['auroc_base_held_out']:.3f})",
+            f"{_pair(r.get('flag'))} ({_pair(intended.get('flag'))})",
+            f"{_pair(r.get('urgent'))} ({_pair(intended.get('urgent'))})"]) + " |")
+    oof = [r["out_of_fold_auroc"] for r in d["rows"] if r.get("out_of_fold_auroc") is not None]
+    lo, hi = d["pooled_auroc_ci95"]
+    lines.append("| " + " | ".join([
+        "pooled" if d["site_images"] == "all" else str(d["site_images"]), f"{d['accepted']}",
+        f"{np.mean(oof):.3f}" if oof else "n/a", f"{d['pooled_auroc']:.3f} [{lo:.3f}, {hi:.3f}]",
+        f"{d['pooled_spec_at_sens_0.95']:.3f}", _pair(d["pooled"].get("flag"), True),
+        _pair(d["pooled"].get("urgent"), True)]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m pneumoflag.convert.adapt_study", description=__doc__,
@@ -213,12 +245,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("row")
+    p = sub.add_parser("row", help="a study table row from an adapt record")
     p.add_argument("record", type=Path)
     p.add_argument("--name")
+    p = sub.add_parser("summarise", help="table rows of a nested run's JSON (per outer fold, then pooled)")
+    p.add_argument("nested_json", type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "row":
         print(row(args))
+        return 0
+    if args.cmd == "summarise":
+        print(summarise(args.nested_json))
         return 0
     if args.cmd == "shuffle":
         print(link_set(shuffled_labels(scan_folder(args.data), args.seed), args.out))
