@@ -31,8 +31,7 @@ import numpy as np
 
 from .adapt import AdaptConfig, AdaptError, AdaptRefused, adapt, record_path
 from .dataset import LABELS, Sample, load_samples, patient_folds, scan_folder
-from ..device.card import ModelCard
-from .metrics import Confusion, auroc, auroc_interval, specificity_at_sensitivity
+from .metrics import Confusion, TierError, auroc, auroc_interval, choose_operating_points, specificity_at_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +82,34 @@ def _adapt_cfg(args, data: Path, out: Path) -> AdaptConfig:
                        min_per_class=args.min_per_class, verbose=0)
 
 
-def _run(cfg: AdaptConfig) -> Optional[dict]:
+def _run(cfg: AdaptConfig, reuse: bool = False) -> Optional[dict]:
+    """adapt's result, None when its protocol refused; ``reuse``: a finished run in the work folder counts."""
+    rec_path = record_path(cfg.out)
+    if reuse and rec_path.is_file():
+        rec = json.loads(rec_path.read_text())
+        if rec.get("status") == "refused":
+            return None
+        if rec.get("status") == "accepted" and cfg.out.is_file():
+            card = json.loads(cfg.out.with_suffix(".json").read_text())
+            return {"card": card, "oof": card["adaptation"]["out_of_fold"]}
     try:
         return adapt(cfg)
     except AdaptRefused as exc:
         log.warning("%s", exc)
         return None
+
+
+def _base_points_on(args, inner: list[Sample]) -> dict:
+    """Where a site whose adaptation was refused sets the base's points: on its own images, calibrate's rules.
+
+    (The base card's own points were set on all of site_dev, the held-out patients among them.)
+    """
+    y, p, _ = score_folder(args.model, inner)
+    try:
+        ops = choose_operating_points(y, p, 0.97, args.urgent_min_specificity)
+    except TierError:
+        ops = choose_operating_points(y, p, 0.97, args.urgent_min_specificity, single_tier=True)
+    return {"flag": ops["flag"]["threshold"], "urgent": ops["urgent"]["threshold"]}
 
 
 def nested(args) -> dict:
@@ -104,15 +125,15 @@ def nested(args) -> dict:
             inner = _nested_subsets(inner, [args.site_images], args.seed + o)[args.site_images]
         held = [s for s, g in zip(samples, outer, strict=True) if g == o]
         work = args.work / f"outer{o}"
-        res = _run(_adapt_cfg(args, link_set(inner, work / "site"), work / "adapted.tflite"))
+        res = _run(_adapt_cfg(args, link_set(inner, work / "site"), work / "adapted.tflite"), args.reuse)
         y, p_base, _ = score_folder(args.model, held)
         row = {"outer": o, "site_images": len(inner), "held_out_images": len(held),
                "auroc_base_held_out": auroc(y, p_base)}
         rec = json.loads(record_path(work / "adapted.tflite").read_text()).get("result") or {}
         row["out_of_fold_auroc"] = (rec.get("out_of_fold") or {}).get("auroc")
         row["failed"] = [c["name"] for c in rec.get("criteria", []) if not c["passed"]]
-        if res is None:  # refused: the site keeps the base model, and that is what it would see
-            p, th = p_base, ModelCard.load(args.model.with_suffix(".json")).thresholds.as_dict()
+        if res is None:  # refused: the site keeps the base model, with points set on its own images
+            p, th = p_base, _base_points_on(args, inner)
         else:
             _, p, th = score_folder(work / "adapted.tflite", held)
             row["intended_out_of_fold"] = {k: {"sensitivity": v["sensitivity"], "specificity": v["specificity"]}
@@ -133,6 +154,10 @@ def nested(args) -> dict:
     y_all, p_all, b_all = np.concatenate(held_y), np.concatenate(held_p), np.concatenate(held_base)
     summary = {"outer_folds": args.outer, "seed": args.seed, "site_images": args.site_images or "all",
                "accepted": sum(r["accepted"] for r in rows), "rows": rows,
+               # the AUROC of each held-out fold is within one model; pooling scores of different models
+               # (an adapted one and a base one) would rank across scales that were never meant to meet
+               "mean_held_out_auroc": float(np.mean([r["auroc_held_out"] for r in rows])),
+               "base_mean_held_out_auroc": float(np.mean([r["auroc_base_held_out"] for r in rows])),
                "pooled_auroc": auroc(y_all, p_all), "pooled_auroc_ci95": auroc_interval(y_all, p_all),
                "pooled_spec_at_sens_0.95": specificity_at_sensitivity(y_all, p_all, 0.95),
                "base_pooled_auroc": auroc(y_all, b_all),
@@ -211,12 +236,12 @@ def summarise(path: Path) -> str:
             f"{_pair(r.get('flag'))} ({_pair(intended.get('flag'))})",
             f"{_pair(r.get('urgent'))} ({_pair(intended.get('urgent'))})"]) + " |")
     oof = [r["out_of_fold_auroc"] for r in d["rows"] if r.get("out_of_fold_auroc") is not None]
-    lo, hi = d["pooled_auroc_ci95"]
+    held = [r["auroc_held_out"] for r in d["rows"]]
     lines.append("| " + " | ".join([
-        "pooled" if d["site_images"] == "all" else str(d["site_images"]), f"{d['accepted']}",
-        f"{np.mean(oof):.3f}" if oof else "n/a", f"{d['pooled_auroc']:.3f} [{lo:.3f}, {hi:.3f}]",
-        f"{d['pooled_spec_at_sens_0.95']:.3f}", _pair(d["pooled"].get("flag"), True),
-        _pair(d["pooled"].get("urgent"), True)]) + " |")
+        "all (245-256)" if d["site_images"] == "all" else str(d["site_images"]), f"{d['accepted']}",
+        f"{np.mean(oof):.3f}" if oof else "n/a",
+        f"{d['mean_held_out_auroc']:.3f} ({min(held):.3f}-{max(held):.3f}; base {d['base_mean_held_out_auroc']:.3f})",
+        _pair(d["pooled"].get("flag"), True), _pair(d["pooled"].get("urgent"), True)]) + " |")
     return "\n".join(lines)
 
 
@@ -241,6 +266,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--urgent-min-specificity", type=float, default=0.95)
     p.add_argument("--min-per-class", type=int, default=50)
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--reuse", action="store_true", help="take the finished runs in --work as they are (rescore only)")
     p = sub.add_parser("shuffle", help="link a copy of a labelled folder with its patients' labels permuted")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
