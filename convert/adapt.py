@@ -22,6 +22,7 @@ to use and the record says which criterion failed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,8 +46,9 @@ from .dataset import (
     LABELS,
     LoadedSet,
     Sample,
-    content_digests,
+    copy_groups,
     file_digest,
+    input_digest,
     load_samples,
     patient_folds,
     patient_split,
@@ -75,6 +77,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_SCHEMA = "pneumoflag.adapt-protocol/1"
 DEFAULT_LEARNING_RATE = {"head": 1e-3, "all": 1e-4}
+#: the fine-tuning seeds (seed * 1000 + fold * 10 + member) must stay below 2**32
+MAX_SEED = 999_999
 
 
 class AdaptError(Exception):
@@ -82,7 +86,15 @@ class AdaptError(Exception):
 
 
 class AdaptRefused(AdaptError):
-    """The run finished but failed its protocol: nothing was written but the record."""
+    """The run finished but failed its protocol: nothing was written but the record (``record_path``)."""
+
+    def __init__(self, message: str, record_path: Optional[Path] = None):
+        super().__init__(message)
+        self.record_path = record_path
+
+
+class _Refused(Exception):
+    """Inside a run: the failed criteria, in words (``adapt`` says where the record went)."""
 
 
 @dataclass
@@ -135,6 +147,19 @@ class AdaptConfig:
             raise AdaptError(f"--mix-train must be between 0 and 10 (a share of the site images), not {self.mix_train}")
         if not 0.0 < self.lr < 1.0:
             raise AdaptError(f"--learning-rate must be in (0, 1), not {self.lr}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise AdaptError(f"--seed must be between 0 and {MAX_SEED}, not {self.seed}")
+        for name, v in (("--max-forgetting", self.max_forgetting), ("--max-auroc-drop", self.max_auroc_drop)):
+            if not 0.0 <= v < 1.0:
+                raise AdaptError(f"{name} must be in [0, 1), not {v}")
+        if not -1.0 < self.min_gain < 1.0:
+            raise AdaptError(f"--min-gain must be in (-1, 1), not {self.min_gain}")
+        if not 0.0 < self.max_infer_ms < 1e6:
+            raise AdaptError(f"--max-infer-ms must be a positive number of milliseconds, not {self.max_infer_ms}")
+        for name, v in (("--max-bytes", self.max_bytes), ("--num-calibration", self.num_calibration),
+                        ("--min-per-class", self.min_per_class)):
+            if v < 1:
+                raise AdaptError(f"{name} must be at least 1, not {v}")
         if self.prevalence is not None and not 0.0 < self.prevalence < 1.0:
             raise AdaptError(f"--prevalence must be between 0 and 1, not {self.prevalence}")
         for name, v in (("--min-sensitivity", self.min_sensitivity),
@@ -154,12 +179,17 @@ def record_path(out: Path) -> Path:
     return out.with_name(out.stem + ".adapt.json")
 
 
-def protocol(cfg: AdaptConfig, base: ModelCard, site: dict) -> dict:
-    """The acceptance criteria, fixed before anything trains (each checked by :func:`_criteria`)."""
+def protocol(cfg: AdaptConfig, base: ModelCard, site: dict, validation: Optional[dict] = None) -> dict:
+    """The acceptance criteria, fixed before anything trains (each checked in ``_run``).
+
+    It names the data each criterion is measured on: the site's images (file list and bytes) and the
+    validation set "nothing forgotten" is judged on.
+    """
     return {
         "schema": PROTOCOL_SCHEMA,
         "base_model": {"name": base.name, "version": base.version, "sha256": base.tflite_sha256},
-        "site_data": {k: site[k] for k in ("folder", "images", "files_sha256")},
+        "site_data": {k: site[k] for k in ("folder", "images", "files_sha256", "content_sha256") if k in site},
+        **({"validation_data": validation} if validation else {}),
         "method": {
             "folds": cfg.folds, "seed": cfg.seed, "split": "by patient, classes dealt evenly",
             "train": cfg.train, "epochs": cfg.epochs, "learning_rate": cfg.lr, "batch_size": cfg.batch_size,
@@ -230,19 +260,48 @@ def _load_base(cfg: AdaptConfig) -> tuple[ModelCard, list[Member]]:
     if cfg.out.resolve() == cfg.model.resolve():
         raise AdaptError(f"--out {cfg.out} is the base model itself: write the adapted model under another name "
                          "(the base stays for sites without labelled images)")
+    if cfg.out.stem.endswith("_edgetpu"):
+        raise AdaptError(f"--out {cfg.out}: NAME_edgetpu.tflite is the name of a compiled Edge TPU model, whose "
+                         f"card is NAME.json ({card_path_for(cfg.out).name}): choose another name")
     paths = card.source_model_paths(cfg.model)
     if not paths:
         raise AdaptError(f"the card {card.path} names no float model: adapt needs the .keras members beside the model")
+    _refuse_overwriting_base(cfg, card, paths)
     import keras
 
+    source = card.raw.get("source_model") or {}
+    recorded = {m["file"]: m.get("sha256") for m in source.get("members") or [source] if m.get("file")}
     members = []
     for p in paths:
+        sha = recorded.get(p.name)
         meta_path = sidecar_paths(p)["meta"]
         if not p.is_file() or not meta_path.is_file():
             raise AdaptError(f"float member {p} or its training record {meta_path.name} is missing "
                              "(adapt fine-tunes the float members the card names)")
+        if sha and sha256_file(p) != sha:
+            raise AdaptError(f"float member {p} does not match the card {card.path} (sha256 {sha256_file(p)[:12]}… "
+                             f"but the card says {sha[:12]}…): {cfg.model.name} was not converted from it; restore "
+                             "the member the card names")
         members.append(Member(p, json.loads(meta_path.read_text()), keras.models.load_model(p, compile=False)))
     return card, members
+
+
+def _refuse_overwriting_base(cfg: AdaptConfig, card: ModelCard, members: list[Path]) -> None:
+    """No file adapt writes may be one of the base model's: its .tflite, card, float members and their records."""
+    base = {cfg.model, card_path_for(cfg.model), *members}
+    if card.edgetpu_file:
+        base.add(cfg.model.parent / card.edgetpu_file)
+    for m in members:
+        base.update(sidecar_paths(m).values())
+    ours = [cfg.out, card_path_for(cfg.out), record_path(cfg.out), cfg.out.with_name(cfg.out.stem + "_edgetpu.tflite")]
+    for i, m in enumerate(members):
+        keras_path = cfg.out.parent / f"{adapted_member_name(cfg, m, i)}.keras"
+        ours += [keras_path, sidecar_paths(keras_path)["meta"]]
+    base_resolved = {p.resolve(): p for p in base}
+    for p in ours:
+        if p.resolve() in base_resolved:
+            raise AdaptError(f"--out {cfg.out} would overwrite {base_resolved[p.resolve()]}, a file of the base model "
+                             "(the base stays for sites without labelled images): choose another name")
 
 
 def _score_all(scorer: Scorer, data: LoadedSet, label: str) -> np.ndarray:
@@ -295,6 +354,42 @@ def adapt(cfg: AdaptConfig) -> dict:
     cfg.check()
     check_writable(cfg.out)
     base, members = _load_base(cfg)
+    with _one_run_per_out(cfg.out):
+        return _adapt(cfg, base, members)
+
+
+@contextlib.contextmanager
+def _one_run_per_out(out: Path):
+    """Two runs into one --out would write one record over the other's: the second is refused.
+
+    A lock (``.NAME.adapt.lock`` beside the model, removed at the end) held for the whole run; the kernel
+    lets go of it when the process ends, however it ends (a killed run leaves the empty file, which does
+    not block the next one).
+    """
+    import fcntl
+
+    lock = out.with_name(f".{out.stem}.adapt.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise AdaptError(f"another pneumoflag adapt (pid {holder or '?'}) is writing to {out}: wait for it, "
+                             "or choose another --out") from None
+        held = True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        if held:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+        os.close(fd)
+
+
+def _adapt(cfg: AdaptConfig, base: ModelCard, members: list[Member]) -> dict:
 
     samples = scan_folder(cfg.data, "site data folder")
     counts = np.bincount([s.label for s in samples], minlength=2)
@@ -302,41 +397,163 @@ def adapt(cfg: AdaptConfig) -> dict:
         raise AdaptError(f"site data {cfg.data}: {', '.join(f'{LABELS[i]}={counts[i]}' for i in range(2))} images; "
                          f"adaptation needs at least {cfg.min_per_class} of each class (--min-per-class)")
     site = load_samples(samples, base.preprocessing, cfg.workers, Progress("site images", len(samples)))
+    readable = np.bincount(site.y, minlength=2)
+    if readable.min() < cfg.min_per_class:
+        raise AdaptError(f"site data {cfg.data}: only {', '.join(f'{LABELS[i]}={readable[i]}' for i in range(2))} "
+                         f"readable images ({len(site.skipped)} unreadable); adaptation needs at least "
+                         f"{cfg.min_per_class} of each class (--min-per-class)")
     kept = {p: i for i, p in enumerate(site.paths)}
     samples = [s for s in samples if s.path in kept]
-    folds = np.asarray(patient_folds(samples, cfg.folds, cfg.seed))
+    digests = [file_digest(s.path) for s in samples]  # the bytes this run reads; checked again at the end
+    joined = _joined_copies(samples, digests)
+    val_samples, val_rec = _validation_samples(
+        ConvertConfig(model=[m.path for m in members], calibration=Path(), out=cfg.out, validation=cfg.validation),
+        members[0].meta)
+    _refuse_base_data(members, val_samples, samples, digests)
+    folds = np.asarray(patient_folds(samples, cfg.folds, cfg.seed, joined))
     for f in range(cfg.folds):
         if np.unique(site.y[folds == f]).size < 2:
             raise AdaptError(f"fold {f + 1} of {cfg.folds} holds images of one class only: use fewer --folds")
-    site_rec = {"kind": "site data (pneumoflag adapt)", **data_record(samples, cfg.data)}
+    site_rec = {"kind": "site data (pneumoflag adapt)", **data_record(samples, cfg.data),
+                "content_sha256": hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:16]}
 
     # the protocol is on disk, with its digest and time, before anything trains
-    proto = protocol(cfg, base, site_rec)
+    proto = protocol(cfg, base, site_rec, val_rec)
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rec_path = record_path(cfg.out)
+    installed = _keep_installed_record(cfg)
     record = {"protocol": proto, "protocol_sha256": _digest(proto), "protocol_written": written,
               "status": "running"}
     _write_record(rec_path, record)
     log.info("protocol written to %s (sha256 %s…) before training", rec_path, record["protocol_sha256"][:12])
     try:
-        return _run(cfg, base, members, samples, site, folds, site_rec, proto, record, rec_path)
-    except AdaptRefused:
-        raise
+        return _run(cfg, base, members, samples, site, folds, site_rec, proto, record, rec_path,
+                    digests, joined, val_samples, val_rec)
     except BaseException as exc:  # the record says the run did not finish, and why
-        record.update(status="error", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      error=f"{type(exc).__name__}: {exc}")
-        _write_record(rec_path, record)
+        if _installed_protocol(cfg.out, when=True) == (record["protocol_sha256"], written):
+            raise  # this run's model is in place and its record says so (e.g. --plots could not be written)
+        if not isinstance(exc, _Refused):
+            record.update(status="error", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          error=f"{type(exc).__name__}: {exc}")
+            _write_record(rec_path, record)
+        kept_at, keep = rec_path, f"{cfg.model.name} ({base.name} {base.version})"
+        if installed is not None:  # the model already at --out stays, and so does its record
+            kept_at = _free_name(rec_path.with_name(f"{cfg.out.stem}.adapt.{_stamp(written)}.{record['status']}.json"))
+            os.replace(rec_path, kept_at)
+            os.replace(installed["backup"], rec_path)
+            keep = f"{cfg.out.name} ({installed['name']}), already there, with its own record {rec_path.name}"
+            log.warning("this run's record is %s; %s keeps its record %s", kept_at, cfg.out.name, rec_path.name)
+        if isinstance(exc, _Refused):
+            raise AdaptRefused(
+                f"adaptation refused by its protocol; nothing was written but the record {kept_at}: {exc}. "
+                f"Keep using {keep}", kept_at) from None
         raise
+
+
+def _joined_copies(samples: list[Sample], digests: list[str]) -> dict[str, str]:
+    """Refuse an image filed under both classes; keep the patients of an image filed twice in one fold."""
+    label_of: dict[str, tuple[int, Sample]] = {}
+    clash = []
+    for s, d in zip(samples, digests, strict=True):
+        other = label_of.setdefault(d, (s.label, s))
+        if other[0] != s.label:
+            clash.append((other[1], s))
+    if clash:
+        a, b = clash[0]
+        raise AdaptError(f"{len(clash)} site images have the same bytes under NORMAL and under PNEUMONIA (e.g. "
+                         f"{a.path.name} and {b.path.name}): fix the labels before adapting")
+    joined = copy_groups(samples, digests)
+    if joined:
+        log.warning("%d patients share image files (the same bytes under another patient's name): each such group "
+                    "is kept in one fold, so no fold model scores an image it was trained on", len(joined))
+    return joined
+
+
+def _refuse_base_data(members: list[Member], val_samples: list[Sample], samples: list[Sample],
+                      digests: list[str]) -> None:
+    """Site images the base members trained or were validated on would make the out-of-fold figures in-sample
+    for the convolutional layers (and "nothing forgotten" in-sample): refuse them, by their bytes."""
+    theirs = {file_digest(s.path) for s in val_samples if s.path.is_file()}
+    root = training_data_root(members[0].path, members[0].meta)
+    if root.is_dir():
+        theirs.update(file_digest(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    seen = [s for s, d in zip(samples, digests, strict=True) if d in theirs]
+    if seen:
+        raise AdaptError(f"{len(seen)} site images (e.g. {seen[0].path.name}) are images the base model's members "
+                         "were trained or validated on: adapt on the site's own labelled images")
+
+
+def _stamp(iso: str) -> str:
+    return re.sub(r"[^0-9T]", "", iso.split("+")[0]) + "Z"
+
+
+def _installed_protocol(out: Path, when: bool = False):
+    """The protocol digest of the adapted model at ``out`` (its card matching the file), else None; with
+    ``when``, the digest and the time the protocol was written (the same protocol can be run twice)."""
+    try:
+        card = ModelCard.load(card_path_for(out))
+        card.verify_file(out)
+    except (OSError, CardError):
+        return None
+    a = card.raw.get("adaptation") or {}
+    return (a.get("protocol_sha256"), a.get("protocol_written")) if when else a.get("protocol_sha256")
+
+
+def _keep_installed_record(cfg: AdaptConfig) -> Optional[dict]:
+    """An adapted model already at --out keeps its audit record: a copy, put back unless this run replaces it.
+
+    Only when the record belongs to that model (its card's protocol digest) and the card to the model file.
+    Any other record there (an earlier refused, failed or unfinished run, or one whose model is gone) is kept
+    as ``NAME.adapt.TIME.STATUS.json``: every attempt into --out leaves its trace, so a run that passes after
+    others were refused does not hide them.
+    """
+    rec = record_path(cfg.out)
+    if not rec.is_file():
+        return None
+    sha = _installed_protocol(cfg.out)
+    try:
+        old = json.loads(rec.read_text())
+    except (OSError, ValueError):
+        old = {}
+    stamp = _stamp(str(old.get("protocol_written", ""))) if isinstance(old, dict) else "unknown"
+    if not isinstance(old, dict) or not sha or old.get("status") != "accepted" or old.get("protocol_sha256") != sha:
+        status = re.sub(r"[^a-z]", "", str(old.get("status", "unknown")) if isinstance(old, dict) else "unknown")
+        kept = _free_name(rec.with_name(f"{cfg.out.stem}.adapt.{stamp}.{status or 'unknown'}.json"))
+        os.replace(rec, kept)
+        log.warning("an earlier run's record %s is kept as %s", rec.name, kept.name)
+        return None
+    backup = rec.with_name(f"{cfg.out.stem}.adapt.{stamp}.json")
+    if not backup.exists():
+        shutil.copy2(rec, backup)
+    card = ModelCard.load(card_path_for(cfg.out))
+    return {"backup": backup, "name": f"{card.name} {card.version}"}
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``NAME-2.json``, ``NAME-3.json``... when it is taken."""
+    i, candidate = 1, path
+    while candidate.exists():
+        i += 1
+        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
+    return candidate
+
+
+def _check_unchanged(paths: list[Path], digests: list[str]) -> None:
+    """The site images must be the bytes the run started with: the card names the images that trained it."""
+    changed = [p for p, d in zip(paths, digests, strict=True) if not p.is_file() or file_digest(p) != d]
+    if changed:
+        log.warning("changed while adapt ran: %s", ", ".join(str(p) for p in changed[:5]))
+        raise AdaptError(f"{len(changed)} site images changed or went away while adapt ran (named in the log, not "
+                         "here: this message goes into the record): the card could not say which images trained the "
+                         "model; run again on a folder that stays as it is")
 
 
 def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list[Sample], site: LoadedSet,
-         folds: np.ndarray, site_rec: dict, proto: dict, record: dict, rec_path: Path) -> dict:
+         folds: np.ndarray, site_rec: dict, proto: dict, record: dict, rec_path: Path, digests: list[str],
+         joined: dict[str, str], val_samples: list[Sample], val_rec: dict) -> dict:
     written = record["protocol_written"]
     base_scorer, _ = load_scorer(cfg.model, "cpu", card=base)
     p_base_site = _score_all(base_scorer, site, "base model on the site")
-    val_samples, val_rec = _validation_samples(
-        ConvertConfig(model=[m.path for m in members], calibration=Path(), out=cfg.out, validation=cfg.validation),
-        members[0].meta)
     val = load_samples(val_samples, base.preprocessing, cfg.workers, Progress("validation images", len(val_samples)))
     p_base_val = _score_all(base_scorer, val, "base model on validation")
 
@@ -407,10 +624,14 @@ def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list
             "base_model": {"name": base.name, "version": base.version, "revision": base.revision,
                            "file": cfg.model.name, "sha256": base.tflite_sha256,
                            "members": [{"file": m.path.name, "sha256": sha256_file(m.path)} for m in members]},
-            "site_data": {**site_rec, "image_digests": content_digests(site.paths),
-                          "image_digests_note": "sha256 of each image's bytes (first 16 hex digits): `calibrate` "
-                                                "refuses these images, whatever their names"},
+            "site_data": {**site_rec, "image_digests": sorted(digests),
+                          "input_digests": sorted(input_digest(x) for x in site.x),
+                          "image_digests_note": "sha256 of each image's bytes, and of its preprocessed model input "
+                                                "(first 16 hex digits): `calibrate` refuses these images, whatever "
+                                                "their names, and also after a lossless re-encode; a lossy "
+                                                "re-encode, a crop or a rescale makes another input and is not found"},
             "folds": {"k": cfg.folds, "seed": cfg.seed, "by": "patient",
+                      "patients_joined_by_identical_images": len(joined),
                       "images": [int((folds == f).sum()) for f in range(cfg.folds)],
                       "patients": [len({s.patient for s, g in zip(samples, folds, strict=True) if g == f})
                                    for f in range(cfg.folds)]},
@@ -433,13 +654,11 @@ def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list
         }
         record.update(status="accepted" if not failed else "refused", finished=datetime.now(timezone.utc)
                       .isoformat(timespec="seconds"), result=adaptation,
-                      out_of_fold_scores=_scores_by_image(site, folds, p_oof))
+                      out_of_fold_scores=_scores_by_image(site, folds, p_oof, digests))
         if failed:
             _write_record(rec_path, record)
-            raise AdaptRefused(
-                "adaptation refused by its protocol; nothing was written but the record " + str(rec_path) + ": "
-                + "; ".join(f"{c['name']} failed ({_say(c)})" for c in failed)
-                + f". Keep using {cfg.model.name} ({base.name} {base.version})")
+            raise _Refused("; ".join(f"{c['name']} failed ({_say(c)})" for c in failed))
+        _check_unchanged(site.paths, digests)
         card = _adapted_card(conv["card"], adaptation, ops, oof, site_rec, val, p_new_val, val_rec)
         write_card(card, Path(conv["card_path"]))
         ModelCard.load(conv["card_path"]).verify_file(tmp_out)
@@ -458,12 +677,11 @@ def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list
             "criteria": criteria, "oof": oof}
 
 
-def _scores_by_image(site: LoadedSet, folds: np.ndarray, p: np.ndarray) -> dict:
+def _scores_by_image(site: LoadedSet, folds: np.ndarray, p: np.ndarray, digests: list[str]) -> dict:
     """Each site image's out-of-fold probability, keyed by its bytes' digest: the audit trail of the points.
 
     Kept in the record, not the card: a physicist can check or re-derive any operating point from it.
     """
-    digests = [file_digest(path) for path in site.paths]
     return {"columns": ["image_sha256_16", "label", "fold", "probability"],
             "rows": [[d, int(y), int(f) + 1, round(float(v), 6)] for d, y, f, v in zip(
                 digests, site.y, folds, p, strict=True)]}

@@ -37,13 +37,22 @@ log = logging.getLogger(__name__)
 
 
 def link_set(samples: list[Sample], dest: Path) -> Path:
-    """A labelled folder of links to these images (NORMAL/, PNEUMONIA/)."""
+    """A labelled folder of links to these images (NORMAL/, PNEUMONIA/), and nothing else.
+
+    A folder left by an earlier run (``--work`` used again, another ``--site-images``) loses the links this set
+    does not hold; a file that is not a link is never deleted: it is refused.
+    """
+    wanted = {dest / LABELS[s.label] / s.path.name: s.path.resolve() for s in samples}
     for lab in LABELS:
         (dest / lab).mkdir(parents=True, exist_ok=True)
-    for s in samples:
-        link = dest / LABELS[s.label] / s.path.name
-        if not link.exists():
-            link.symlink_to(s.path.resolve())
+        for p in (dest / lab).iterdir():
+            if p.is_symlink() and (p not in wanted or p.resolve() != wanted[p]):
+                p.unlink()
+            elif not p.is_symlink():
+                raise ValueError(f"{p} is not a link: {dest} must hold only the links of this study")
+    for link, target in wanted.items():
+        if not link.is_symlink():
+            link.symlink_to(target)
     return dest
 
 
@@ -82,21 +91,25 @@ def _adapt_cfg(args, data: Path, out: Path) -> AdaptConfig:
                        min_per_class=args.min_per_class, verbose=0)
 
 
-def _run(cfg: AdaptConfig, reuse: bool = False) -> Optional[dict]:
-    """adapt's result, None when its protocol refused; ``reuse``: a finished run in the work folder counts."""
+def _run(cfg: AdaptConfig, reuse: bool = False) -> tuple[Optional[dict], Path]:
+    """adapt's result (None when its protocol refused it) and where this run's record is.
+
+    ``reuse``: a finished run in the work folder counts as it is (rescoring only).
+    """
     rec_path = record_path(cfg.out)
     if reuse and rec_path.is_file():
         rec = json.loads(rec_path.read_text())
         if rec.get("status") == "refused":
-            return None
+            return None, rec_path
         if rec.get("status") == "accepted" and cfg.out.is_file():
             card = json.loads(cfg.out.with_suffix(".json").read_text())
-            return {"card": card, "oof": card["adaptation"]["out_of_fold"]}
+            return {"card": card, "oof": card["adaptation"]["out_of_fold"]}, rec_path
     try:
-        return adapt(cfg)
+        res = adapt(cfg)
+        return res, res["record_path"]
     except AdaptRefused as exc:
         log.warning("%s", exc)
-        return None
+        return None, exc.record_path or record_path(cfg.out)
 
 
 def _base_points_on(args, inner: list[Sample]) -> dict:
@@ -125,11 +138,11 @@ def nested(args) -> dict:
             inner = _nested_subsets(inner, [args.site_images], args.seed + o)[args.site_images]
         held = [s for s, g in zip(samples, outer, strict=True) if g == o]
         work = args.work / f"outer{o}"
-        res = _run(_adapt_cfg(args, link_set(inner, work / "site"), work / "adapted.tflite"), args.reuse)
+        res, rec_file = _run(_adapt_cfg(args, link_set(inner, work / "site"), work / "adapted.tflite"), args.reuse)
         y, p_base, _ = score_folder(args.model, held)
         row = {"outer": o, "site_images": len(inner), "held_out_images": len(held),
                "auroc_base_held_out": auroc(y, p_base)}
-        rec = json.loads(record_path(work / "adapted.tflite").read_text()).get("result") or {}
+        rec = json.loads(rec_file.read_text()).get("result") or {}
         row["out_of_fold_auroc"] = (rec.get("out_of_fold") or {}).get("auroc")
         row["failed"] = [c["name"] for c in rec.get("criteria", []) if not c["passed"]]
         if res is None:  # refused: the site keeps the base model, with points set on its own images

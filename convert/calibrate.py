@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -66,18 +66,30 @@ def bump_version(version: str, revision: int) -> str:
     return f"{m.group(1)}.{int(m.group(2)) + 1}.0"
 
 
-def _refuse_adapted_on(card: ModelCard, samples: list) -> None:
-    """Thresholds set on images that trained the weights would be optimistic: refuse them, by content."""
-    adaptation = card.raw.get("adaptation")
-    if not adaptation:
-        return
-    from .dataset import content_digests
+def adapted_overlap(card: ModelCard, paths: Sequence[Path], inputs: Optional[np.ndarray] = None) -> int:
+    """How many of these images trained the model's weights (``pneumoflag adapt``): by their files' bytes, or,
+    given ``inputs`` (the preprocessed images, in the order of ``paths``), by the model input they make, which
+    finds a renamed copy, a lossless re-encode or a file with bytes added. 0 for a model that was not adapted."""
+    from .dataset import file_digest, input_digest
 
-    seen = set(adaptation["site_data"].get("image_digests") or [])
-    overlap = sum(d in seen for d in content_digests(s.path for s in samples))
+    site = (card.raw.get("adaptation") or {}).get("site_data") or {}
+    by_bytes, by_input = set(site.get("image_digests") or []), set(site.get("input_digests") or [])
+    n = 0
+    for i, path in enumerate(paths):
+        hit = file_digest(path) in by_bytes
+        if not hit and inputs is not None and by_input:
+            hit = input_digest(inputs[i]) in by_input
+        n += hit
+    return n
+
+
+def _refuse_adapted_on(card: ModelCard, paths: Sequence[Path], inputs: Optional[np.ndarray] = None) -> None:
+    """Thresholds set on images that trained the weights would be optimistic: refuse them, by content."""
+    overlap = adapted_overlap(card, paths, inputs)
     if overlap:
+        adaptation = card.raw["adaptation"]
         raise CalibrateError(
-            f"{overlap} of these {len(samples)} images trained {card.name} {card.version}'s weights "
+            f"{overlap} of these {len(paths)} images trained {card.name} {card.version}'s weights "
             f"(pneumoflag adapt on {adaptation['site_data']['folder']}): thresholds set on them would be optimistic. "
             "Its operating points already come from adapt's out-of-fold scores; calibrate only on images the "
             "model has not seen, or run adapt again from the base model with all the labelled images"
@@ -105,9 +117,10 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             f"site data {cfg.data}: {', '.join(f'{LABELS[i]}={counts[i]}' for i in range(2))} images; calibration "
             f"needs at least {MIN_PER_CLASS} of each class to set thresholds worth trusting"
         )
-    _refuse_adapted_on(card, samples)
+    _refuse_adapted_on(card, [s.path for s in samples])  # by the files' bytes, before any decoding
     scorer, card = load_scorer(cfg.model, "cpu", card=card)
     ds = load_samples(samples, card.preprocessing, cfg.workers, Progress("decoding", len(samples)))
+    _refuse_adapted_on(card, ds.paths, ds.x)  # and by the model input they make (a re-encoded copy)
     readable = np.bincount(ds.y, minlength=2)
     if readable.min() < MIN_PER_CLASS:
         raise CalibrateError(

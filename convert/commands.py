@@ -294,6 +294,12 @@ def _cmd_adapt(args) -> int:
         max_bytes=args.max_bytes, max_infer_ms=args.max_infer_ms, version=args.model_version, edgetpu=args.edgetpu,
         plots=args.plots, min_per_class=args.min_per_class, workers=args.workers,
     )
+    import signal
+
+    def _terminated(signum, frame):  # kill, systemd, timeout: end as Ctrl-C does (record, temporary folder)
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         res = adapt(cfg)
     except AdaptRefused as exc:
@@ -303,6 +309,8 @@ def _cmd_adapt(args) -> int:
         return 1
     except AdaptError as exc:
         raise _cli_error(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(summary(res))
     return 0
 

@@ -187,16 +187,21 @@ def split_fingerprint(samples: Iterable[Sample]) -> str:
     return h.hexdigest()[:16]
 
 
-def patient_folds(samples: Sequence[Sample], k: int, seed: int) -> list[int]:
+def patient_folds(samples: Sequence[Sample], k: int, seed: int,
+                  joined: Optional[dict[str, str]] = None) -> list[int]:
     """A fold number (0..k-1) for each sample: seeded, by patient, the classes dealt evenly.
 
     Every image of a patient lands in one fold, so a model never scores a
     patient it was trained on. Patients of each class are shuffled and dealt
     round-robin, starting where the previous class left off, so fold sizes
-    differ by at most a patient or two per class.
+    differ by at most a patient or two per class. ``joined`` maps a patient to
+    the patient it must share a fold with (:func:`copy_groups`: the same image
+    filed under two patients' names); patients it does not name deal as before.
     """
     if k < 2:
         raise ValueError(f"folds must be at least 2, not {k}")
+    if joined:
+        samples = [_AsPatient(s.path, s.label, joined.get(s.patient, s.patient)) for s in samples]
     patients = sorted({s.patient for s in samples})
     if len(patients) < k:
         raise DataError(f"{len(patients)} patients cannot make {k} folds: every fold needs a patient of its own")
@@ -214,6 +219,53 @@ def patient_folds(samples: Sequence[Sample], k: int, seed: int) -> list[int]:
             fold_of[p] = (start + i) % k
         start = (start + len(group)) % k
     return [fold_of[s.patient] for s in samples]
+
+
+@dataclass
+class _AsPatient(Sample):
+    """A sample dealt under another patient id (:func:`patient_folds` with ``joined``)."""
+
+    as_patient: str = ""
+
+    @property
+    def patient(self) -> str:
+        return self.as_patient
+
+
+def copy_groups(samples: Sequence[Sample], digests: Sequence[str]) -> dict[str, str]:
+    """Patients that share an image's bytes, joined: each such patient -> its group's first patient id.
+
+    The same file under two names would otherwise count as two patients and
+    could sit in two folds, so a fold model would score an image it trained on.
+    Patients without a copy elsewhere are not in the map.
+    """
+    parent: dict[str, str] = {}
+
+    def root(p: str) -> str:
+        while parent.get(p, p) != p:
+            p = parent[p]
+        return p
+
+    first: dict[str, str] = {}
+    for s, d in zip(samples, digests, strict=True):
+        other = first.setdefault(d, s.patient)
+        a, b = root(other), root(s.patient)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    groups = {p: root(p) for p in {s.patient for s in samples}}
+    members: dict[str, int] = {}
+    for g in groups.values():
+        members[g] = members.get(g, 0) + 1
+    return {p: g for p, g in groups.items() if members[g] > 1}
+
+
+def input_digest(x: np.ndarray) -> str:
+    """Short sha256 of a preprocessed model input (uint8 tensor): an image's identity whatever its file's bytes.
+
+    Finds an image again after a lossless re-encode (JPEG to PNG of the same
+    pixels), a stripped or added header, or bytes appended to the file.
+    """
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
 
 
 def file_digest(path: Path) -> str:

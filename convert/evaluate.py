@@ -101,6 +101,17 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             thresholds = {k: ops[k]["threshold"] for k in ("flag", "urgent")}
             source = "chosen on this data (no --card given): optimistic"
     result = evaluate_scores(ds.y, p, thresholds, intervals=True, prevalence=cfg.prevalence)
+    if card is not None and card.raw.get("adaptation"):
+        from .calibrate import adapted_overlap
+
+        n_seen = adapted_overlap(card, ds.paths, ds.x)
+        if n_seen:
+            result["adapted_on"] = {
+                "images": n_seen,
+                "note": "these images trained the model's weights (pneumoflag adapt): the figures on them are "
+                        "in-sample and optimistic; the card's out-of-fold figures are the honest ones"}
+            log.warning("%d of these %d images trained %s %s's weights: these figures are in-sample", n_seen,
+                        len(ds), card.name, card.version)
     result.update({
         "model": str(cfg.model),
         "data": str(cfg.data) + (f" (validation split of {cfg.split.name})" if cfg.split else ""),
@@ -142,4 +153,8 @@ def format_summary(r: dict) -> str:
         )
     if r["skipped_files"]:
         lines.append(f"{len(r['skipped_files'])} unreadable files skipped")
+    if r.get("adapted_on"):
+        lines.append(f"NOT AN EVALUATION: {r['adapted_on']['images']} of these {r['n']} images trained this model's "
+                     "weights (pneumoflag adapt); the figures are in-sample and optimistic, the card's out-of-fold "
+                     "figures are the honest ones")
     return "\n".join(lines)

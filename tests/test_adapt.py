@@ -236,3 +236,236 @@ def test_fine_tuning_changes_only_what_its_mode_names(member_and_images, mode):
     # head mode shares one set of convolutional layers: the joined graph is not twice the base
     ratio = joined.count_params() / base.count_params()
     assert (ratio < 1.7) if mode == "head" else (ratio == pytest.approx(2.0, rel=0.01))
+
+
+# ----------------------------------------------------------------------------- hostile pass: refused before training
+
+MISSING = Path("/nonexistent/site")  # an option or --out refused before the site folder is read
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "--seed must be between 0 and"),  # fine-tuning seeds must stay in [0, 2**32)
+    (["--max-infer-ms", "nan"], "--max-infer-ms must be a positive number"),
+    (["--max-forgetting", "-0.1"], "--max-forgetting must be in [0, 1)"),
+    (["--max-auroc-drop", "nan"], "--max-auroc-drop must be in [0, 1)"),
+    (["--min-gain", "nan"], "--min-gain must be in (-1, 1)"),
+    (["--max-bytes", "0"], "--max-bytes must be at least 1"),
+    (["--num-calibration", "0"], "--num-calibration must be at least 1"),
+])
+def test_adapt_refuses_options_that_break_the_run_or_void_a_criterion(args, message, tmp_path, capsys):
+    assert run_cli("adapt", "--model", BASE, "--data", MISSING, "--out", tmp_path / "x.tflite", *args) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["pneumoflag-rn128_edgetpu.tflite", "pneumoflag-rn128-full.train.tflite"])
+def test_adapt_refuses_an_out_whose_card_or_members_would_overwrite_a_base_file(name, capsys):
+    """NAME_edgetpu.tflite's card is NAME.json: the base card was overwritten and the base model refused."""
+    before = {p.name: sha256_file(p) for p in BASE.parent.iterdir() if p.is_file()}
+    assert run_cli("adapt", "--model", BASE, "--data", MISSING, "--out", BASE.parent / name) == 2
+    assert "choose another name" in capsys.readouterr().err
+    assert {p.name: sha256_file(p) for p in BASE.parent.iterdir() if p.is_file()} == before
+
+
+def test_adapt_refuses_a_float_member_that_is_not_the_one_the_card_names(tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(BASE.parent, base)
+    shutil.copy(base / "pneumoflag-rn128-crop12.keras", base / "pneumoflag-rn128-full.keras")
+    assert run_cli("adapt", "--model", base / BASE.name, "--data", MISSING, "--out", tmp_path / "x.tflite") == 2
+    assert "pneumoflag-rn128-full.keras does not match the card" in capsys.readouterr().err
+
+
+def test_a_second_adapt_into_the_same_out_is_refused_while_one_runs(tmp_path, capsys):
+    import fcntl
+    import os
+
+    fd = os.open(tmp_path / ".x.adapt.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert run_cli("adapt", "--model", BASE, "--data", MISSING, "--out", tmp_path / "x.tflite") == 2
+    finally:
+        os.close(fd)
+    assert "another pneumoflag adapt" in capsys.readouterr().err
+    assert not record_path(tmp_path / "x.tflite").exists()
+
+
+def _site(root: Path, normal: list[Path], pneumonia: list[Path]) -> Path:
+    for lab, files in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
+        (root / lab).mkdir(parents=True)
+        for i, f in enumerate(files):
+            shutil.copy(f, root / lab / (f"IM-{900 + i:04d}-0001.jpeg" if lab == "NORMAL" else f"person{900 + i}_x.jpeg"))
+    return root
+
+
+def test_adapt_counts_only_readable_images_against_min_per_class(tmp_path, capsys):
+    n = sorted((SITE_DEV / "NORMAL").iterdir())[:3]
+    p = sorted((SITE_DEV / "PNEUMONIA").iterdir())[:3]
+    site = _site(tmp_path / "site", n, p)
+    (site / "NORMAL" / "IM-0900-0001.jpeg").write_bytes(n[0].read_bytes()[:300])  # truncated
+    assert run_cli("adapt", "--model", BASE, "--data", site, "--out", tmp_path / "x.tflite", "--min-per-class", "3",
+                   "--folds", "3") == 2
+    assert "only NORMAL=2, PNEUMONIA=3 readable images (1 unreadable)" in capsys.readouterr().err
+
+
+def test_adapt_refuses_the_same_image_under_both_classes(tmp_path, capsys):
+    n = sorted((SITE_DEV / "NORMAL").iterdir())[:3]
+    p = sorted((SITE_DEV / "PNEUMONIA").iterdir())[:3]
+    site = _site(tmp_path / "site", n, p + [n[1]])
+    assert run_cli("adapt", "--model", BASE, "--data", site, "--out", tmp_path / "x.tflite", "--min-per-class", "3",
+                   "--folds", "20") == 2
+    assert "1 site images have the same bytes under NORMAL and under PNEUMONIA" in capsys.readouterr().err
+
+
+def test_adapt_refuses_site_images_the_base_was_trained_on(tmp_path, capsys):
+    """adapt --data on (part of) the training split: the out-of-fold scores would come from layers that saw them."""
+    n = sorted((SITE_DEV / "NORMAL").iterdir())[:3]
+    p = sorted((SITE_DEV / "PNEUMONIA").iterdir())[:3]
+    train = sorted((SITE_DEV.parent / "train" / "PNEUMONIA").iterdir())[:1]
+    site = _site(tmp_path / "site", n, p + train)
+    assert run_cli("adapt", "--model", BASE, "--data", site, "--out", tmp_path / "x.tflite", "--min-per-class", "3",
+                   "--folds", "20") == 2
+    assert "1 site images (e.g. person903_x.jpeg) are images the base model's members were trained" in (
+        capsys.readouterr().err)
+
+
+def test_copies_of_an_image_under_two_patients_are_dealt_into_one_fold():
+    """The same bytes under two patients' names were two patients, and could sit in two folds (a leak)."""
+    from pneumoflag.convert.dataset import copy_groups
+
+    samples = [Sample(Path(f"person{i}_bacteria_1.jpeg"), 1) for i in range(12)] + [
+        Sample(Path(f"IM-{i:04d}-0001.jpeg"), 0) for i in range(12)]
+    digests = [f"d{i}" for i in range(24)]
+    digests[11] = digests[0]  # person11's image is person0's
+    digests[23] = digests[12]  # and IM-0011's is IM-0000's
+    joined = copy_groups(samples, digests)
+    assert joined == {"person0": "person0", "person11": "person0", "im-0000": "im-0000", "im-0011": "im-0000"}
+    for seed in range(20):
+        folds = patient_folds(samples, 4, seed, joined)
+        assert folds[11] == folds[0] and folds[23] == folds[12]
+    assert copy_groups(samples, [f"d{i}" for i in range(24)]) == {}  # no copies: the folds are as before
+    assert patient_folds(samples, 4, 3, {}) == patient_folds(samples, 4, 3)
+
+
+def test_a_site_image_that_changes_during_the_run_is_caught(tmp_path):
+    from pneumoflag.convert.adapt import AdaptError, _check_unchanged
+    from pneumoflag.convert.dataset import file_digest
+
+    files = [tmp_path / f"{i}.jpeg" for i in range(3)]
+    for f in files:
+        shutil.copy(sorted((SITE_DEV / "NORMAL").iterdir())[0], f)
+    digests = [file_digest(f) for f in files]
+    _check_unchanged(files, digests)
+    files[1].write_bytes(files[1].read_bytes() + b"\0")
+    with pytest.raises(AdaptError, match="1 site images changed or went away"):
+        _check_unchanged(files, digests)
+
+
+def test_link_set_drops_the_links_of_an_earlier_run(tmp_path):
+    """nested --site-images N with a --work used before adapted on the earlier run's links as well."""
+    samples = scan_folder(SITE_DEV)
+    link_set(samples[:40] + samples[-40:], tmp_path / "site")
+    link_set(samples[:5] + samples[-5:], tmp_path / "site")
+    assert len(scan_folder(tmp_path / "site")) == 10
+
+
+# ----------------------------------------------------------------------------- hostile pass: with the accepted run
+
+
+def test_the_protocol_names_the_validation_data_and_the_site_images_bytes(adapted):
+    a = adapted["card"]["adaptation"]
+    assert sum(a["protocol"]["validation_data"]["images"].values()) > 0
+    assert len(a["protocol"]["site_data"]["content_sha256"]) == 16
+    assert len(a["site_data"]["input_digests"]) == len(a["site_data"]["image_digests"])
+
+
+def test_calibrate_and_evaluate_know_the_adapted_images_after_a_lossless_re_encode(adapted, halves, tmp_path, capsys):
+    """One byte appended, or the same pixels as PNG: new bytes, the same model input. Both were calibrated on."""
+    from PIL import Image
+
+    for kind in ("appended", "png"):
+        d = tmp_path / kind
+        for i, s in enumerate(halves[0]):
+            (d / LABEL_DIRS[s.label]).mkdir(parents=True, exist_ok=True)
+            if kind == "appended":
+                (d / LABEL_DIRS[s.label] / f"s{i}.jpeg").write_bytes(s.path.read_bytes() + b"\0")
+            else:
+                Image.open(s.path).save(d / LABEL_DIRS[s.label] / f"s{i}.png")
+        assert run_cli("calibrate", "--model", adapted["out"], "--data", d, "--out", tmp_path / "c.json") == 2, kind
+        assert f"{len(halves[0])} of these {len(halves[0])} images trained" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+    assert run_cli("evaluate", "--model", adapted["out"], "--data", tmp_path / "png") == 0
+    assert f"NOT AN EVALUATION: {len(halves[0])} of these {len(halves[0])} images trained" in capsys.readouterr().out
+
+
+LABEL_DIRS = ("NORMAL", "PNEUMONIA")
+
+
+@pytest.mark.parametrize("how", ["refused", "interrupted"])
+def test_a_run_that_does_not_ship_keeps_the_record_of_the_model_already_at_out(adapted, tmp_path, monkeypatch, how):
+    """A refused or interrupted run into --out used to leave the accepted model beside a record not its own."""
+    import pneumoflag.convert.adapt as adapt_mod
+
+    out = tmp_path / "models" / adapted["out"].name
+    shutil.copytree(adapted["out"].parent, out.parent)
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir() if p.is_file()}
+
+    def fake_run(*args, **kwargs):  # the trainer, cut short: its outcome is what matters here
+        if how == "refused":  # as _run ends a refused run: the record says so, then the refusal
+            record, rec_path = args[8], args[9]
+            record.update(status="refused")
+            adapt_mod._write_record(rec_path, record)
+            raise adapt_mod._Refused("site gain failed (0.5 against 0.9)")
+        raise KeyboardInterrupt("stopped by signal SIGTERM")
+
+    monkeypatch.setattr(adapt_mod, "_run", fake_run)
+    cfg = adapt_mod.AdaptConfig(model=BASE, data=adapted["site"], out=out)
+    with pytest.raises(adapt_mod.AdaptRefused if how == "refused" else KeyboardInterrupt) as exc:
+        adapt_mod.adapt(cfg)
+    after = {p.name: p.read_bytes() for p in out.parent.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k in before} == before  # model, card, members and record as they were
+    (this_run,) = [k for k in after if k not in before and k.endswith(".json")]
+    rec = json.loads((out.parent / this_run).read_text())
+    assert rec["status"] == ("refused" if how == "refused" else "error") and this_run.endswith(f".{rec['status']}.json")
+    if how == "refused":
+        assert str(out.parent / this_run) in str(exc.value) and f"Keep using {out.name}" in str(exc.value)
+        assert exc.value.record_path == out.parent / this_run
+
+
+def test_an_earlier_refused_run_keeps_its_record_when_another_run_follows(adapted, tmp_path, monkeypatch):
+    """Seed after seed into one --out until one passes: each refused run's record used to be overwritten."""
+    import pneumoflag.convert.adapt as adapt_mod
+
+    out = tmp_path / "site.tflite"
+    earlier = {"protocol": {}, "protocol_sha256": "0" * 64, "protocol_written": "2026-01-02T03:04:05+00:00",
+               "status": "refused"}
+    record_path(out).write_text(json.dumps(earlier))
+
+    def fake_run(*args, **kwargs):
+        args[8].update(status="refused")
+        adapt_mod._write_record(args[9], args[8])
+        raise adapt_mod._Refused("site gain failed (0.5 against 0.9)")
+
+    monkeypatch.setattr(adapt_mod, "_run", fake_run)
+    with pytest.raises(adapt_mod.AdaptRefused):
+        adapt_mod.adapt(adapt_mod.AdaptConfig(model=BASE, data=adapted["site"], out=out, seed=7))
+    kept = tmp_path / "site.adapt.20260102T030405Z.refused.json"
+    assert json.loads(kept.read_text()) == earlier
+    assert json.loads(record_path(out).read_text())["protocol"]["method"]["seed"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name, "site.adapt.json"]  # no lock left behind
+
+
+def test_adapt_ends_as_ctrl_c_does_when_it_is_terminated(monkeypatch, tmp_path):
+    """SIGTERM (kill, systemd, timeout) left the record 'running' and a half-written .adapt-* folder behind."""
+    import signal
+
+    import pneumoflag.convert.adapt as adapt_mod
+
+    def fake_adapt(cfg):
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), "no SIGTERM handler while adapt runs"
+        handler(signal.SIGTERM, None)
+
+    monkeypatch.setattr(adapt_mod, "adapt", fake_adapt)
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_cli("adapt", "--model", BASE, "--data", MISSING, "--out", tmp_path / "x.tflite") == 130
+    assert signal.getsignal(signal.SIGTERM) == before
