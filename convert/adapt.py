@@ -152,8 +152,8 @@ class AdaptConfig:
         for name, v in (("--max-forgetting", self.max_forgetting), ("--max-auroc-drop", self.max_auroc_drop)):
             if not 0.0 <= v < 1.0:
                 raise AdaptError(f"{name} must be in [0, 1), not {v}")
-        if not -1.0 < self.min_gain < 1.0:
-            raise AdaptError(f"--min-gain must be in (-1, 1), not {self.min_gain}")
+        if not 0.0 <= self.min_gain < 1.0:  # a negative gain would let a model that ranks the site worse ship
+            raise AdaptError(f"--min-gain must be in [0, 1), not {self.min_gain}")
         if not 0.0 < self.max_infer_ms < 1e6:
             raise AdaptError(f"--max-infer-ms must be a positive number of milliseconds, not {self.max_infer_ms}")
         for name, v in (("--max-bytes", self.max_bytes), ("--num-calibration", self.num_calibration),

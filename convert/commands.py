@@ -217,7 +217,6 @@ def _cmd_calibrate(args) -> int:
 
 
 def add_adapt(sub) -> None:
-
     p = sub.add_parser(
         "adapt",
         help="fine-tune the model on a site's labelled images (patient-level cross-fitting, acceptance protocol)",
@@ -226,11 +225,11 @@ def add_adapt(sub) -> None:
         "fold every ensemble member (the card's float members) is fine-tuned on the other folds and scores the "
         "held-out one. The operating points are set on those out-of-fold scores (same rules as calibrate). What "
         "ships is the average of the fold models, converted to int8 through convert's checks. The acceptance "
-        "protocol is written to NAME.adapt.json beside OUT (NAME.tflite) before training and checked after: out-of-fold AUROC at least the "
-        "base model's on the same images + --min-gain; validation AUROC down by at most --max-forgetting; the int8 "
-        "check; distinct tiers; size, Edge TPU ops and latency within budget. OUT, its card and its float members "
-        "are written only if every criterion holds; otherwise adapt says which failed (exit status 1) and the base "
-        "model stays the one to use. Needs the toolchain (TensorFlow).",
+        "protocol is written to NAME.adapt.json beside OUT (NAME.tflite) before training and checked after: "
+        "out-of-fold AUROC at least the base model's on the same images + --min-gain; validation AUROC down by at "
+        "most --max-forgetting; the int8 check; distinct tiers; size, Edge TPU ops and latency within budget. OUT, "
+        "its card and its float members are written only if every criterion holds; otherwise adapt says which "
+        "failed (exit status 1) and the base model stays the one to use. Needs the toolchain (TensorFlow).",
     )
     p.add_argument("--model", required=True, type=Path, help="the base .tflite (its card and float members beside it)")
     p.add_argument("--data", required=True, type=Path, help="the site's labelled images: NORMAL/ and PNEUMONIA/")

@@ -248,7 +248,8 @@ MISSING = Path("/nonexistent/site")  # an option or --out refused before the sit
     (["--max-infer-ms", "nan"], "--max-infer-ms must be a positive number"),
     (["--max-forgetting", "-0.1"], "--max-forgetting must be in [0, 1)"),
     (["--max-auroc-drop", "nan"], "--max-auroc-drop must be in [0, 1)"),
-    (["--min-gain", "nan"], "--min-gain must be in (-1, 1)"),
+    (["--min-gain", "nan"], "--min-gain must be in [0, 1)"),
+    (["--min-gain", "-0.1"], "--min-gain must be in [0, 1)"),
     (["--max-bytes", "0"], "--max-bytes must be at least 1"),
     (["--num-calibration", "0"], "--num-calibration must be at least 1"),
 ])
