@@ -451,10 +451,6 @@ class Store:
 
         return self._write(tx)
 
-    def record_ack(self, event_id: str, station: str, by: str, at: str) -> bool:
-        """One acknowledgement (see :meth:`record_acks`); True when it names one of our flags."""
-        return self.record_acks([{"event_id": event_id, "station": station, "by": by, "at": at}])[0][0]
-
     def open_urgent(self, max_escalations: int) -> list[DueEscalation]:
         """Urgent flags delivered, unacknowledged and not yet escalated ``max_escalations`` times.
 

@@ -67,7 +67,7 @@ def run_station(args: argparse.Namespace) -> int:
     settings = StationSettings.from_config(cfg)
     settings.check_exposure()
     try:
-        from .service import serve
+        from .web import serve
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] == "aiohttp":
             raise StationError("needs aiohttp, which is not installed: pip install 'pneumoflag[station]'") from None

@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import signal
 import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
 from pneumoflag.device import contract
 from pneumoflag.device.config import Config
 from pneumoflag.device.messages import EVENT_ID, MAX_RESEND, AckMessage, utc_now
@@ -25,7 +23,7 @@ from pneumoflag.device.messages import EVENT_ID, MAX_RESEND, AckMessage, utc_now
 from .events import EventHub
 from .mqtt_link import Incoming, MqttLink
 from .security import Guard
-from .settings import StationError, StationSettings
+from .settings import StationSettings
 from .worklist import BadMessage, ContractError, DeviceState, Worklist
 
 log = logging.getLogger(__name__)
@@ -248,33 +246,3 @@ class Station:
         delivered = await self.link.publish_ack(device, ack)
         log.info("ack of %s (%s) by %s %s", event_id, device, name, "delivered" if delivered else "queued")
         return AckResult(event_id, delivered)
-
-
-async def serve(cfg: Config, settings: StationSettings) -> None:
-    """Run until SIGTERM or SIGINT: the page first (it shows the broker's state), then the MQTT link."""
-    from .web import make_app
-
-    try:
-        station = Station(cfg, settings)
-    except sqlite3.Error as exc:
-        raise StationError(f"worklist {settings.db_path}: {exc}") from None
-    runner = web.AppRunner(make_app(station), access_log=None, shutdown_timeout=3)
-    await runner.setup()
-    try:
-        try:
-            await web.TCPSite(runner, settings.host, settings.port).start()
-        except OSError as exc:
-            raise StationError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
-        station.start()
-        log.info("station %s listening on %s (worklist %s; MQTT %s as %s)", settings.station_id, settings.url,
-                 settings.db_path, cfg.mqtt.broker, settings.client_id)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("station %s stopping", settings.station_id)
-    finally:
-        await station.stop()
-        await runner.cleanup()
-        station.worklist.close()

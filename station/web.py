@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,13 @@ from typing import Any
 from aiohttp import web
 
 from pneumoflag.device import contract
+from pneumoflag.device.config import Config
 from pneumoflag.device.messages import EVENT_ID
 
 from .events import sse_frame
 from .security import AllowedHosts, QuietLog, Throttle, cross_site, retry_after
 from .service import AckRefused, Station, UnknownFlag
+from .settings import StationError, StationSettings
 
 log = logging.getLogger(__name__)
 
@@ -297,3 +301,31 @@ def make_app(station: Station) -> web.Application:
 
     app.on_shutdown.append(end_streams)
     return app
+
+
+async def serve(cfg: Config, settings: StationSettings) -> None:
+    """Run until SIGTERM or SIGINT: the page first (it shows the broker's state), then the MQTT link."""
+    try:
+        station = Station(cfg, settings)
+    except sqlite3.Error as exc:
+        raise StationError(f"worklist {settings.db_path}: {exc}") from None
+    runner = web.AppRunner(make_app(station), access_log=None, shutdown_timeout=3)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, settings.host, settings.port).start()
+        except OSError as exc:
+            raise StationError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        station.start()
+        log.info("station %s listening on %s (worklist %s; MQTT %s as %s)", settings.station_id, settings.url,
+                 settings.db_path, cfg.mqtt.broker, settings.client_id)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("station %s stopping", settings.station_id)
+    finally:
+        await station.stop()
+        await runner.cleanup()
+        station.worklist.close()

@@ -42,7 +42,6 @@ ORPHAN_ACK_KEEP_S = 24 * 3600
 MAX_ORPHAN_ACKS = 1000
 #: the largest figure a stats message may show (a count, seconds, milliseconds): beyond it, not the daemon's
 MAX_FIGURE = 1e15
-DEVICE_STATES = ("online", "offline", "silent", "unknown")
 #: heat maps: the most a payload may weigh (the daemon's are ~100-200 KB), and the PNG signature
 MAX_HEATMAP_BYTES = 2 * 1024 * 1024
 MAX_HEATMAP_SIDE = 4096  # pixels: a small file may still decompress to a huge image in the browser
@@ -221,7 +220,7 @@ class ErrorRow:
 @dataclass
 class DeviceState:
     device: str
-    state: str  # one of DEVICE_STATES
+    state: str  # online, offline, silent (online but no stats for a while) or unknown
     status_at: str | None
     stats_at: str | None
     stats: dict[str, float]
