@@ -53,6 +53,7 @@ from .dataset import (
     patient_folds,
     patient_split,
     portable_path,
+    score_all,
     scan_folder,
     split_fingerprint,
     stratified_subset,
@@ -304,15 +305,6 @@ def _refuse_overwriting_base(cfg: AdaptConfig, card: ModelCard, members: list[Pa
                              "(the base stays for sites without labelled images): choose another name")
 
 
-def _score_all(scorer: Scorer, data: LoadedSet, label: str) -> np.ndarray:
-    prog = Progress(label, len(data))
-    p = np.empty(len(data))
-    for i, x in enumerate(data.x):
-        p[i] = scorer.score(x)
-        prog(i + 1)
-    return p
-
-
 def _infer_p50_ms(scorer: Scorer, x: np.ndarray, repeats: int = 40, rounds: int = 5) -> float:
     """The lowest of a few rounds' median invoke time: what the CPU does, not what a busy moment let it do.
 
@@ -553,9 +545,9 @@ def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list
          joined: dict[str, str], val_samples: list[Sample], val_rec: dict) -> dict:
     written = record["protocol_written"]
     base_scorer, _ = load_scorer(cfg.model, "cpu", card=base)
-    p_base_site = _score_all(base_scorer, site, "base model on the site")
+    p_base_site = score_all(base_scorer, site, "base model on the site")
     val = load_samples(val_samples, base.preprocessing, cfg.workers, Progress("validation images", len(val_samples)))
-    p_base_val = _score_all(base_scorer, val, "base model on validation")
+    p_base_val = score_all(base_scorer, val, "base model on validation")
 
     t0 = time.monotonic()
     oof_logit, fold_models = _cross_fit(cfg, members, samples, site.y, folds)
@@ -595,7 +587,7 @@ def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list
             results["int8 check"] = {"value": str(exc), "passed": False}
         if conv is not None:
             new_scorer, _ = load_scorer(tmp_out, "cpu", card=ModelCard.load(conv["card_path"]))
-            p_new_val = _score_all(new_scorer, val, "adapted model on validation")
+            p_new_val = score_all(new_scorer, val, "adapted model on validation")
             auc_bv, auc_nv = auroc(val.y, p_base_val), auroc(val.y, p_new_val)
             results["nothing forgotten"] = {"value": auc_nv, "limit": auc_bv - cfg.max_forgetting, "base": auc_bv,
                                             "passed": auc_nv >= auc_bv - cfg.max_forgetting}

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from .adapt import AdaptConfig, AdaptError, AdaptRefused, adapt, record_path
-from .dataset import LABELS, Sample, load_samples, patient_folds, scan_folder
+from .dataset import LABELS, Sample, load_samples, patient_folds, scan_folder, score_all
 from .metrics import Confusion, TierError, auroc, auroc_interval, choose_operating_points, specificity_at_sensitivity
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def score_folder(model: Path, samples: list[Sample]) -> tuple[np.ndarray, np.nda
 
     scorer, card = load_scorer(model, "cpu")
     ds = load_samples(samples, card.preprocessing, workers=2)
-    p = np.array([scorer.score(x) for x in ds.x])
+    p = score_all(scorer, ds, "scoring")
     return ds.y, p, card.thresholds.as_dict()
 
 
@@ -173,6 +173,7 @@ def nested(args) -> dict:
                "base_mean_held_out_auroc": float(np.mean([r["auroc_base_held_out"] for r in rows])),
                "pooled_auroc": auroc(y_all, p_all), "pooled_auroc_ci95": auroc_interval(y_all, p_all),
                "pooled_spec_at_sens_0.95": specificity_at_sensitivity(y_all, p_all, 0.95),
+               "pooled_spec_at_sens_0.97": specificity_at_sensitivity(y_all, p_all, 0.97),
                "base_pooled_auroc": auroc(y_all, b_all),
                "base_spec_at_sens_0.95": specificity_at_sensitivity(y_all, b_all, 0.95), "pooled": {}}
     for tier, cs in pooled.items():

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..device.card import CardError, ModelCard, card_path_for, sha256_file
 from ..device.scorer import load_scorer
-from .dataset import LABELS, load_samples, scan_folder
+from .dataset import LABELS, load_samples, scan_folder, score_all
 from .metrics import (
     FLAG_MIN_SENSITIVITY,
     MIN_PER_CLASS,
@@ -66,26 +66,28 @@ def bump_version(version: str, revision: int) -> str:
     return f"{m.group(1)}.{int(m.group(2)) + 1}.0"
 
 
-def adapted_overlap(card: ModelCard, paths: Sequence[Path], inputs: Optional[np.ndarray] = None) -> int:
+def adapted_overlap(card: ModelCard, paths: Sequence[Path], inputs: Optional[np.ndarray] = None,
+                    by_bytes: bool = True) -> int:
     """How many of these images trained the model's weights (``pneumoflag adapt``): by their files' bytes, or,
     given ``inputs`` (the preprocessed images, in the order of ``paths``), by the model input they make, which
     finds a renamed copy, a lossless re-encode or a file with bytes added. 0 for a model that was not adapted."""
     from .dataset import file_digest, input_digest
 
     site = (card.raw.get("adaptation") or {}).get("site_data") or {}
-    by_bytes, by_input = set(site.get("image_digests") or []), set(site.get("input_digests") or [])
+    seen_bytes, by_input = set(site.get("image_digests") or []), set(site.get("input_digests") or [])
     n = 0
     for i, path in enumerate(paths):
-        hit = file_digest(path) in by_bytes
+        hit = by_bytes and file_digest(path) in seen_bytes
         if not hit and inputs is not None and by_input:
             hit = input_digest(inputs[i]) in by_input
         n += hit
     return n
 
 
-def _refuse_adapted_on(card: ModelCard, paths: Sequence[Path], inputs: Optional[np.ndarray] = None) -> None:
+def _refuse_adapted_on(card: ModelCard, paths: Sequence[Path], inputs: Optional[np.ndarray] = None,
+                       by_bytes: bool = True) -> None:
     """Thresholds set on images that trained the weights would be optimistic: refuse them, by content."""
-    overlap = adapted_overlap(card, paths, inputs)
+    overlap = adapted_overlap(card, paths, inputs, by_bytes)
     if overlap:
         adaptation = card.raw["adaptation"]
         raise CalibrateError(
@@ -120,18 +122,14 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     _refuse_adapted_on(card, [s.path for s in samples])  # by the files' bytes, before any decoding
     scorer, card = load_scorer(cfg.model, "cpu", card=card)
     ds = load_samples(samples, card.preprocessing, cfg.workers, Progress("decoding", len(samples)))
-    _refuse_adapted_on(card, ds.paths, ds.x)  # and by the model input they make (a re-encoded copy)
+    _refuse_adapted_on(card, ds.paths, ds.x, by_bytes=False)  # and by the model input they make (a re-encoded copy)
     readable = np.bincount(ds.y, minlength=2)
     if readable.min() < MIN_PER_CLASS:
         raise CalibrateError(
             f"site data {cfg.data}: only {', '.join(f'{LABELS[i]}={readable[i]}' for i in range(2))} readable images "
             f"({len(ds.skipped)} unreadable); at least {MIN_PER_CLASS} of each class are needed"
         )
-    prog = Progress("scoring", len(ds))
-    p = np.empty(len(ds))
-    for i, x in enumerate(ds.x):
-        p[i] = scorer.score(x)
-        prog(i + 1)
+    p = score_all(scorer, ds)
 
     try:
         ops = choose_operating_points(ds.y, p, cfg.min_sensitivity, cfg.urgent_min_specificity, cfg.single_tier)

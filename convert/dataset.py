@@ -160,6 +160,18 @@ def load_samples(
     return LoadedSet(x, np.asarray(ys, np.int64), paths, skipped)
 
 
+def score_all(scorer, data: LoadedSet, label: str = "scoring") -> np.ndarray:
+    """Probabilities of a device scorer (``device.scorer.Scorer``) for every image of a loaded set, with progress."""
+    from .progress import Progress
+
+    prog = Progress(label, len(data))
+    p = np.empty(len(data))
+    for i, x in enumerate(data.x):
+        p[i] = scorer.score(x)
+        prog(i + 1)
+    return p
+
+
 def require_both_classes(y: np.ndarray, what: str, skipped: int = 0) -> None:
     counts = np.bincount(y, minlength=2)
     if len(y) == 0:

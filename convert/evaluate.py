@@ -16,7 +16,7 @@ import numpy as np
 
 from ..device.card import CardError, ModelCard, card_path_for
 from ..device.preprocess import PreprocessSpec, to_float_input
-from .dataset import LABELS, DataError, LoadedSet, load_samples, require_both_classes, scan_folder
+from .dataset import LABELS, DataError, LoadedSet, load_samples, require_both_classes, scan_folder, score_all
 from .metrics import choose_operating_points, evaluate_scores
 from .progress import Progress
 
@@ -42,12 +42,7 @@ def _scores_tflite(cfg: EvaluateConfig) -> tuple[LoadedSet, np.ndarray, ModelCar
     card = ModelCard.load(cfg.card or card_path_for(cfg.model))
     scorer, card = load_scorer(cfg.model, cfg.accelerator, card=card)
     ds = _load(cfg, card.preprocessing)
-    prog = Progress("scoring", len(ds))
-    p = np.empty(len(ds))
-    for i, x in enumerate(ds.x):
-        p[i] = scorer.score(x)
-        prog(i + 1)
-    return ds, p, card, f"int8 TFLite on {scorer.report.accelerator} ({scorer.report.runtime})"
+    return ds, score_all(scorer, ds), card, f"int8 TFLite on {scorer.report.accelerator} ({scorer.report.runtime})"
 
 
 def _load(cfg: EvaluateConfig, spec: PreprocessSpec) -> LoadedSet:
