@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .dicom import is_dicom, read_dicom
-from .gate import GateLimits, check_jpeg_stream, check_pixels, check_source
+from .gate import GateLimits, check_pixels, check_source
 from .preprocess import (ImageDecodeError, PreprocessSpec, SourceInfo, decode_with_info, finish, resize,
                          scan_header)
 from .vocab import Reason
@@ -80,10 +80,10 @@ def decode_bytes(data: bytes, name: str, s: DecodeSettings) -> Decoded:
         acquired = info.acquired_at.timestamp() if info.acquired_at else None
         check_source(SourceInfo(gray.shape[1], gray.shape[0], "DICOM", "L"), s.gate, name)
     else:
-        gray, src = decode_with_info(data, s.spec, s.max_pixels, name=name, max_bytes=s.max_bytes)
+        # Pillow repairs a damaged JPEG stream silently; the strict decode refuses it (``corrupt``)
+        gray, src = decode_with_info(data, s.spec, s.max_pixels, name=name, max_bytes=s.max_bytes,
+                                     strict_jpeg=s.gate.enabled and s.gate.strict_jpeg)
         check_source(src, s.gate, name)
-        if src.format == "JPEG":  # Pillow repairs a damaged stream silently; a strict decoder does not
-            check_jpeg_stream(data, s.gate, name)
     small = resize(gray, s.spec)
     check_pixels(small, s.gate, name)
     pixels = finish(small, s.spec, gray)

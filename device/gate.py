@@ -21,8 +21,8 @@ that failed, what no chest radiograph looks like:
   ``convert`` stores in the card (radiographs here: 0.33 and up; an inverted
   image is negative), or it matches that template clearly better upside down;
 - a JPEG the decoder had to repair (bit errors, a damaged stream): refused as
-  ``corrupt``, found by decoding it once more with libjpeg-turbo in strict mode
-  at 1/8 scale (about 0.5 ms);
+  ``corrupt`` (``gate.strict_jpeg``), found by the one strict decode that
+  :func:`~.preprocess.decode_with_info` makes anyway, so it costs nothing;
 - DICOM that is another kind of image relabelled (see ``dicom``: SOP class,
   MR acquisition tags, lateral views).
 
@@ -33,7 +33,6 @@ the full-resolution images).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,7 +42,6 @@ from PIL import Image
 from .preprocess import ImageDecodeError, SourceInfo, equalize_histogram
 from .vocab import Reason
 
-log = logging.getLogger(__name__)
 
 
 #: side of the layout template (the card stores TEMPLATE_SIDE**2 values)
@@ -129,21 +127,6 @@ def check_source(info: SourceInfo, limits: GateLimits, name: str) -> None:
             f"{name}: {info.width}x{info.height} is a strip, not a chest radiograph "
             f"(sides {long_ / short:.1f}:1, over gate.max_aspect = {limits.max_aspect:g})",
         )
-
-
-def check_jpeg_stream(data: bytes, limits: GateLimits, name: str) -> None:
-    """A JPEG whose entropy-coded data is damaged decodes to bands and smears; refuse it."""
-    if not (limits.enabled and limits.strict_jpeg) or data[:2] != b"\xff\xd8":
-        return
-    try:
-        import simplejpeg
-    except ImportError:  # pragma: no cover - a dependency; a broken install still scores
-        log.warning("simplejpeg is not installed: damaged JPEG streams are not detected")
-        return
-    try:
-        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8, strict=True)
-    except ValueError as exc:
-        raise ImageDecodeError(Reason.CORRUPT, f"{name}: corrupt JPEG data ({exc}); not scored") from None
 
 
 def _refused(message: str) -> ImageDecodeError:

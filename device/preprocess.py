@@ -4,8 +4,11 @@ Training, calibration, evaluation and the device all call :func:`preprocess`,
 so a radiograph becomes exactly the same tensor wherever it is scored.
 
 Steps, in order:
-  1. decode to grayscale (JPEG via Pillow's draft mode, so a 2,000 px scan is
-     decoded at 1/2..1/8 scale straight from the DCT; PNG 8/16-bit; arrays);
+  1. decode to grayscale (JPEG at 1/2..1/8 scale straight from the DCT, the
+     scale Pillow's draft mode picks, decoded once by libjpeg-turbo in strict
+     mode through simplejpeg: the same pixels as Pillow's draft decode, and it
+     says whether the stream needed repair; Pillow where simplejpeg cannot;
+     PNG 8/16-bit; arrays);
   2. squash-resize to the model's input size: first a box reduction by 2, 4
      or 8 on the grid JPEG draft decoding uses (so PNG and DICOM sources match
      JPEG ones), then the border crop, then bilinear, antialiased;
@@ -42,6 +45,13 @@ from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .vocab import Reason
+
+try:  # the strict single-pass JPEG decoder (a dependency; without it Pillow decodes and nothing is checked)
+    import simplejpeg
+except ImportError:  # pragma: no cover
+    simplejpeg = None
 
 PREPROCESS_VERSION = 2
 #: Versions whose cards this build still reads (1 had only ``equalize: bool``).
@@ -189,8 +199,7 @@ def decode_cost(mode: str, width: int, height: int) -> int:
 
 
 def too_large(name: str, what: str, needed: int, max_bytes: int) -> ImageDecodeError:
-    return ImageDecodeError(
-        "too-large",
+    return ImageDecodeError(Reason.TOO_LARGE,
         f"{name}: {what} needs {needed / 2**20:.0f} MiB to decode, over the limit of "
         f"{max_bytes / 2**20:.0f} MiB (watch.max_decode_mb)",
     )
@@ -203,8 +212,7 @@ _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
 
 
 def _header_limit(name: str, what: str) -> ImageDecodeError:
-    return ImageDecodeError(
-        "too-large",
+    return ImageDecodeError(Reason.TOO_LARGE,
         f"{name}: {what} around the image data (at most {MAX_HEADER_SEGMENTS:,} header segments and "
         f"{MAX_HEADER_BYTES / 2**20:.0f} MiB of metadata are read); not decoded",
     )
@@ -233,8 +241,7 @@ def scan_jpeg_header(data: bytes, name: str) -> None:
         if i + length > n:  # cut short (still being written?): Pillow's verdict stands
             return
         if marker in _SOF and i + 2 < n and data[i + 2] != 8:
-            raise ImageDecodeError(
-                "unsupported-image",
+            raise ImageDecodeError(Reason.UNSUPPORTED_IMAGE,
                 f"{name}: a {data[i + 2]}-bit JPEG (SOF{marker - 0xC0}); only 8-bit JPEG is supported: export "
                 "8-bit JPEG, PNG or DICOM",
             )
@@ -261,8 +268,7 @@ def scan_png_chunks(data: bytes, name: str) -> None:
         total += 1
         if cid in (b"acTL", b"fcTL", b"fdAT"):  # any APNG: even "1 frame" may show a picture that is not scored
             frames = int.from_bytes(data[i + 8 : i + 12], "big") if cid == b"acTL" and length >= 4 else None
-            raise ImageDecodeError(
-                "unsupported-image",
+            raise ImageDecodeError(Reason.UNSUPPORTED_IMAGE,
                 f"{name}: an animated PNG" + (f" ({frames} frame{'' if frames == 1 else 's'})" if frames is not None else "")
                 + " is not supported: a viewer plays the animation while only its still image would be scored",
             )
@@ -287,7 +293,7 @@ def scan_header(data: bytes, name: str) -> None:
 def _open(source: Source, max_pixels: int, name: str = "<bytes>") -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         if not source:
-            raise ImageDecodeError("empty-file", f"{name}: empty file (0 bytes)")
+            raise ImageDecodeError(Reason.EMPTY_FILE, f"{name}: empty file (0 bytes)")
         scan_header(bytes(source) if isinstance(source, bytearray) else source, name)
         fp: Any = io.BytesIO(source)
     else:
@@ -296,32 +302,30 @@ def _open(source: Source, max_pixels: int, name: str = "<bytes>") -> Image.Image
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise ImageDecodeError("not-found", f"{name}: no such file") from None
+            raise ImageDecodeError(Reason.NOT_FOUND, f"{name}: no such file") from None
         except PermissionError:
-            raise ImageDecodeError("permission-denied", f"{name}: permission denied") from None
+            raise ImageDecodeError(Reason.PERMISSION_DENIED, f"{name}: permission denied") from None
         if size == 0:
-            raise ImageDecodeError("empty-file", f"{name}: empty file (0 bytes)")
+            raise ImageDecodeError(Reason.EMPTY_FILE, f"{name}: empty file (0 bytes)")
         fp = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fp, formats=("JPEG", "PNG"))
     except PermissionError:
-        raise ImageDecodeError("permission-denied", f"{name}: permission denied") from None
+        raise ImageDecodeError(Reason.PERMISSION_DENIED, f"{name}: permission denied") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError("decompression-bomb", f"{name}: refused, {exc}") from None
+        raise ImageDecodeError(Reason.DECOMPRESSION_BOMB, f"{name}: refused, {exc}") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(
-            "unsupported-format",
+        raise ImageDecodeError(Reason.UNSUPPORTED_FORMAT,
             f"{name}: not a JPEG or PNG image (cannot identify image file)",
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's words for broken headers
-        raise ImageDecodeError("corrupt", f"{name}: corrupt image data ({exc})") from None
+        raise ImageDecodeError(Reason.CORRUPT, f"{name}: corrupt image data ({exc})") from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()
-        raise ImageDecodeError(
-            "decompression-bomb",
+        raise ImageDecodeError(Reason.DECOMPRESSION_BOMB,
             f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
             "(possible decompression bomb)",
         )
@@ -355,6 +359,7 @@ def decode_with_info(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: Optional[str] = None,
     max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    strict_jpeg: bool = False,
 ) -> tuple[np.ndarray, SourceInfo]:
     """Decode to a 2-D uint8 grayscale array at (about) the size needed; no resizing yet.
 
@@ -365,6 +370,8 @@ def decode_with_info(
     to 8 bits (min-max) at full resolution, like a viewer's export, so every
     format continues through the same 8-bit path.
     ``name`` labels errors when ``source`` is bytes already read from a file.
+    ``strict_jpeg`` refuses (``corrupt``) a JPEG whose stream the decoder had
+    to repair (bit errors), which Pillow would otherwise decode silently.
     """
     if isinstance(source, np.ndarray):
         g = to_uint8(_array_to_gray(source))
@@ -386,19 +393,48 @@ def decode_with_info(
         cost = decode_cost(img.mode, w, h)
         if cost > max_bytes:
             raise too_large(name, f"{w}x{h} {img.mode} {img.format}", cost, max_bytes)
+        if img.format == "JPEG":
+            data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+            return _decode_jpeg(bytes(data), img, name, strict_jpeg), info
         return _image_to_gray(img, name), info
     finally:
         img.close()
+
+
+def _decode_jpeg(data: bytes, img: Image.Image, name: str, strict: bool) -> np.ndarray:
+    """The JPEG at its draft scale, decoded once: libjpeg-turbo in strict mode, else Pillow.
+
+    A strict decode that succeeds gives exactly Pillow's draft-mode pixels
+    (``tests/test_preprocess.py`` compares them), so the daemon's hot path pays
+    for one decode where a repair check used to cost a second one. A stream the
+    strict decoder refuses (damaged, or a kind it does not convert, such as CMYK)
+    goes to Pillow, which names what it cannot repair (``truncated``,
+    ``corrupt``); what Pillow repaired is refused when ``strict``.
+    """
+    w, h = img.size  # after draft(): the scale libjpeg-turbo is asked for below
+    damage: Optional[str] = None
+    if simplejpeg is not None:
+        try:
+            out = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_width=w, min_height=h, strict=True)
+        except ValueError as exc:
+            damage = str(exc)
+        else:
+            if out.shape[:2] == (h, w):
+                return out.reshape(h, w)
+    gray = _image_to_gray(img, name)
+    if strict and damage is not None:
+        raise ImageDecodeError(Reason.CORRUPT, f"{name}: corrupt JPEG data ({damage}); not scored")
+    return gray
 
 
 def _image_to_gray(img: Image.Image, name: str) -> np.ndarray:
     try:
         img.load()
     except OSError as exc:
-        reason = "truncated" if "truncated" in str(exc) else "corrupt"
+        reason = Reason.TRUNCATED if "truncated" in str(exc) else Reason.CORRUPT
         raise ImageDecodeError(reason, f"{name}: {reason} image data ({exc})") from None
     except (SyntaxError, ValueError) as exc:
-        raise ImageDecodeError("corrupt", f"{name}: corrupt image data ({exc})") from None
+        raise ImageDecodeError(Reason.CORRUPT, f"{name}: corrupt image data ({exc})") from None
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return to_uint8(np.asarray(img))
@@ -417,11 +453,11 @@ def _array_to_gray(arr: np.ndarray) -> np.ndarray:
         else:
             return np.asarray(Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB").convert("L"))
     if a.ndim != 2 or min(a.shape) < 1:
-        raise ImageDecodeError("bad-array", f"array of shape {arr.shape} is not an image")
+        raise ImageDecodeError(Reason.BAD_ARRAY, f"array of shape {arr.shape} is not an image")
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise ImageDecodeError("bad-array", f"array dtype {a.dtype} is not numeric")
+        raise ImageDecodeError(Reason.BAD_ARRAY, f"array dtype {a.dtype} is not numeric")
     return a
 
 
@@ -510,11 +546,11 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8:
         return a
     if a.size == 0:
-        raise ImageDecodeError("bad-array", "empty image")
+        raise ImageDecodeError(Reason.BAD_ARRAY, "empty image")
     if np.issubdtype(a.dtype, np.floating):
         finite = np.isfinite(a)
         if not finite.all():
-            raise ImageDecodeError("bad-array", "image contains NaN or infinite values")
+            raise ImageDecodeError(Reason.BAD_ARRAY, "image contains NaN or infinite values")
         lo, hi = float(a.min()), float(a.max())
         out = np.empty(a.shape, np.uint8)
         for r in range(0, a.shape[0], 256):

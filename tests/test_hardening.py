@@ -270,8 +270,7 @@ def test_names_cannot_forge_log_lines_or_terminal_escapes(broker, dirs, daemons)
 # ----------------------------------------------------------------------------- 10. not a chest radiograph
 
 def _bitflipped_jpeg_that_still_decodes() -> bytes:
-    from pneumoflag.device.gate import GateLimits, check_jpeg_stream
-    from pneumoflag.device.preprocess import ImageDecodeError, PreprocessSpec, decode
+    from pneumoflag.device.preprocess import ImageDecodeError, PreprocessSpec, decode, decode_with_info
 
     rng = random.Random(7)
     base = GOOD.read_bytes()
@@ -285,7 +284,7 @@ def _bitflipped_jpeg_that_still_decodes() -> bytes:
         except ImageDecodeError:
             continue
         try:
-            check_jpeg_stream(bytes(d), GateLimits(), "x")
+            decode_with_info(bytes(d), PreprocessSpec(), strict_jpeg=True)
         except ImageDecodeError:
             return bytes(d)  # Pillow repaired it silently; the strict check does not
     raise AssertionError("no damaged JPEG found")

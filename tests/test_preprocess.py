@@ -182,3 +182,40 @@ def test_any_animated_png_is_refused_also_one_of_one_frame():
     with pytest.raises(ImageDecodeError) as e:
         scan_header(png[:at] + actl + png[at:], "anim.png")
     assert e.value.reason == "unsupported-image" and "animated PNG (1 frame)" in str(e.value)
+
+
+def _pillow_draft(data: bytes, k: int) -> np.ndarray:
+    """What the decode was before libjpeg-turbo's strict single pass: Pillow's draft mode."""
+    import io
+
+    im = Image.open(io.BytesIO(data))
+    im.draft("L", (max(1, im.width // k), max(1, im.height // k)))
+    return np.asarray(im.convert("L") if im.mode != "L" else im)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_the_single_strict_jpeg_decode_gives_pillows_draft_pixels(tmp_path: Path, k: int):
+    """The hot path decodes a JPEG once with simplejpeg (strict) instead of Pillow plus a strict re-decode:
+    the pixels must be Pillow's, bit for bit, for grey, colour and progressive files at every draft scale."""
+    from pneumoflag.device.preprocess import _decode_jpeg
+
+    files = sorted(MINI.rglob("*.jpeg"))[:8]
+    for i, (mode, progressive) in enumerate([("L", False), ("RGB", False), ("L", True), ("RGB", True)]):
+        img = Image.fromarray(_xray(1900 + 37 * i, 1500 + 11 * i, seed=i), "L").convert(mode)
+        path = tmp_path / f"scan{i}.jpg"
+        img.save(path, quality=88, progressive=progressive)
+        files.append(path)
+    for f in files:
+        data = f.read_bytes()
+        with Image.open(f) as im:
+            im.draft("L", (max(1, im.width // k), max(1, im.height // k)))
+            ours = _decode_jpeg(data, im, f.name, strict=True)
+        assert ours.dtype == np.uint8 and ours.flags.c_contiguous
+        assert np.array_equal(ours, _pillow_draft(data, k)), f"{f.name} at 1/{k}"
+
+
+def test_a_jpeg_the_strict_decoder_cannot_convert_still_decodes_through_pillow(tmp_path: Path):
+    """CMYK: libjpeg-turbo will not make grey of it; the toolchain's (not strict) decode reads it through Pillow."""
+    Image.fromarray(_xray(700, 600), "L").convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    g = decode(tmp_path / "cmyk.jpg", SPEC)
+    assert g.ndim == 2 and g.dtype == np.uint8 and g.std() > 10
