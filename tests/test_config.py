@@ -246,3 +246,15 @@ def test_code_without_a_config_takes_the_config_defaults(tmp_path):
     defaults = {f.name: f.default for f in fields(StationSettings)}
     for name in ("login_failures", "login_failures_total", "login_window"):
         assert defaults[name] == getattr(StationConfig(), name), name
+
+
+def test_the_example_config_shows_the_defaults_but_for_the_site_keys():
+    """The example says "the value shown is the default": a changed default must be changed there too."""
+    from conftest import REPO
+    from pneumoflag.device.config import Config, tomllib
+
+    example = tomllib.loads((REPO / "systemd" / "pneumoflag.toml.example").read_text())
+    defaults = Config()
+    differ = {f"{sec}.{key}" for sec, values in example.items() for key, v in values.items()
+              if getattr(getattr(defaults, sec), key) != v}
+    assert differ == {"watch.dir", "mqtt.broker", "mqtt.username", "mqtt.tls", "mqtt.ca_file"}  # a site's own
