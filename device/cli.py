@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import __version__
+from .config import EMBEDDED_BROKER, ExplainConfig, MqttConfig
 from .safe_text import EscapingFilter
 from .vocab import ACCELERATORS, PRIORITIES
 
@@ -31,8 +32,8 @@ def _add_config_flags(p, mqtt: bool = True, state: bool = True, model: bool = Tr
     g = p.add_argument_group("configuration (file < PNEUMOFLAG_* environment < these flags)")
     g.add_argument("--config", type=Path, help="TOML config file (default /etc/pneumoflag/pneumoflag.toml if present)")
     if mqtt:
-        g.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker (default: embedded broker on 127.0.0.1:1883)")
-        g.add_argument("--topic-prefix", help="MQTT topic prefix (default pneumoflag)")
+        g.add_argument("--broker", metavar="HOST:PORT", help=f"MQTT broker (default: embedded broker on {EMBEDDED_BROKER})")
+        g.add_argument("--topic-prefix", help=f"MQTT topic prefix (default {MqttConfig().topic_prefix})")
         g.add_argument("--device-id", help="this appliance's id in topics (default: host name)")
     if state:
         g.add_argument("--state-dir", help="where the outbox and journal live")
@@ -179,8 +180,10 @@ def _add_explain(sub) -> None:
                    help="also write a contact sheet of each conv block's activation maps (needs TensorFlow)")
     p.add_argument("--keras", type=Path, help="float model for --layers (default: the card's source model beside "
                    "the .tflite, else MODEL.keras)")
-    p.add_argument("--size", type=int, default=384, help="overlay size in px, 256-1024 (default 384)")
-    p.add_argument("--cmap", default="inferno", help="colour map: inferno (default), magma or viridis")
+    p.add_argument("--size", type=int, help=f"overlay size in px, 256-1024 (default: explain.size, "
+                   f"{ExplainConfig().size})")
+    p.add_argument("--cmap", help=f"colour map: inferno, magma or viridis (default: explain.cmap, "
+                   f"{ExplainConfig().cmap})")
     g = p.add_argument_group("configuration (file < PNEUMOFLAG_* environment < these flags)")
     g.add_argument("--config", type=Path, help="TOML config file (default /etc/pneumoflag/pneumoflag.toml if present)")
     g.add_argument("--model", help="int8 .tflite model with its card NAME.json beside it")
@@ -195,11 +198,12 @@ def _cmd_explain(args) -> int:
     from .safe_text import printable
     from .scorer import load_scorer
 
-    if args.cmap not in COLORMAPS:
+    if args.cmap is not None and args.cmap not in COLORMAPS:
         raise CliError(f"--cmap must be one of {', '.join(COLORMAPS)}, not {args.cmap!r}")
-    if not 256 <= args.size <= 1024:
+    if args.size is not None and not 256 <= args.size <= 1024:
         raise CliError(f"--size must be 256..1024 px, not {args.size}")
     cfg = _config(args)
+    size, cmap = args.size or cfg.explain.size, args.cmap or cfg.explain.cmap
     scorer, card = load_scorer(cfg.model.path, cfg.model.accelerator, cfg.model.threads)
     layers = None
     if args.layers:  # the toolchain, imported only for --layers; it says when TensorFlow is missing
@@ -209,7 +213,7 @@ def _cmd_explain(args) -> int:
     failed, seen = 0, {}
     for f in args.files:
         try:
-            ex = explain_file(pipeline, f, size=args.size, cmap=args.cmap)
+            ex = explain_file(pipeline, f, size=size, cmap=cmap)
         except ImageDecodeError as exc:
             failed += 1
             print(f"pneumoflag explain: {exc.reason}: {printable(str(exc))}", file=sys.stderr)
@@ -253,11 +257,18 @@ def _add_config(sub) -> None:
                    help="print instead a systemd drop-in for this configuration: the export (and archive) folder "
                    "paths and an IP allow-list with the broker's addresses; save it as "
                    "/etc/systemd/system/pneumoflag.service.d/site.conf")
+    p.add_argument("--markdown", action="store_true",
+                   help="print instead every key with its default and meaning, as the README's tables")
     _add_config_flags(p)
     p.set_defaults(func=_cmd_config)
 
 
 def _cmd_config(args) -> int:
+    if args.markdown:
+        from .config import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
     cfg = _config(args)
     print(unit_dropin(cfg) if args.unit_dropin else cfg.to_toml(), end="")
     return 0

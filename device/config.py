@@ -6,13 +6,14 @@ line, instead of surfacing at 3 a.m. as a runtime error.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .vocab import ACCELERATORS, COLORMAPS
 
@@ -25,7 +26,6 @@ DEFAULT_CONFIG = Path("/etc/pneumoflag/pneumoflag.toml")
 ENV_PREFIX = "PNEUMOFLAG_"
 #: where `watch` starts its embedded broker when none is configured (and where `alerts` looks then)
 EMBEDDED_BROKER = "127.0.0.1:1883"
-SECRET_KEYS = {("mqtt", "password")}
 #: one station.allowed_hosts entry: NAME, IPv4 or [IPv6], then an optional :PORT
 HOST_ENTRY = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 REDACTED = "********"
@@ -54,83 +54,122 @@ def default_model_path() -> str:
         return str(Path(__file__).resolve().parent.parent / "models" / "pneumoflag-rn128.tflite")
 
 
+def setting(default: Any = MISSING, help: str = "", *, factory: Optional[Callable[[], Any]] = None,
+            shown: Optional[str] = None, above: Optional[float] = None, min: Optional[float] = None,
+            max: Optional[float] = None, unit: str = "", choices: Optional[Sequence[str]] = None,
+            secret: bool = False) -> Any:
+    """One configuration key: its default, a one-line ``help``, and the bounds ``_validate`` enforces.
+
+    ``above`` is an exclusive lower bound, ``min``/``max`` inclusive ones; ``shown`` is the default as the
+    README states it when the value depends on the machine (``factory``); a list default is copied per
+    instance. Everything about a key is said here once: validation, ``pneumoflag config`` and the README
+    tables (``pneumoflag config --markdown``) read it.
+    """
+    meta = {"help": help, "shown": shown, "above": above, "min": min, "max": max, "unit": unit,
+            "choices": tuple(choices) if choices is not None else None, "secret": secret}
+    if factory is None and isinstance(default, list):
+        factory = functools.partial(list, default)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_STATE_DEFAULT = "`$STATE_DIRECTORY` (systemd), else `/var/lib/pneumoflag` as root, else `~/.local/state/pneumoflag`"
+
+
 @dataclass
 class WatchConfig:
-    dir: str = ""  # the X-ray system's export folder
-    recursive: bool = False
-    polling: bool = False  # for SMB/NFS shares, where inotify sees nothing
-    poll_interval: float = 2.0
-    settle_seconds: float = 1.0  # size+mtime unchanged this long = written (no close event)
-    incomplete_timeout: float = 10.0  # a file that still fails to decode after this quiet time is rejected
-    archive_dir: str = ""  # move scored files here; off when empty
-    max_file_mb: float = 100.0
-    max_pixels: int = 60_000_000
-    max_decode_mb: float = 96.0  # memory one decode may take, budgeted from the header; more is too-large
-    max_decode_seconds: float = 10.0  # time one decode may take (in the worker process); more is too-slow
-    ignore: list = field(default_factory=lambda: ["*.part", "*.tmp", "~*", ".*", "*.crdownload", "*.swp"])
-    backlog: bool = True  # score files that arrived while the daemon was down
-    rescan_interval: float = 300.0  # look for files the watcher missed this often (0: never); also after lost events
+    dir: str = setting("", "the X-ray system's export folder")
+    recursive: bool = setting(False, "also watch the folders below it")
+    polling: bool = setting(False, "poll instead of inotify: for SMB/NFS shares, where inotify sees nothing")
+    poll_interval: float = setting(2.0, "seconds between polls", above=0)
+    settle_seconds: float = setting(1.0, "a file whose size and mtime stay unchanged this long counts as written "
+                                         "(when no close event comes)", min=0)
+    incomplete_timeout: float = setting(10.0, "seconds of quiet after which a file that still fails to decode is "
+                                              "rejected", min=0)
+    archive_dir: str = setting("", "move scored files here; empty: leave them")
+    max_file_mb: float = setting(100.0, "a larger file is refused as too-large, unread", above=0)
+    max_pixels: int = setting(60_000_000, "more pixels is refused as decompression-bomb (chest radiographs: "
+                                          "up to about 15 MP)", above=0)
+    max_decode_mb: float = setting(96.0, "memory one decode may take, budgeted from the header; more is too-large",
+                                   above=0)
+    max_decode_seconds: float = setting(10.0, "time one decode may take, in the worker process; more is too-slow",
+                                        above=0)
+    ignore: list = setting(["*.part", "*.tmp", "~*", ".*", "*.crdownload", "*.swp"],
+                           "names never taken, in any letter case: temporary and hidden files")
+    backlog: bool = setting(True, "at start, score files that arrived while the daemon was down, oldest first")
+    rescan_interval: float = setting(300.0, "look for files the watcher missed this often, in seconds (0: never); "
+                                            "also after lost events", min=0)
+
+    @property
+    def max_decode_bytes(self) -> int:
+        return int(self.max_decode_mb * 2**20)
 
 
 @dataclass
 class ModelConfig:
-    path: str = field(default_factory=default_model_path)
-    accelerator: str = "auto"  # auto | edgetpu | cpu
-    threads: int = 2
+    path: str = setting(help="an int8 .tflite with its card NAME.json beside it", factory=default_model_path,
+                        shown="the bundled model")
+    accelerator: str = setting("auto", "where the model runs (auto: the Edge TPU when usable, else the CPU)",
+                               choices=ACCELERATORS)
+    threads: int = setting(2, "CPU threads of the interpreter", above=0)
 
 
 @dataclass
 class MqttConfig:
-    broker: str = ""  # host:port; empty = start the embedded broker on 127.0.0.1:1883
-    topic_prefix: str = "pneumoflag"
-    device_id: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "pneumoflag")
-    client_id: str = ""  # default pneumoflag-<device_id>
-    protocol: str = "3.1.1"  # 3.1.1 | 5
-    keepalive: int = 30
-    username: str = ""
-    password: str = ""  # prefer password_file or PNEUMOFLAG_MQTT_PASSWORD
-    password_file: str = ""
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    tls_insecure: bool = False  # skip hostname check (test rigs only)
-    stats_interval: float = 60.0
-    reconnect_min: float = 1.0
-    reconnect_max: float = 60.0
+    broker: str = setting("", f"HOST:PORT of the broker; empty: start the embedded broker on {EMBEDDED_BROKER}")
+    topic_prefix: str = setting("pneumoflag", "the first topic level")
+    device_id: str = setting(help="this appliance's id in topics", shown="host name",
+                             factory=lambda: socket.gethostname().split(".")[0] or "pneumoflag")
+    client_id: str = setting("", "the MQTT client id", shown="`pneumoflag-<device_id>`")
+    protocol: str = setting("3.1.1", "MQTT protocol version", choices=("3.1.1", "5"))
+    keepalive: int = setting(30, "seconds between pings while idle", above=0)
+    username: str = setting("", "user name at the broker")
+    password: str = setting("", "prefer password_file or PNEUMOFLAG_MQTT_PASSWORD; never logged", secret=True)
+    password_file: str = setting("", "a file holding the password")
+    tls: bool = setting(False, "connect with TLS")
+    ca_file: str = setting("", "CA certificate(s) the broker's certificate is checked against (needs tls)")
+    cert_file: str = setting("", "client certificate (with key_file)")
+    key_file: str = setting("", "client certificate's private key (with cert_file)")
+    tls_insecure: bool = setting(False, "skip the broker's host-name check (test rigs only)")
+    stats_interval: float = setting(60.0, "seconds between stats messages", above=0)
+    reconnect_min: float = setting(1.0, "first reconnect delay, seconds; doubled up to reconnect_max", above=0)
+    reconnect_max: float = setting(60.0, "longest reconnect delay, seconds", above=0)
 
 
 @dataclass
 class DicomConfig:
-    include_patient_identifiers: bool = False
-    accept_modalities: list = field(default_factory=lambda: ["CR", "DX"])
-    accept_body_parts: list = field(default_factory=lambda: ["CHEST"])
-    accept_views: list = field(default_factory=lambda: ["PA", "AP"])  # ViewPosition, when present
+    include_patient_identifiers: bool = setting(False, "publish patient name and ID in flags")
+    accept_modalities: list = setting(["CR", "DX"], "DICOM modalities scored; others are dicom-modality")
+    accept_body_parts: list = setting(["CHEST"], "body parts scored; others are dicom-body-part")
+    accept_views: list = setting(["PA", "AP"], "ViewPosition values scored, when the tag is present")
 
 
 @dataclass
 class GateConfig:
     """The plausibility gate before the model (see device/gate.py): what no chest radiograph looks like."""
 
-    enabled: bool = True
-    min_side: int = 128  # shorter side, pixels
-    max_aspect: float = 2.5  # longer side / shorter side
-    min_dynamic_range: float = 40.0  # 1st-99th percentile grey range at the model's size, of 255
-    min_smoothness: float = 0.5  # neighbour-pixel correlation at the model's size
-    strict_jpeg: bool = True  # refuse JPEGs whose data stream the decoder had to repair
-    min_detail: float = 0.03  # mean |Laplacian| / std at the model's size: a gradient or a blob has none
-    max_uniform: float = 0.5  # share of the most common grey level: a document or a screenshot
-    min_template_similarity: float = 0.2  # layout vs the card's mean training radiograph (inverted: negative)
+    enabled: bool = setting(True, "refuse what is not a chest radiograph before the model sees it")
+    min_side: int = setting(128, "shorter side, pixels", above=0)
+    max_aspect: float = setting(2.5, "longer side / shorter side", above=0)
+    min_dynamic_range: float = setting(40.0, "1st-99th percentile grey range at the model's size, of 255")
+    min_smoothness: float = setting(0.5, "neighbour-pixel correlation at the model's size (noise is near 0)")
+    strict_jpeg: bool = setting(True, "refuse JPEGs whose data stream the decoder had to repair (corrupt)")
+    min_detail: float = setting(0.03, "mean absolute Laplacian / std at the model's size: a gradient or a blob "
+                                      "has none", min=0)
+    max_uniform: float = setting(0.5, "share of the most common grey level: a document or a screenshot", above=0)
+    min_template_similarity: float = setting(0.2, "layout against the card's mean training radiograph "
+                                                  "(an inverted image is negative)")
 
 
 @dataclass
 class StateConfig:
-    dir: str = field(default_factory=_default_state_dir)
+    dir: str = setting(help="outbox and journal (SQLite)", factory=_default_state_dir, shown=_STATE_DEFAULT)
 
 
 @dataclass
 class LogConfig:
-    level: str = "info"
+    level: str = setting("info", "log level, unless -v or -q is given", choices=("debug", "info", "warning", "error"))
 
 
 @dataclass
@@ -138,32 +177,40 @@ class ExplainConfig:
     """Heat maps (device/explain.py). Off by default: a map directs a reader's eye, which a triage aid
     must not do unasked."""
 
-    enabled: bool = False  # for each flag and urgent image, after its flag is published
-    size: int = 384  # overlay side, pixels (256-512)
-    cmap: str = "inferno"  # inferno | magma | viridis
+    enabled: bool = setting(False, "a heat map for each flag and urgent image, after its flag is published")
+    size: int = setting(384, "side of the overlay", min=256, max=512, unit="pixels")
+    cmap: str = setting("inferno", "colour map of the overlay", choices=COLORMAPS)
 
 
 @dataclass
 class AlertsConfig:
-    escalate_after: float = 300.0  # re-publish an urgent flag nobody acknowledged after this many seconds
-    max_escalations: int = 3  # at most this many times per flag (0: never escalate)
+    escalate_after: float = setting(300.0, "re-publish an urgent flag nobody acknowledged after this many seconds",
+                                    above=0)
+    max_escalations: int = setting(3, "at most this many times per flag (0: never escalate)", min=0)
 
 
 @dataclass
 class StationConfig:
     """The nursing-station console (``pneumoflag station``); it may run on another machine of the ward."""
 
-    listen: str = "127.0.0.1:8080"  # HOST:PORT of the web page; anything but loopback needs a password or insecure
-    station_id: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "station")
-    password_file: str = ""  # a file holding the console's password (or token)
-    insecure: bool = False  # allow a non-loopback listen address without a password
-    chime: bool = True  # sound a chime when an urgent flag arrives
-    db: str = ""  # the worklist database (default: STATE/station-<station_id>.db)
-    silent_after: float = 180.0  # a device whose stats stop for this long shows as silent
-    allowed_hosts: list = field(default_factory=list)  # more Host names the page answers to (a proxy's public name)
-    login_failures: int = 5  # wrong passwords (form or bearer) one client address may send per login_window
-    login_failures_total: int = 30  # wrong passwords from all clients together per login_window
-    login_window: float = 60.0  # seconds over which wrong passwords are counted; a lock-out ends with it
+    listen: str = setting("127.0.0.1:8080", "address of the page; anything but loopback needs `password_file` or "
+                                            "`insecure`")
+    station_id: str = setting(help="this station's name in acks, its client id and its database", shown="host name",
+                              factory=lambda: socket.gethostname().split(".")[0] or "station")
+    password_file: str = setting("", "the console's password (at least 8 characters); also accepted as a bearer "
+                                     "token")
+    insecure: bool = setting(False, "allow a non-loopback `listen` without a password")
+    chime: bool = setting(True, "sound for a new urgent or escalated flag")
+    db: str = setting("", "the worklist", shown="`STATE/station-<station_id>.db`")
+    silent_after: float = setting(180.0, "seconds without stats before an online appliance shows as silent",
+                                  above=0)
+    allowed_hosts: list = setting([], "more names the page answers to (`NAME` or `NAME:PORT`), e.g. a reverse "
+                                      "proxy's public name")
+    login_failures: int = setting(5, "wrong passwords (form or bearer token) one client address may send per "
+                                     "`login_window`", above=0)
+    login_failures_total: int = setting(30, "wrong passwords from all clients together per `login_window`", above=0)
+    login_window: float = setting(60.0, "seconds over which wrong passwords are counted; a lock-out ends as they "
+                                        "age out", above=0)
 
 
 @dataclass
@@ -215,9 +262,10 @@ class Config:
                  f"# from: {', '.join(sources) if sources else 'defaults only'} (each changed key says where from)"]
         for sec, values in self.redacted().items():
             lines.append(f"\n[{sec}]")
-            for k, v in values.items():
-                origin = self.origins.get((sec, k))
-                lines.append(f"{k} = {_toml_value(v)}" + (f"  # from {origin}" if origin else ""))
+            for f in fields(SECTIONS[sec]):
+                origin = self.origins.get((sec, f.name))
+                lines.append(f"# {_plain(describe(f))}")
+                lines.append(f"{f.name} = {_toml_value(values[f.name])}" + (f"  # from {origin}" if origin else ""))
         return "\n".join(lines) + "\n"
 
 
@@ -225,15 +273,56 @@ SECTIONS = {"watch": WatchConfig, "model": ModelConfig, "mqtt": MqttConfig, "dic
             "state": StateConfig, "log": LogConfig, "gate": GateConfig, "explain": ExplainConfig,
             "alerts": AlertsConfig,
             "station": StationConfig}
-CHOICES = {("model", "accelerator"): ACCELERATORS, ("explain", "cmap"): COLORMAPS, ("mqtt", "protocol"): ("3.1.1", "5"),
-           ("log", "level"): ("debug", "info", "warning", "error")}
-POSITIVE = {("watch", "poll_interval"), ("watch", "max_file_mb"), ("watch", "max_pixels"), ("model", "threads"),
-            ("mqtt", "keepalive"), ("mqtt", "stats_interval"), ("mqtt", "reconnect_min"), ("mqtt", "reconnect_max")}
-NON_NEGATIVE = {("watch", "settle_seconds"), ("watch", "incomplete_timeout"), ("alerts", "max_escalations"),
-                ("watch", "rescan_interval"), ("gate", "min_detail")}
-POSITIVE |= {("gate", "max_uniform"), ("alerts", "escalate_after"), ("station", "silent_after"), ("watch", "max_decode_mb"),
-             ("watch", "max_decode_seconds"), ("gate", "min_side"), ("gate", "max_aspect"), ("station", "login_failures"),
-             ("station", "login_failures_total"), ("station", "login_window")}
+#: the keys whose value is never shown (``pneumoflag config`` redacts them, errors leave them out)
+SECRET_KEYS = {(sec, f.name) for sec, cls in SECTIONS.items() for f in fields(cls) if f.metadata["secret"]}
+
+
+def describe(f: Field) -> str:
+    """A key's help with its choices and bounds, as ``pneumoflag config`` and the README state them."""
+    m, notes = f.metadata, []
+    if m["choices"] is not None:
+        notes.append("one of " + ", ".join(f"`{c}`" for c in m["choices"]))
+    unit = f" {m['unit']}" if m["unit"] else ""
+    if m["above"] is not None:
+        notes.append(f"> {m['above']:g}{unit}")
+    if m["min"] is not None and m["max"] is not None:
+        notes.append(f"{m['min']:g}-{m['max']:g}{unit}")
+    elif m["min"] is not None:
+        notes.append(f"≥ {m['min']:g}{unit}")
+    elif m["max"] is not None:
+        notes.append(f"≤ {m['max']:g}{unit}")
+    text = m["help"]
+    if notes and text.endswith(")"):  # one parenthesis, not two in a row
+        return f"{text[:-1]}; {'; '.join(notes)})"
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _plain(text: str) -> str:
+    return text.replace("`", "")
+
+
+def shown_default(f: Field) -> str:
+    """The default as a README cell: the value in code format, blank when empty, ``shown`` when set."""
+    if f.metadata["shown"] is not None:
+        return f.metadata["shown"]
+    v = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+    if v in ("", []):
+        return ""
+    if isinstance(v, float):
+        return f"`{v:g}`"
+    return f"`{v}`" if isinstance(v, str) else f"`{_toml_value(v)}`"
+
+
+def reference_markdown(section: Optional[str] = None) -> str:
+    """The README's configuration tables (``pneumoflag config --markdown``): one per section, blank-line apart."""
+    tables = []
+    for sec, cls in SECTIONS.items():
+        if section not in (None, sec):
+            continue
+        rows = [f"| `[{sec}]` key | default | meaning |", "| --- | --- | --- |"]
+        rows += [f"| `{f.name}` | {shown_default(f)} | {describe(f)} |" for f in fields(cls)]
+        tables.append("\n".join(rows) + "\n")
+    return "\n".join(tables)
 
 
 def _toml_value(v: Any) -> str:
@@ -342,17 +431,27 @@ def _apply(cfg: Config, sec: str, key: str, value: Any, origin: str) -> None:
     cfg.origins[(sec, key)] = origin
 
 
+def _check_bounds(key: str, v: Any, m: Mapping[str, Any]) -> None:
+    """The choices and bounds a key declares (:func:`setting`)."""
+    if m["choices"] is not None and v not in m["choices"]:
+        raise ConfigError(f"{key}: {v!r} is not one of {', '.join(m['choices'])}")
+    if m["above"] is not None and v <= m["above"]:
+        raise ConfigError(f"{key}: must be greater than {m['above']:g}")
+    lo, hi, unit = m["min"], m["max"], f" {m['unit']}" if m["unit"] else ""
+    if lo is not None and hi is not None and not lo <= v <= hi:
+        raise ConfigError(f"{key}: {v} must be between {lo:g} and {hi:g}{unit}")
+    if lo == 0 and hi is None and v < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    if lo is not None and v < lo:
+        raise ConfigError(f"{key}: {v} must be at least {lo:g}{unit}")
+    if hi is not None and v > hi:
+        raise ConfigError(f"{key}: {v} must be at most {hi:g}{unit}")
+
+
 def _validate(cfg: Config) -> None:
-    for (sec, key), allowed in CHOICES.items():
-        v = getattr(getattr(cfg, sec), key)
-        if v not in allowed:
-            raise ConfigError(f"{sec}.{key}: {v!r} is not one of {', '.join(allowed)}")
-    for sec, key in POSITIVE:
-        if getattr(getattr(cfg, sec), key) <= 0:
-            raise ConfigError(f"{sec}.{key}: must be greater than 0")
-    for sec, key in NON_NEGATIVE:
-        if getattr(getattr(cfg, sec), key) < 0:
-            raise ConfigError(f"{sec}.{key}: must not be negative")
+    for sec, cls in SECTIONS.items():
+        for f in fields(cls):
+            _check_bounds(f"{sec}.{f.name}", getattr(getattr(cfg, sec), f.name), f.metadata)
     if cfg.mqtt.broker:
         parse_host_port(cfg.mqtt.broker, "mqtt.broker")
     for key in ("topic_prefix", "device_id"):
@@ -369,8 +468,6 @@ def _validate(cfg: Config) -> None:
         v = getattr(cfg.mqtt, key)
         if v and not Path(v).is_file():
             raise ConfigError(f"mqtt.{key}: {v} does not exist")
-    if not 256 <= cfg.explain.size <= 512:
-        raise ConfigError(f"explain.size: {cfg.explain.size} must be between 256 and 512 pixels")
     parse_host_port(cfg.station.listen, "station.listen")
     for entry in cfg.station.allowed_hosts:
         if not HOST_ENTRY.match(entry):

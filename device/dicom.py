@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .config import DicomConfig
 from .preprocess import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, apply_lut, too_large
 from .vocab import Reason
 
@@ -234,10 +235,10 @@ def _require(value: Optional[str], accepted: Sequence[str], reason: str, message
 def read_dicom(
     source: DicomSource,
     *,
-    include_patient_identifiers: bool = False,
-    accept_modalities: Sequence[str] = ("CR", "DX"),
-    accept_body_parts: Sequence[str] = ("CHEST",),
-    accept_views: Sequence[str] = ("PA", "AP"),
+    include_patient_identifiers: bool = DicomConfig().include_patient_identifiers,
+    accept_modalities: Sequence[str] = tuple(DicomConfig().accept_modalities),
+    accept_body_parts: Sequence[str] = tuple(DicomConfig().accept_body_parts),
+    accept_views: Sequence[str] = tuple(DicomConfig().accept_views),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: Optional[str] = None,
     max_bytes: int = DEFAULT_MAX_DECODE_BYTES,

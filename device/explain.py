@@ -62,6 +62,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .card import Thresholds
+from .config import ExplainConfig
 from .dicom import is_dicom
 from .preprocess import ImageDecodeError, PreprocessSpec, decode, prepare, preprocess
 from .scorer import Scorer
@@ -97,7 +98,7 @@ _CONTROL = {
 assert set(_CONTROL) == set(COLORMAPS), "device/vocab.py lists the colour maps"
 
 
-def colormap_lut(name: str = "inferno") -> np.ndarray:
+def colormap_lut(name: str = ExplainConfig().cmap) -> np.ndarray:
     """The 256 x 3 uint8 lookup table of a perceptual colour map (no matplotlib on the device)."""
     try:
         hexes = _CONTROL[name]
@@ -490,8 +491,8 @@ def render_overlay(
     heat: HeatMap,
     probability: float,
     priority: str,
-    size: int = 384,
-    cmap: str = "inferno",
+    size: int = ExplainConfig().size,
+    cmap: str = ExplainConfig().cmap,
 ) -> bytes:
     """A ``size`` x ``size`` PNG: the radiograph, the map in a perceptual colour map, a colour bar,
     probability, priority and the notice.
@@ -537,8 +538,8 @@ def explain_pixels(
     pixels: np.ndarray,
     thresholds: Thresholds,
     display: Optional[np.ndarray] = None,
-    size: int = 384,
-    cmap: str = "inferno",
+    size: int = ExplainConfig().size,
+    cmap: str = ExplainConfig().cmap,
     patch: Optional[int] = None,
     stride: Optional[int] = None,
 ) -> Explanation:
@@ -575,8 +576,8 @@ def _read(path: Path) -> bytes:
 def explain_file(
     pipeline: "Pipeline",
     path: Union[str, Path],
-    size: int = 384,
-    cmap: str = "inferno",
+    size: int = ExplainConfig().size,
+    cmap: str = ExplainConfig().cmap,
     patch: Optional[int] = None,
     stride: Optional[int] = None,
 ) -> Explanation:

@@ -33,12 +33,13 @@ the full-resolution images).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
+from .config import GateConfig
 from .preprocess import ImageDecodeError, SourceInfo, equalize_histogram
 from .vocab import Reason
 
@@ -51,18 +52,16 @@ TEMPLATE_SIDE = 32
 UPSIDE_DOWN_MARGIN = 0.18
 
 
-@dataclass(frozen=True)
-class GateLimits:
-    enabled: bool = True
-    min_side: int = 128
-    max_aspect: float = 2.5
-    min_dynamic_range: float = 40.0
-    min_smoothness: float = 0.5
-    strict_jpeg: bool = True
-    min_detail: float = 0.03
-    max_uniform: float = 0.5
-    min_template_similarity: float = 0.2
+@dataclass
+class GateLimits(GateConfig):
+    """The ``[gate]`` limits (their defaults are :class:`~.config.GateConfig`'s) and the card's layout template."""
+
     template: Optional[np.ndarray] = None  # from the model card; None: no layout check
+
+    @classmethod
+    def from_config(cls, gate: GateConfig, template: Optional[np.ndarray] = None) -> GateLimits:
+        """Copied by field name, so a new ``[gate]`` key reaches the gate without a second list."""
+        return cls(**{f.name: getattr(gate, f.name) for f in fields(GateConfig)}, template=template)
 
 
 def layout_vector(small: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
+from .config import WatchConfig
 from .store import UNSTATABLE, FileSig
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,11 @@ class Ingest(FileSystemEventHandler):
     def __init__(
         self,
         root: Path,
-        recursive: bool = False,
-        polling: bool = False,
-        poll_interval: float = 2.0,
-        settle_seconds: float = 1.0,
-        ignore: Sequence[str] = ("*.part", "*.tmp", "~*", ".*"),
+        recursive: bool = WatchConfig().recursive,
+        polling: bool = WatchConfig().polling,
+        poll_interval: float = WatchConfig().poll_interval,
+        settle_seconds: float = WatchConfig().settle_seconds,
+        ignore: Sequence[str] = tuple(WatchConfig().ignore),
         exclude: Sequence[Path] = (),
     ):
         self.root = Path(root)

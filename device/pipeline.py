@@ -36,10 +36,7 @@ class Pipeline:
         self.card = card
         self.spec = card.preprocessing
         self.model_ref = ModelRef(card.name, card.version, card.tflite_sha256)
-        g = cfg.gate
-        self.gate = GateLimits(g.enabled, g.min_side, g.max_aspect, g.min_dynamic_range, g.min_smoothness,
-                               g.strict_jpeg, g.min_detail, g.max_uniform, g.min_template_similarity,
-                               card.layout_template)
+        self.gate = GateLimits.from_config(cfg.gate, card.layout_template)
         self.settings = DecodeSettings(self.spec, self.gate, cfg.watch.max_pixels,
                                        int(cfg.watch.max_decode_mb * 2**20), self.dicom_options())
         #: set by the daemon: decode in a reused worker process with a deadline

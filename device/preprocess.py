@@ -46,6 +46,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .config import WatchConfig
 from .vocab import Reason
 
 try:  # the strict single-pass JPEG decoder (a dependency; without it Pillow decodes and nothing is checked)
@@ -59,10 +60,10 @@ SUPPORTED_VERSIONS = (1, 2)
 CONTRASTS = ("equalize", "clahe", "none")
 #: Above this many pixels an image is refused as a likely decompression bomb
 #: (the largest chest radiographs are about 4,300 x 3,500 = 15 MP).
-DEFAULT_MAX_PIXELS = 60_000_000
+DEFAULT_MAX_PIXELS = WatchConfig().max_pixels
 #: Above this a decode is refused as too-large before it starts: a 4,300 x 3,500
 #: 16-bit radiograph needs about 60 MiB; the appliance stays under 300 MB in all.
-DEFAULT_MAX_DECODE_BYTES = 96 * 2**20
+DEFAULT_MAX_DECODE_BYTES = WatchConfig().max_decode_bytes
 
 #: Header structure a real radiograph never comes near; beyond it Pillow's own parsing keeps every
 #: segment or chunk in Python lists (25 million empty COM segments took 1.9 GB), so the file is

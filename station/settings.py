@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pneumoflag.device.config import Config, parse_host_port
+from pneumoflag.device.config import Config, StationConfig, parse_host_port
 from pneumoflag.device.messages import STATION_ID
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,9 @@ class StationSettings:
     silent_after: float
     topic_prefix: str
     allowed_hosts: tuple[str, ...] = ()  # more Host names than the built-in ones (security.AllowedHosts)
-    login_failures: int = 5  # per client address and login_window
-    login_failures_total: int = 30  # all clients together
-    login_window: float = 60.0
+    login_failures: int = StationConfig.login_failures  # per client address and login_window
+    login_failures_total: int = StationConfig.login_failures_total  # all clients together
+    login_window: float = StationConfig.login_window
 
     @property
     def client_id(self) -> str:

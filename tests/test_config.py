@@ -142,3 +142,119 @@ def test_the_example_config_documents_every_key():
         assert body, f"no [{sec}] section in the example"
         missing += [f"{sec}.{f.name}" for f in fields(cls) if not re.search(rf"^#? ?{f.name} =", body.group(1), re.M)]
     assert missing == []
+
+
+def test_config_command_shows_every_key_with_its_value_and_meaning(tmp_path, capsys):
+    """`pneumoflag config` prints each declared key, its help above it, as TOML that reads back to the values."""
+    from dataclasses import fields
+
+    from pneumoflag.device.config import SECTIONS, describe, tomllib
+    p = _write(tmp_path, "[gate]\nmin_side = 200\n")
+    assert run_cli("config", "--config", p) == 0
+    out = capsys.readouterr().out
+    printed = tomllib.loads(out)
+    assert {sec: set(v) for sec, v in printed.items()} == {sec: {f.name for f in fields(cls)} for sec, cls in SECTIONS.items()}
+    assert printed == load_config(p).redacted() and printed["gate"]["min_side"] == 200
+    for sec, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f"# {describe(f).replace('`', '')}\n{f.name} = " in out, f"{sec}.{f.name}"
+
+
+def _out_of_bounds(m) -> list:
+    """Values just outside what a key's metadata allows (its choices, ``above``, ``min``, ``max``)."""
+    bad = []
+    if m["choices"] is not None:
+        bad.append("surely-not-a-choice")
+    if m["above"] is not None:
+        bad.append(m["above"])
+    if m["min"] is not None:
+        bad.append(m["min"] - 1)
+    if m["max"] is not None:
+        bad.append(m["max"] + 1)
+    return bad
+
+
+def test_every_declared_bound_is_enforced_with_the_key_named():
+    from dataclasses import fields
+
+    from pneumoflag.device.config import SECTIONS
+
+    checked = 0
+    for sec, cls in SECTIONS.items():
+        for f in fields(cls):
+            for value in _out_of_bounds(f.metadata):
+                with pytest.raises(ConfigError, match=rf"^{sec}\.{f.name}: "):
+                    load_config(env={}, overrides={f"{sec}.{f.name}": value})
+                checked += 1
+    assert checked >= 29  # the 18 positive, 5 non-negative and 4 choice keys once listed by hand, explain.size's 2
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("explain.size", 600, "explain.size: 600 must be between 256 and 512 pixels"),
+    ("watch.rescan_interval", -1, "watch.rescan_interval: must not be negative"),
+    ("gate.min_side", 0, "gate.min_side: must be greater than 0"),
+    ("log.level", "loud", "log.level: 'loud' is not one of debug, info, warning, error"),
+])
+def test_bound_messages_say_the_limit(key, value, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(env={}, overrides={key: value})
+    assert str(exc.value) == message
+
+
+def test_the_gate_takes_every_gate_key_by_name():
+    """GateLimits is GateConfig plus the card's template: a [gate] value reaches the gate under its own name."""
+    from dataclasses import fields
+
+    import numpy as np
+
+    from pneumoflag.device.config import GateConfig
+    from pneumoflag.device.gate import GateLimits
+
+    changed = {f.name: (not f.default) if isinstance(f.default, bool) else f.default + i + 1
+               for i, f in enumerate(fields(GateConfig))}
+    template = np.zeros(32 * 32)
+    limits = GateLimits.from_config(GateConfig(**changed), template)
+    assert {f.name: getattr(limits, f.name) for f in fields(GateConfig)} == changed
+    assert limits.template is template
+    assert {f.name for f in fields(GateLimits)} == {f.name for f in fields(GateConfig)} | {"template"}
+
+
+def test_code_without_a_config_takes_the_config_defaults(tmp_path):
+    """The watcher, the decoders, the heat maps and the station settings default to config.py's values."""
+    import inspect
+    from dataclasses import fields
+
+    from pneumoflag.device import dicom, explain, preprocess
+    from pneumoflag.device.config import DicomConfig, ExplainConfig, StationConfig, WatchConfig
+    from pneumoflag.device.ingest import Ingest
+    from pneumoflag.station.settings import StationSettings
+
+    w = WatchConfig()
+    ingest = Ingest(tmp_path)
+    assert ingest.ignore == tuple(p.lower() for p in w.ignore)
+    assert (ingest.recursive, ingest.polling, ingest.poll_interval, ingest.settle) == (
+        w.recursive, w.polling, w.poll_interval, w.settle_seconds)
+    for fn in (preprocess.decode, preprocess.decode_with_info, dicom.read_dicom):
+        params = inspect.signature(fn).parameters
+        assert params["max_pixels"].default == w.max_pixels and params["max_bytes"].default == w.max_decode_bytes
+    d, params = DicomConfig(), inspect.signature(dicom.read_dicom).parameters
+    for name in ("include_patient_identifiers", "accept_modalities", "accept_body_parts", "accept_views"):
+        assert params[name].default == (tuple(v) if isinstance(v := getattr(d, name), list) else v), name
+    for fn in (explain.render_overlay, explain.explain_pixels, explain.explain_file):
+        params = inspect.signature(fn).parameters
+        assert (params["size"].default, params["cmap"].default) == (ExplainConfig().size, ExplainConfig().cmap)
+    defaults = {f.name: f.default for f in fields(StationSettings)}
+    for name in ("login_failures", "login_failures_total", "login_window"):
+        assert defaults[name] == getattr(StationConfig(), name), name
+
+
+def test_the_example_config_shows_the_defaults_but_for_the_site_keys():
+    """The example says "the value shown is the default": a changed default must be changed there too."""
+    from conftest import REPO
+    from pneumoflag.device.config import Config, tomllib
+
+    example = tomllib.loads((REPO / "systemd" / "pneumoflag.toml.example").read_text())
+    defaults = Config()
+    differ = {f"{sec}.{key}" for sec, values in example.items() for key, v in values.items()
+              if getattr(getattr(defaults, sec), key) != v}
+    assert differ == {"watch.dir", "mqtt.broker", "mqtt.username", "mqtt.tls", "mqtt.ca_file"}  # a site's own

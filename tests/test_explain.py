@@ -357,6 +357,19 @@ def test_explain_cli_writes_overlays_and_fails_on_a_broken_file(tmp_path, capsys
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{f.stem}.heatmap.png" for f in good)
 
 
+def test_explain_cli_takes_size_and_colour_map_from_the_config_unless_flagged(tmp_path, monkeypatch):
+    """``[explain] size``/``cmap`` are the command's defaults too: one default, in config.py."""
+    monkeypatch.setenv("PNEUMOFLAG_EXPLAIN_SIZE", "256")
+    monkeypatch.setenv("PNEUMOFLAG_EXPLAIN_CMAP", "viridis")
+    assert run_cli("explain", FILES[0], "--out", tmp_path / "a", "--model", SHIPPED, "--accelerator", "cpu") == 0
+    from_config = Image.open(tmp_path / "a" / f"{FILES[0].stem}.heatmap.png")
+    assert from_config.size == (256, 256)
+    assert run_cli("explain", FILES[0], "--out", tmp_path / "b", "--model", SHIPPED, "--accelerator", "cpu",
+                   "--size", "256", "--cmap", "inferno") == 0
+    flagged = Image.open(tmp_path / "b" / f"{FILES[0].stem}.heatmap.png")
+    assert np.asarray(from_config.convert("RGB")).tolist() != np.asarray(flagged.convert("RGB")).tolist()
+
+
 def test_explain_cli_layers_contact_sheet(tmp_path, capsys):
     pytest.importorskip("keras", reason="--layers needs the toolchain (TensorFlow)")
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""The README's first two commands, as a newcomer runs them on a fresh clone."""
+"""The README: its first two commands, as a newcomer runs them on a fresh clone; its configuration tables."""
 from __future__ import annotations
 
 import os
@@ -50,3 +50,41 @@ def test_first_command_runs_the_demo_from_a_clean_clone(tmp_path):
     assert "not a diagnostic device" in out
     assert ("(embedded)" in out) is not taken
     shutil.rmtree(clone / ".venv", ignore_errors=True)
+
+
+def _readme_config_tables(text: str) -> dict[str, dict[str, tuple[str, str]]]:
+    """Each ``| `[section]` key | default | meaning |`` table of the README: section -> key -> (default, meaning)."""
+    tables: dict[str, dict[str, tuple[str, str]]] = {}
+    head = re.compile(r"^\| `\[(\w+)\]` key \| default \| meaning \|\n\| --- \| --- \| --- \|\n((?:\|.*\n)*)", re.M)
+    for m in head.finditer(text):
+        assert m.group(1) not in tables, f"two README tables for [{m.group(1)}]"
+        rows = {}
+        for line in m.group(2).splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            assert len(cells) == 3 and cells[0].startswith("`"), f"not a key row: {line!r}"
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+        tables[m.group(1)] = rows
+    return tables
+
+
+def test_readme_documents_every_config_key_with_its_default_and_meaning():
+    """The README's tables say what config.py declares: every key, its default, its help and bounds."""
+    from dataclasses import fields
+
+    from pneumoflag.device.config import SECTIONS, describe, shown_default
+
+    readme = _readme_config_tables((REPO / "README.md").read_text())
+    declared = {sec: {f.name: (shown_default(f), describe(f)) for f in fields(cls)} for sec, cls in SECTIONS.items()}
+    assert readme == declared
+
+
+def test_readme_tables_are_the_output_of_config_markdown(capsys):
+    """Regenerate them with `pneumoflag config --markdown` and paste: each table appears once, whole."""
+    from conftest import run_cli
+
+    assert run_cli("config", "--markdown") == 0
+    tables = capsys.readouterr().out.strip("\n").split("\n\n")
+    readme = (REPO / "README.md").read_text()
+    assert len(tables) == len(_readme_config_tables(readme))
+    for table in tables:
+        assert readme.count(table + "\n\n") == 1, table.splitlines()[0]
