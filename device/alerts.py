@@ -12,7 +12,7 @@ from typing import Optional, TextIO
 
 from . import contract
 from .config import Config
-from .publisher import connect_kwargs, make_client
+from .mqtt_client import connect_kwargs, make_client
 from .safe_text import printable
 from .vocab import PRIORITIES, Priority
 

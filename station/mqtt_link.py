@@ -3,7 +3,7 @@
 Guarantees:
 
 - client id ``pneumoflag-station-<station_id>`` with ``clean_session = false`` (MQTT 3.1.1) or
-  ``clean_start = false`` and a week's session expiry (MQTT 5) (``device.publisher.make_client(clean=False)``):
+  ``clean_start = false`` and a week's session expiry (MQTT 5) (``device.mqtt_client.make_client(clean=False)``):
   the broker queues the QoS 1 flags published while this station is down and delivers them when it is back;
 - every subscription is QoS 1 (stats arrive as the daemon sends them, QoS 0), heat maps
   (``{prefix}/+/heatmaps/+``, raw PNG bytes) included;
@@ -31,7 +31,7 @@ import paho.mqtt.client as mqtt
 from pneumoflag.device import contract
 from pneumoflag.device.config import Config
 from pneumoflag.device.messages import AckMessage, ResendRequest, encode
-from pneumoflag.device.publisher import connect_kwargs, describe_connect_error, make_client
+from pneumoflag.device.mqtt_client import connect_kwargs, describe_connect_error, make_client
 
 from .settings import StationSettings
 
