@@ -34,7 +34,7 @@ class Publisher:
     def __init__(self, cfg: Config, store: Store):
         self.cfg = cfg
         self.store = store
-        self.status_topic = cfg.topic("status")
+        self.status_topic = cfg.topics.status()
         self.client = make_client(cfg, cfg.client_id, will_topic=self.status_topic, clean=False)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
         self.client.on_connect = self._on_connect

@@ -248,7 +248,7 @@ class SelfTest:
         from .mqtt_client import make_client
 
         host, port = self.cfg.broker_host_port
-        topic = self.cfg.topic("selftest")  # not under flags/: nobody gets paged by a self-test
+        topic = self.cfg.topics.selftest()
         token = str(uuid.uuid4())
         got = threading.Event()
         state: dict = {}

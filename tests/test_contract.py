@@ -10,11 +10,10 @@ import uuid
 
 import pytest
 from pneumoflag.device import contract
-from pneumoflag.device.contract import MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_TEXT, ContractError
+from pneumoflag.device.contract import MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_TEXT, AckMessage, ContractError, utc_iso
 from pneumoflag.device.escalation import AckError, parse_ack
-from pneumoflag.device.messages import AckMessage
 from pneumoflag.station.service import AckRefused, clean_name
-from pneumoflag.station.worklist import MAX_ORPHAN_ACKS, BadMessage, Worklist, utc_iso
+from pneumoflag.station.worklist import MAX_ORPHAN_ACKS, BadMessage, Worklist
 
 T0 = 1_800_000_000.0
 
