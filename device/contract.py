@@ -133,6 +133,7 @@ class Topics:
     device: str = ANY
 
     def build(self, kind: str, arg: Optional[str] = None) -> str:
+        """The one place a topic is put together; ``arg`` exactly when the kind takes a level after its own."""
         level, takes = TOPICS[kind]
         if (takes is None) != (arg is None):
             raise ValueError(f"a {kind} topic takes {'one ' + takes if takes else 'no'} level after {level}")
@@ -312,7 +313,7 @@ def check_event_id(value: Any, what: str = "event_id") -> str:
     """``value`` if it is an event id of the :data:`EVENT_ID` form (never cut: a cut id would be another event's)."""
     if not isinstance(value, str) or not EVENT_ID.match(value):
         shown = value[:80] if isinstance(value, str) else value
-        raise ContractError(f"{what} {shown!r} is not an event id: it is not of the form {EVENT_ID.pattern}")
+        raise ContractError(f"{what} {shown!r}: not an event id (it is not of the form {EVENT_ID.pattern})")
     return value
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumoflag.device import contract
-from pneumoflag.device.contract import (EVENT_ID, MAX_TEXT, PRIORITIES, AckMessage, ContractError, ErrorMessage,
+from pneumoflag.device.contract import (MAX_TEXT, PRIORITIES, AckMessage, ContractError, ErrorMessage,
                                         EscalationMessage, FlagMessage, utc_iso)
 
 log = logging.getLogger(__name__)
@@ -509,8 +509,7 @@ class Worklist:
 
     def add_heatmap(self, event_id: str, topic_device: str, png: bytes, received: float | None = None) -> bool:
         """Store a heat map (checked by ``check_png``); False for a repeat delivery (the first copy stays)."""
-        if not EVENT_ID.match(event_id):
-            raise BadMessage(f"event id {event_id[:80]!r} is not of the form {EVENT_ID.pattern}")
+        contract.check_event_id(event_id, "heat map event id")  # from its topic
         check_png(png)
         received = time.time() if received is None else received
         cur = self.db.execute("INSERT OR IGNORE INTO heatmaps (event_id, device, png, received_epoch) "
