@@ -7,12 +7,12 @@ import queue
 import sys
 import threading
 import time
-from datetime import datetime
 from typing import Optional, TextIO
 
 from . import contract
 from .config import Config
-from .publisher import connect_kwargs, make_client
+from .contract import Topics
+from .mqtt_client import connect_kwargs, make_client
 from .safe_text import printable
 from .vocab import PRIORITIES, Priority
 
@@ -37,9 +37,8 @@ def format_alert(msg: dict, colour: bool) -> str:
     if colour and prio in COLOURS:
         tag = f"{COLOURS[prio]}{tag}{RESET}"
     try:
-        when = datetime.fromisoformat(str(msg.get("scored_at", "")).replace("Z", "+00:00")).astimezone()
-        stamp = when.strftime("%H:%M:%S")
-    except ValueError:
+        stamp = time.strftime("%H:%M:%S", time.localtime(contract.parse_when(str(msg.get("scored_at", "")))))
+    except contract.ContractError:
         stamp = "--:--:--"
     try:
         p = f"{float(msg.get('probability', float('nan'))):.4f}"  # thresholds sit near 1: 0.999 says too little
@@ -59,7 +58,8 @@ def station_client_id(cfg: Config) -> str:
 
 
 class AlertListener:
-    """Subscribes to ``{prefix}/+/flags/#`` (and errors) and yields decoded messages.
+    """Subscribes to the flags of every device, or of one (and their errors), and queues them decoded:
+    (topic, kind, message), the kind ``flag`` or ``error`` (:meth:`Topics.parse`).
 
     With ``clean=False`` it keeps a persistent session under a stable client id:
     flags published while the terminal was away arrive when it comes back.
@@ -70,11 +70,11 @@ class AlertListener:
                  client_id: Optional[str] = None, clean: bool = True, notify: Optional[TextIO] = None):
         self.cfg = cfg
         self.min_rank = PRIORITY_ORDER.index(min_priority)
-        prefix = cfg.mqtt.topic_prefix
-        self.topics = [f"{prefix}/{device}/flags/{p}" for p in PRIORITY_ORDER[self.min_rank:]]
+        self.contract_topics = Topics(cfg.mqtt.topic_prefix, device)
+        self.topics = [self.contract_topics.flag(p) for p in PRIORITY_ORDER[self.min_rank:]]
         if errors:
-            self.topics.append(f"{prefix}/{device}/errors")
-        self.queue: "queue.Queue[tuple[str, dict]]" = queue.Queue()
+            self.topics.append(self.contract_topics.error())
+        self.queue: "queue.Queue[tuple[str, str, dict]]" = queue.Queue()
         cid = client_id or f"pneumoflag-alerts-{int(time.time() * 1000) % 10**9}"
         self.client = make_client(cfg, cid, clean=clean)
         self.connected = threading.Event()
@@ -119,7 +119,8 @@ class AlertListener:
         except contract.ContractError as exc:
             log.warning("ignored a message on %s: %s", printable(message.topic), printable(str(exc)))
             return
-        self.queue.put((message.topic, payload))
+        where = self.contract_topics.parse(message.topic)
+        self.queue.put((message.topic, where[1] if where else "unknown", payload))
 
     def start(self, timeout: float = 10.0) -> None:
         host, port = self.cfg.broker_host_port
@@ -151,13 +152,13 @@ def run_alerts(cfg: Config, min_priority: str, as_json: bool, count: Optional[in
             if remaining is not None and remaining <= 0:
                 break
             try:
-                topic, msg = listener.queue.get(timeout=min(0.5, remaining) if remaining else 0.5)
+                topic, kind, msg = listener.queue.get(timeout=min(0.5, remaining) if remaining else 0.5)
             except queue.Empty:
                 continue
             seen += 1
             if as_json:
                 out.write(json.dumps({"topic": topic, **msg}, allow_nan=False) + "\n")
-            elif topic.endswith("/errors"):
+            elif kind == "error":
                 out.write(format_error(msg) + "\n")
             else:
                 out.write(format_alert(msg, colour) + "\n")

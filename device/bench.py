@@ -29,6 +29,7 @@ import numpy as np
 
 from .card import ModelCard
 from .config import load_config
+from .contract import Topics
 from .preprocess import decode, prepare
 from .scorer import load_scorer
 from .selftest import sample_files
@@ -254,7 +255,7 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
            "--state-dir", str(state), "--model", str(cfg.model), "--device-id", "bench", "--accelerator", "cpu"]
     logf = open(work / "daemon.log", "wb")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    col = _Collector(broker, "pneumoflag/bench/flags/#")
+    col = _Collector(broker, Topics("pneumoflag", "bench").filter("flag"))
     try:
         time.sleep(3.0)  # imports, model load, connect
         if proc.poll() is not None:

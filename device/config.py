@@ -15,6 +15,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from .contract import Topics
 from .vocab import ACCELERATORS, COLORMAPS
 
 if sys.version_info >= (3, 11):
@@ -238,8 +239,10 @@ class Config:
     def client_id(self) -> str:
         return self.mqtt.client_id or f"pneumoflag-{self.mqtt.device_id}"
 
-    def topic(self, *parts: str) -> str:
-        return "/".join([self.mqtt.topic_prefix, self.mqtt.device_id, *parts])
+    @property
+    def topics(self) -> Topics:
+        """This device's topics (the contract builds them all)."""
+        return Topics(self.mqtt.topic_prefix, self.mqtt.device_id)
 
     def mqtt_password(self) -> Optional[str]:
         if self.mqtt.password_file:

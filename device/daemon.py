@@ -42,10 +42,10 @@ from typing import Callable, Optional
 from . import __version__
 from .card import CardError
 from .config import EMBEDDED_BROKER, Config
+from .contract import ErrorMessage, encode, utc_iso
 from .decoder import DecoderUnavailable, DecodeWorker
 from .escalation import AckDesk
 from .ingest import Ingest, IngestError, Ready
-from .messages import ErrorMessage, encode, utc_iso
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
@@ -162,7 +162,7 @@ class Daemon:
             "publishing to %s under %s",
             __version__, self.card.name, self.card.version, self.card.revision,
             points.get("folder", "its validation data"), self.scorer.report.accelerator,
-            self.scorer.report.runtime, self.card.thresholds.describe(), cfg.mqtt.broker, cfg.topic(""),
+            self.scorer.report.runtime, self.card.thresholds.describe(), cfg.mqtt.broker, cfg.topics.tree(),
         )
         adapted = self.card.adaptation_summary()
         if adapted:
@@ -388,7 +388,7 @@ class Daemon:
             ttn = {}
         snap = self.stats.snapshot(self.cfg, self.ingest.depth(), outbox, self.scorer.report.accelerator,
                                    f"{self.card.name} {self.card.version}", health, ttn)
-        self.publisher.publish_now(self.cfg.topic("stats"), encode(snap), qos=0, retain=True)
+        self.publisher.publish_now(self.cfg.topics.stats(), encode(snap), qos=0, retain=True)
 
     # ------------------------------------------------------------------ one file
     def _rel(self, path: Path) -> str:
@@ -485,7 +485,7 @@ class Daemon:
         payload = encode(msg.to_dict())
         record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, written, item.seen_at, time.time())
         if not self._record(path, rel, sha, fr.sig, msg.priority, event_id=msg.event_id, supersedes=supersedes,
-                            message=(self.cfg.topic(msg.topic_suffix()), payload, 1), flag=record):
+                            message=(self.cfg.topics.flag(msg.priority), payload, 1), flag=record):
             return
         self._arriving.pop(rel, None)
         if self.heatmaps is not None and msg.priority != Priority.ROUTINE:
@@ -550,7 +550,7 @@ class Daemon:
                                    "not scored again",
                            sha256=sha, duplicate_of=first.event_id)
         if self._record(path, rel, sha, sig, "duplicate", reason=Reason.DUPLICATE_OF, event_id=err.event_id,
-                        message=(self.cfg.topic(err.topic_suffix()), encode(err.to_dict()), 1)):
+                        message=(self.cfg.topics.error(), encode(err.to_dict()), 1)):
             self.stats.duplicates += 1
             log.info("%s: same content as %s (already %s): not alerted again", printable(rel),
                      printable(first.path), what)
@@ -568,7 +568,7 @@ class Daemon:
                            sha256=sha, supersedes=supersedes)
         log.warning("rejected %s: %s", printable(rel), printable(message))
         if self._record(path, rel, sha, sig, "error", reason=str(reason), event_id=err.event_id,
-                        supersedes=supersedes, message=(self.cfg.topic(err.topic_suffix()), encode(err.to_dict()), 1)):
+                        supersedes=supersedes, message=(self.cfg.topics.error(), encode(err.to_dict()), 1)):
             self._arriving.pop(rel, None)
             self.processed += 1
             self.stats.errors += 1

@@ -118,7 +118,7 @@ def _demo(cfg: Config, files: list[Path], work: Path, export_dir: Optional[Path]
 def _drain(listener: AlertListener, received: dict, counts: Counter, p, colour: bool, wait: float = 0.0) -> None:
     while True:
         try:
-            topic, msg = listener.queue.get(timeout=wait) if wait else listener.queue.get_nowait()
+            _, kind, msg = listener.queue.get(timeout=wait) if wait else listener.queue.get_nowait()
         except queue.Empty:
             return
         wait = 0.0
@@ -126,7 +126,7 @@ def _drain(listener: AlertListener, received: dict, counts: Counter, p, colour: 
         if name in received:
             continue
         received[name] = msg
-        if topic.endswith("/errors"):
+        if kind == "error":
             counts["error"] += 1
             p(f"{'':8}  ERROR    {name}: {msg.get('reason')}")
         else:

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .config import DicomConfig
+from .contract import DICOM_IDS
 from .preprocess import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, apply_lut, too_large
 from .vocab import Reason
 
@@ -72,9 +73,7 @@ class DicomInfo:
 
     def ids(self) -> dict[str, str]:
         """The identifiers that go into a result message (None values left out)."""
-        keys = ("study_instance_uid", "sop_instance_uid", "accession_number",
-                "patient_name", "patient_id")
-        return {k: v for k in keys if (v := getattr(self, k)) is not None}
+        return {k: v for k in DICOM_IDS if (v := getattr(self, k)) is not None}
 
 
 def _text(ds: Any, keyword: str) -> Optional[str]:

@@ -27,7 +27,7 @@ from typing import Callable
 
 from . import contract
 from .config import Config
-from .messages import ACK_SCHEMA, EVENT_ID, EscalationMessage, encode
+from .contract import ACK_SCHEMA, AckMessage, EscalationMessage, encode
 from .publisher import Publisher
 from .safe_text import printable
 from .store import Store, StoreError
@@ -40,7 +40,6 @@ MAX_ACK_BYTES = 4096
 ACKS_PER_PASS = 50
 #: at most this many messages waiting (a flood beyond it is dropped, and counted)
 MAX_WAITING = 10_000
-_FIELD_LIMITS = {"station": 200, "by": 200, "at": 64}
 
 
 class AckError(ValueError):
@@ -48,33 +47,20 @@ class AckError(ValueError):
 
 
 def parse_ack(raw: bytes) -> dict[str, str]:
-    """The four fields of a ``pneumoflag.ack/1`` message, or :class:`AckError`.
+    """The fields of a ``pneumoflag.ack/1`` message (:meth:`AckMessage.parse`, as the stations read it), or
+    :class:`AckError`.
 
     Anything on the acks topic is untrusted: size, nesting, types, text that
     is not valid UTF-8 (a lone surrogate) and field lengths are checked before
     anything is stored or logged.
     """
     try:
-        ack = contract.loads(raw, max_bytes=MAX_ACK_BYTES)  # size, depth, NaN, huge numbers, lone surrogates
+        msg = contract.loads_object(raw, max_bytes=MAX_ACK_BYTES)  # size, depth, NaN, huge numbers, surrogates
+        contract.check_schema(msg, ACK_SCHEMA)
+        ack = AckMessage.parse(msg)
     except contract.ContractError as exc:
         raise AckError(str(exc)) from None
-    if not isinstance(ack, dict) or ack.get("schema") != ACK_SCHEMA:
-        raise AckError(f"not a {ACK_SCHEMA} message")
-    fields = {}
-    for key in ("event_id", "station", "by", "at"):
-        value = ack.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise AckError(f"{key} missing or not text")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise AckError(f"{key} is not valid UTF-8") from None
-        if key == "event_id" and not EVENT_ID.match(value):
-            raise AckError("event_id is not an event id")
-        if len(value) > _FIELD_LIMITS.get(key, 128):
-            raise AckError(f"{key} longer than {_FIELD_LIMITS.get(key, 128)} characters")
-        fields[key] = value
-    return fields
+    return {"event_id": ack.event_id, "station": ack.station, "by": ack.by, "at": ack.at}
 
 
 class AckDesk:
@@ -90,7 +76,7 @@ class AckDesk:
         self._dropped = 0  # acks beyond MAX_WAITING, since the last report
         self._refused: dict[str, int] = {}  # why -> count, since the last report
         self._last_report = 0.0
-        publisher.subscribe(cfg.topic("acks"), self._receive)
+        publisher.subscribe(cfg.topics.ack(), self._receive)
 
     def _receive(self, raw: bytes) -> None:
         try:
@@ -134,7 +120,7 @@ class AckDesk:
         parts = [f"{why}: {n}" for why, n in sorted(self._refused.items())]
         if self._dropped:
             parts.append(f"dropped, more than {MAX_WAITING} waiting: {self._dropped}")
-        log.warning("ignored messages on %s that are not acknowledgements: %s", self.cfg.topic("acks"),
+        log.warning("ignored messages on %s that are not acknowledgements: %s", self.cfg.topics.ack(),
                     printable("; ".join(parts)))
         self._refused.clear()
         self._dropped = 0
@@ -169,7 +155,7 @@ class AckDesk:
                                     unacknowledged_s=round(mono - self._clock[d.event_id][1], 1),
                                     flag=json.loads(d.payload))
             try:
-                self.store.record_escalation(d.event_id, n, self.cfg.topic("escalations"), encode(msg.to_dict()))
+                self.store.record_escalation(d.event_id, n, self.cfg.topics.escalation(), encode(msg.to_dict()))
             except StoreError as exc:
                 log.error("could not queue the escalation of %s: %s", d.event_id, exc)
                 return

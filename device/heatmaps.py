@@ -106,7 +106,7 @@ class HeatmapWorker:
         tmp.write_bytes(ex.png)
         os.replace(tmp, path)
         try:
-            self.store.record_heatmap(job.event_id, path.name, self.cfg.topic("heatmaps", job.event_id), ex.png)
+            self.store.record_heatmap(job.event_id, path.name, self.cfg.topics.heatmap(job.event_id), ex.png)
         except StoreError as exc:
             log.error("%s: heat map made but not journaled or sent (%s)", printable(job.rel), exc)
             return

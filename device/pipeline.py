@@ -15,9 +15,9 @@ import numpy as np
 
 from .card import ModelCard
 from .config import Config
+from .contract import FlagMessage, ModelRef, Timings, utc_iso
 from .decoder import Decoded, DecodeSettings, DecodeWorker, decode_bytes
 from .gate import GateLimits
-from .messages import FlagMessage, ModelRef, Timings, utc_iso
 from .preprocess import ImageDecodeError
 from .scorer import Scorer
 from .vocab import Reason

@@ -19,7 +19,7 @@ import time
 
 from . import contract
 from .config import Config
-from .messages import MAX_RESEND, RESEND_SCHEMA, STATION_ID, ResendRequest
+from .contract import MAX_RESEND, RESEND_SCHEMA, ResendRequest
 from .publisher import Publisher
 from .safe_text import printable
 from .store import Store, StoreError
@@ -40,20 +40,13 @@ class ResendError(ValueError):
 
 
 def parse_resend(raw: bytes) -> ResendRequest:
+    """A ``pneumoflag.resend/1`` request (:meth:`ResendRequest.parse`), or :class:`ResendError`."""
     try:
-        d = contract.loads_object(raw, max_bytes=MAX_REQUEST_BYTES)
+        msg = contract.loads_object(raw, max_bytes=MAX_REQUEST_BYTES)
+        contract.check_schema(msg, RESEND_SCHEMA)
+        return ResendRequest.parse(msg)
     except contract.ContractError as exc:
         raise ResendError(str(exc)) from None
-    if d.get("schema") != RESEND_SCHEMA:
-        raise ResendError(f"not a {RESEND_SCHEMA} message")
-    station, first, last = d.get("station"), d.get("first"), d.get("last")
-    if not isinstance(station, str) or not STATION_ID.match(station):
-        raise ResendError("station is not a station id")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last)) or not 1 <= first <= last:
-        raise ResendError("first and last must be whole numbers with 1 <= first <= last")
-    if last >= 2**53:
-        raise ResendError("last is out of range")
-    return ResendRequest(station=station, first=first, last=last, at=str(d.get("at", ""))[:64])
 
 
 class ResendDesk:
@@ -64,7 +57,7 @@ class ResendDesk:
         self._received: queue.Queue[bytes] = queue.Queue(MAX_WAITING)
         self._last: dict[str, float] = {}  # station -> monotonic time of its last answered request
         self.refused = contract.RateLimitedLog(log)
-        publisher.subscribe(cfg.topic("resend"), self._receive)
+        publisher.subscribe(cfg.topics.resend(), self._receive)
 
     def _receive(self, raw: bytes) -> None:
         try:
@@ -81,7 +74,7 @@ class ResendDesk:
             try:
                 req = parse_resend(raw)
             except ResendError as exc:
-                self.refused.refused("resend", str(exc), self.cfg.topic("resend"))
+                self.refused.refused("resend", str(exc), self.cfg.topics.resend())
                 continue
             now = time.monotonic()
             if now - self._last.get(req.station, -MIN_INTERVAL_S) < MIN_INTERVAL_S:
@@ -95,7 +88,7 @@ class ResendDesk:
                     log.debug("resend request of %s deferred: %d copies wait already", req.station, MAX_BACKLOG)
                     continue
                 flags = self.store.flags_between(req.first, min(req.last, req.first + room - 1))
-                self.store.queue_resend(self.cfg.topic(f"replay/{req.station}"), flags, req.station)
+                self.store.queue_resend(self.cfg.topics.replay(req.station), flags, req.station)
             except StoreError as exc:
                 log.error("could not answer %s's resend request: %s", printable(req.station), exc)
                 continue

@@ -245,10 +245,10 @@ class SelfTest:
                  f"p50 {p50:.1f} ms, p95 {p95:.1f} ms over {len(times)} runs (limit p50 <= {self.max_latency_ms:g} ms)")
 
     def check_broker(self) -> None:
-        from .publisher import make_client
+        from .mqtt_client import make_client
 
         host, port = self.cfg.broker_host_port
-        topic = self.cfg.topic("selftest")  # not under flags/: nobody gets paged by a self-test
+        topic = self.cfg.topics.selftest()
         token = str(uuid.uuid4())
         got = threading.Event()
         state: dict = {}

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import __version__
 from .config import Config
-from .messages import STATS_SCHEMA, utc_now
+from .contract import STATS_SCHEMA, utc_now
 from .vocab import PRIORITIES
 
 #: the window of the time-to-notification figures in stats

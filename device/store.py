@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .messages import MAX_RESEND, encode, utc_iso
+from .contract import MAX_RESEND, encode, utc_iso
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@
 Guarantees:
 
 - client id ``pneumoflag-station-<station_id>`` with ``clean_session = false`` (MQTT 3.1.1) or
-  ``clean_start = false`` and a week's session expiry (MQTT 5) (``device.publisher.make_client(clean=False)``):
+  ``clean_start = false`` and a week's session expiry (MQTT 5) (``device.mqtt_client.make_client(clean=False)``):
   the broker queues the QoS 1 flags published while this station is down and delivers them when it is back;
-- every subscription is QoS 1 (stats arrive as the daemon sends them, QoS 0), heat maps
-  (``{prefix}/+/heatmaps/+``, raw PNG bytes) included;
+- every subscription is QoS 1 (stats arrive as the daemon sends them, QoS 0), heat maps (raw PNG bytes)
+  included; the contract's ``Topics`` builds the filters and reads each message's topic;
 - a QoS 1 message is acknowledged to the broker (paho's manual ack) only once the handler has stored it,
   so a station that dies half-way gets the message again (and drops the repeat by event_id);
 - every message is parsed by the contract (``device.contract.loads``: size and nesting depth checked before
@@ -30,16 +30,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from pneumoflag.device import contract
 from pneumoflag.device.config import Config
-from pneumoflag.device.messages import AckMessage, ResendRequest, encode
-from pneumoflag.device.publisher import connect_kwargs, describe_connect_error, make_client
+from pneumoflag.device.contract import AckMessage, ResendRequest, Topics, encode
+from pneumoflag.device.mqtt_client import connect_kwargs, describe_connect_error, make_client
 
 from .settings import StationSettings
 
 log = logging.getLogger(__name__)
 
-#: topic suffixes the station subscribes to under ``{prefix}/+/``, and the kind each carries
-KINDS = {"flags/+": "flag", "errors": "error", "status": "status", "stats": "stats", "acks": "ack",
-         "escalations": "escalation", "heatmaps/+": "heatmap"}
+#: the kinds of topic the station subscribes to for every device (and "replay", for its own station id only)
+KINDS = ("flag", "error", "status", "stats", "ack", "escalation", "heatmap")
 #: the longest device name (a topic level) the station stores
 MAX_DEVICE = 200
 #: a status is "online" or "offline"; anything much longer is not one
@@ -59,25 +58,26 @@ class Incoming:
     event_id: str | None = None  # a heat map's, from its topic
 
 
+def _route(prefix: str, topic: str, station: str | None) -> tuple[str, str, str | None] | None:
+    """(kind, device, the level after the kind's: a heat map's event id), or None for a topic the station
+    ignores (the contract's ``Topics.parse``, less what is not for this station)."""
+    where = Topics(prefix).parse(topic)
+    if where is None:
+        return None
+    device, kind, rest = where
+    if kind in KINDS or (kind == "replay" and rest == station):
+        return kind, device, rest
+    return None
+
+
 def classify(prefix: str, topic: str, station: str | None = None) -> tuple[str, str] | None:
     """``pneumoflag/xray-1/flags/urgent`` -> ("flag", "xray-1"); None for a topic the station ignores.
 
-    Flags sent again for this station (``{prefix}/{device}/replay/{station}``, see ``device.resend``) are
-    "replay": a flag, with the ack it had (if any) when the device sent it again.
+    Flags sent again for this station (``Topics.replay(station)``, see ``device.resend``) are "replay": a flag,
+    with the ack it had (if any) when the device sent it again.
     """
-    parts = topic.split("/")
-    if len(parts) < 3 or parts[0] != prefix:
-        return None
-    device, rest = parts[1], parts[2:]
-    if len(rest) == 2 and rest[0] == "flags":
-        return "flag", device
-    if len(rest) == 2 and rest[0] == "replay" and rest[1] == station:
-        return "replay", device
-    if len(rest) == 2 and rest[0] == "heatmaps":
-        return "heatmap", device
-    if len(rest) == 1 and rest[0] in KINDS:
-        return KINDS[rest[0]], device
-    return None
+    where = _route(prefix, topic, station)
+    return (where[0], where[1]) if where else None
 
 
 def _topic(message: mqtt.MQTTMessage) -> str:
@@ -120,7 +120,8 @@ class MqttLink:
 
     @property
     def topics(self) -> list[str]:
-        return [f"{self.prefix}/+/{suffix}" for suffix in KINDS] + [f"{self.prefix}/+/replay/{self.settings.station_id}"]
+        every = Topics(self.prefix)
+        return [every.filter(kind) for kind in KINDS] + [every.replay(self.settings.station_id)]
 
     def start(self) -> None:
         host, port = self.cfg.broker_host_port
@@ -186,10 +187,10 @@ class MqttLink:
 
     def _parse(self, message: mqtt.MQTTMessage) -> Incoming | None:
         """The message as the handler takes it; None for a topic the station ignores; ContractError if bad."""
-        where = classify(self.prefix, message.topic, self.settings.station_id)
+        where = _route(self.prefix, message.topic, self.settings.station_id)
         if where is None:
             return None
-        kind, device = where
+        kind, device, rest = where
         payload: dict[str, Any] | str | bytes
         if len(device) > MAX_DEVICE:
             raise contract.ContractError(f"a device name of {len(device)} characters (at most {MAX_DEVICE})")
@@ -206,7 +207,7 @@ class MqttLink:
             payload = contract.loads_object(message.payload)
         return Incoming(kind=kind, device=device, payload=payload, retained=bool(message.retain),
                         mid=message.mid, qos=message.qos,
-                        event_id=message.topic.rsplit("/", 1)[1] if kind == "heatmap" else None)
+                        event_id=rest if kind == "heatmap" else None)
 
     def _kind_of(self, message: mqtt.MQTTMessage) -> str:
         """The kind its topic says (for the refused counts), or "unreadable" when even the topic is not."""
@@ -233,11 +234,11 @@ class MqttLink:
     def ask_resend(self, device: str, first: int, last: int) -> None:
         """Ask a device for the flags numbered ``first``..``last`` that never reached this station."""
         req = ResendRequest(station=self.settings.station_id, first=first, last=last)
-        self.client.publish(f"{self.prefix}/{device}/resend", encode(req.to_dict()), qos=1, retain=False)
+        self.client.publish(Topics(self.prefix, device).resend(), encode(req.to_dict()), qos=1, retain=False)
 
     async def publish_ack(self, device: str, ack: AckMessage, timeout: float = 5.0) -> bool:
         """Publish the ack QoS 1; True once the broker acknowledged it, False while it waits for a reconnect."""
-        topic = f"{self.prefix}/{device}/acks"
+        topic = Topics(self.prefix, device).ack()
         info = self.client.publish(topic, encode(ack.to_dict()), qos=1, retain=False)
         if info.rc == mqtt.MQTT_ERR_NO_CONN:
             log.warning("ack of %s queued: not connected to the broker", ack.event_id)

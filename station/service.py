@@ -18,7 +18,7 @@ from typing import Any
 
 from pneumoflag.device import contract
 from pneumoflag.device.config import Config
-from pneumoflag.device.messages import EVENT_ID, MAX_RESEND, AckMessage, utc_now
+from pneumoflag.device.contract import EVENT_ID, MAX_RESEND, AckMessage, utc_now
 
 from .events import EventHub
 from .mqtt_link import Incoming, MqttLink
@@ -123,7 +123,7 @@ class Station:
             return
         if item.kind == "heatmap":
             if not isinstance(payload, bytes) or item.event_id is None:
-                raise BadMessage("a heat map must be PNG bytes on .../heatmaps/EVENT_ID")
+                raise BadMessage("a heat map must be PNG bytes, with its event id as the last level of its topic")
             if wl.add_heatmap(item.event_id, item.device, payload):
                 row = wl.row(item.event_id)
                 log.info("heat map of %s from %s stored (%d bytes)", item.event_id, item.device, len(payload))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pneumoflag.device.config import Config, StationConfig, parse_host_port
-from pneumoflag.device.messages import STATION_ID
+from pneumoflag.device.contract import STATION_ID
 
 log = logging.getLogger(__name__)
 

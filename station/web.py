@@ -30,7 +30,7 @@ from aiohttp import web
 
 from pneumoflag.device import contract
 from pneumoflag.device.config import Config
-from pneumoflag.device.messages import EVENT_ID
+from pneumoflag.device.contract import EVENT_ID
 
 from .events import sse_frame
 from .security import AllowedHosts, QuietLog, Throttle, cross_site, retry_after

@@ -2,7 +2,8 @@
 
 Guarantees, in the order a message meets them:
 
-- every message is checked by the contract (``device.contract``) first; the stored copy is bounded (each text
+- every message is checked by the contract first (``FlagMessage.parse`` and the others of ``device.contract``,
+  as the daemon checks the acks it journals); the stored copy is bounded (each text
   cut to ``MAX_TEXT``), and a row an older version stored that no longer validates is skipped, not fatal;
 - every write is idempotent: flags and errors by ``event_id``, acks by (event_id, station, at, device), so a repeat
   delivery (MQTT is at-least-once) changes nothing and returns ``None``: the page never gets a second row;
@@ -28,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from pneumoflag.device import contract
-from pneumoflag.device.contract import MAX_TEXT, ContractError
-from pneumoflag.device.messages import EVENT_ID, utc_iso
-from pneumoflag.device.vocab import PRIORITIES
+from pneumoflag.device.contract import (MAX_TEXT, PRIORITIES, AckMessage, ContractError, ErrorMessage,
+                                        EscalationMessage, FlagMessage, utc_iso)
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,6 @@ def _bounded(value: Any) -> Any:
     if isinstance(value, list):
         return [_bounded(v) for v in value]
     return value
-
-
-def _device(payload: dict, topic_device: str) -> str:
-    """The topic names the device (the broker's ACL guards it; acks go back there): the message must agree."""
-    device = contract.text(payload, "device", required=False, max_len=200)
-    if device and device != topic_device:
-        raise BadMessage(f"device {device[:80]!r} in the message, {topic_device[:80]!r} in its topic")
-    return topic_device
 
 
 @dataclass
@@ -342,21 +334,9 @@ class Worklist:
 
     # ------------------------------------------------------------------ writes (one per MQTT message)
     def add_flag(self, payload: dict, topic_device: str, received: float | None = None) -> Row | None:
-        """Store a flag; None when this event_id is already here (a repeat delivery)."""
-        if not isinstance(payload, dict):
-            raise BadMessage("a flag must be a JSON object")
-        event_id = contract.event_id(payload)
-        priority = payload.get("priority")
-        if priority not in PRIORITIES:
-            raise BadMessage(f"priority {str(priority)[:40]!r} is not one of {', '.join(PRIORITIES)}")
-        probability = contract.number(payload, "probability", 0.0, 1.0)
-        device = _device(payload, topic_device)
-        file = contract.text(payload, "file")
-        accession = contract.text(payload, "accession_number", required=False) or None
-        written_at, written = contract.when(payload, "written_at")
-        scored_at, scored = contract.when(payload, "scored_at")
-        supersedes = contract.event_id(payload, "supersedes", required=False) or None
-        seq = contract.integer(payload, "seq", 1, 2**53, required=False)  # absent from older daemons' flags
+        """Store a flag (the topic names its device); None when this event_id is already here (a repeat)."""
+        msg = FlagMessage.parse(payload, topic_device)
+        event_id, device, written = msg.event_id, msg.device, msg.written_ts
         other = self.device_of(event_id)
         if other is not None and other != device:
             # refused, not merged: acks, escalations and heat maps name a flag by event_id alone, so a second
@@ -365,16 +345,16 @@ class Worklist:
             raise BadMessage(f"event id {event_id} is already a flag of device {other[:80]!r}")
         received = time.time() if received is None else received
         ttn = round(received - written, 3) if written is not None else None
-        sort_epoch = next(t for t in (written, scored, received) if t is not None)
+        sort_epoch = next(t for t in (written, msg.scored_ts, received) if t is not None)
         cur = self.db.execute(
             "INSERT OR IGNORE INTO flags (event_id, device, priority, rank, probability, file, accession_number, "
             "written_at, scored_at, received_at, ttn_s, sort_epoch, supersedes, payload) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (event_id, device, priority, PRIORITIES.index(priority), float(probability), file, accession,
-             written_at, scored_at, utc_iso(received), ttn, sort_epoch, supersedes,
-             contract.dumps(_bounded(payload))))
-        if seq is not None:
-            self.note_seq(device, seq, received)
+            (event_id, device, msg.priority, PRIORITIES.index(msg.priority), msg.probability, msg.file,
+             (msg.dicom or {}).get("accession_number"), msg.written_at, msg.scored_at, utc_iso(received), ttn,
+             sort_epoch, msg.supersedes, contract.dumps(_bounded(payload))))
+        if msg.seq is not None:
+            self.note_seq(device, msg.seq, received)
         return self.row(event_id) if cur.rowcount else None
 
     # ------------------------------------------------------------------ flag numbers: what this station missed
@@ -453,17 +433,13 @@ class Worklist:
         acks: one on another device's topic would close the row while the device escalates). Acks for flags
         this station has not seen are kept up to ``MAX_ORPHAN_ACKS`` for ``ORPHAN_ACK_KEEP_S``.
         """
-        if not isinstance(payload, dict):
-            raise BadMessage("an ack must be a JSON object")
-        event_id = contract.event_id(payload)
-        station, by = (contract.text(payload, k, max_len=200) for k in ("station", "by"))
-        at, _ = contract.when(payload, "at", required=True)
+        ack = AckMessage.parse(payload)
         received = time.time() if received is None else received
         cur = self.db.execute("INSERT OR IGNORE INTO acks (event_id, station, by_name, at, received_epoch, device) "
-                              "VALUES (?,?,?,?,?,?)", (event_id, station, by, at, received, topic_device))
-        if cur.rowcount and self.device_of(event_id) is None:
+                              "VALUES (?,?,?,?,?,?)", (ack.event_id, ack.station, ack.by, ack.at, received, topic_device))
+        if cur.rowcount and self.device_of(ack.event_id) is None:
             self._prune_orphan_acks(received)
-        return event_id if cur.rowcount else None
+        return ack.event_id if cur.rowcount else None
 
     def _prune_orphan_acks(self, now: float) -> int:
         """Acks without their flag: older than ``ORPHAN_ACK_KEEP_S``, or beyond the newest ``MAX_ORPHAN_ACKS``."""
@@ -483,39 +459,30 @@ class Worklist:
 
     def add_escalation(self, payload: dict, topic_device: str, received: float | None = None) -> Row:
         """Mark the flag escalated (highest count wins); add its row from the message when it is new here."""
-        if not isinstance(payload, dict):
-            raise BadMessage("an escalation must be a JSON object")
-        event_id = contract.event_id(payload)
-        level = contract.integer(payload, "escalation", 1, 1000)
-        top = contract.integer(payload, "max_escalations", 0, 1000, required=False)
-        at, _ = contract.when(payload, "at")
-        other = self.device_of(event_id)
+        esc = EscalationMessage.parse(payload, topic_device)
+        other = self.device_of(esc.event_id)
         if other is not None and other != topic_device:
-            raise BadMessage(f"escalation of {event_id}, a flag of device {other[:80]!r}")
+            raise BadMessage(f"escalation of {esc.event_id}, a flag of device {other[:80]!r}")
         if other is None:
-            flag = payload.get("flag")
-            if not isinstance(flag, dict) or flag.get("event_id") != event_id:
+            if esc.flag is None:
                 raise BadMessage("escalation of an unknown flag without that flag in 'flag'")
-            self.add_flag(flag, topic_device, received)
+            self.add_flag(esc.flag, topic_device, received)
         self.db.execute("UPDATE flags SET escalation = MAX(escalation, ?), max_escalations = ?, escalated_at = ? "
                         "WHERE event_id = ?",
-                        (level, top, at, event_id))
-        row = self.row(event_id)
+                        (esc.escalation, esc.max_escalations, esc.at, esc.event_id))
+        row = self.row(esc.event_id)
         assert row is not None
         return row
 
     def add_error(self, payload: dict, topic_device: str, received: float | None = None) -> ErrorRow | None:
-        if not isinstance(payload, dict):
-            raise BadMessage("an error must be a JSON object")
-        contract.when(payload, "at")  # a date, if there is one
-        err = ErrorRow(event_id=contract.event_id(payload), device=_device(payload, topic_device),
-                       **{k: contract.text(payload, k, required=False) for k in ("file", "reason", "message", "at")})
-        supersedes = contract.event_id(payload, "supersedes", required=False) or None
+        msg = ErrorMessage.parse(payload, topic_device)
+        err = ErrorRow(event_id=msg.event_id, device=msg.device, file=msg.file, reason=msg.reason,
+                       message=msg.message, at=msg.at)
         cur = self.db.execute(
             "INSERT OR IGNORE INTO errors (event_id, device, file, reason, message, at, received_epoch, supersedes) "
             "VALUES (?,?,?,?,?,?,?,?)",
             (err.event_id, err.device, err.file, err.reason, err.message, err.at,
-             time.time() if received is None else received, supersedes))
+             time.time() if received is None else received, msg.supersedes))
         return err if cur.rowcount else None
 
     def set_status(self, device: str, status: str, received: float | None = None) -> None:
@@ -542,8 +509,7 @@ class Worklist:
 
     def add_heatmap(self, event_id: str, topic_device: str, png: bytes, received: float | None = None) -> bool:
         """Store a heat map (checked by ``check_png``); False for a repeat delivery (the first copy stays)."""
-        if not EVENT_ID.match(event_id):
-            raise BadMessage(f"event id {event_id[:80]!r} is not of the form {EVENT_ID.pattern}")
+        contract.check_event_id(event_id, "heat map event id")  # from its topic
         check_png(png)
         received = time.time() if received is None else received
         cur = self.db.execute("INSERT OR IGNORE INTO heatmaps (event_id, device, png, received_epoch) "

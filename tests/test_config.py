@@ -22,7 +22,7 @@ def test_precedence_file_env_flags(tmp_path):
     assert cfg.mqtt.topic_prefix == "fromfile"  # file beats default
     assert cfg.mqtt.device_id == "flag"         # flag beats env
     assert cfg.watch.settle_seconds == 2.5
-    assert cfg.topic("flags", "urgent") == "fromfile/flag/flags/urgent"
+    assert cfg.topics.flag("urgent") == "fromfile/flag/flags/urgent"
     assert cfg.broker_host_port == ("env", 2)
 
 

@@ -1,20 +1,25 @@
-"""The message contract's bounded parser and field validators (device/contract.py), and the worklist's use of
-them: what a hostile publisher can send is refused with a reason, or stored bounded; what an older version
-stored that no longer validates is skipped. Real SQLite files, no mocks."""
+"""The MQTT contract (device/contract.py): its topics, built and parsed in one place and spelled nowhere else;
+its messages, which the receivers parse back to what the senders wrote; its bounded parser and field
+validators, and the worklist's use of them: what a hostile publisher can send is refused with a reason, or
+stored bounded; what an older version stored that no longer validates is skipped. Real SQLite files, no mocks."""
 from __future__ import annotations
 
+import ast
 import json
 import logging
+import re
 import sqlite3
 import uuid
+from pathlib import Path
 
 import pytest
 from pneumoflag.device import contract
-from pneumoflag.device.contract import MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_TEXT, ContractError
+from pneumoflag.device.contract import (ANY, MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_TEXT, PRIORITIES, TOPICS, AckMessage,
+                                        ContractError, ErrorMessage, EscalationMessage, FlagMessage, ModelRef,
+                                        ResendRequest, Timings, Topics, utc_iso)
 from pneumoflag.device.escalation import AckError, parse_ack
-from pneumoflag.device.messages import AckMessage
 from pneumoflag.station.service import AckRefused, clean_name
-from pneumoflag.station.worklist import MAX_ORPHAN_ACKS, BadMessage, Worklist, utc_iso
+from pneumoflag.station.worklist import MAX_ORPHAN_ACKS, BadMessage, Worklist
 
 T0 = 1_800_000_000.0
 
@@ -235,3 +240,172 @@ def test_stats_figures_out_of_range_are_left_out(wl):
     wl.set_stats("a", {"scored": {"urgent": 1e300, "routine": 1e300}, "errors": 2, "uptime_s": 1e300},
                  retained=False, received=T0)
     assert wl.devices(silent_after=30, now=T0)[0].stats == {"errors": 2}
+
+
+# ----------------------------------------------------------------------------- topics: one builder, one parser
+
+REPO = Path(__file__).resolve().parent.parent
+LEVELS = {level for level, _ in TOPICS.values()}
+#: a topic level of the contract inside a string that has a slash: "/errors", "flags/", "pneumoflag/+/acks"
+TOPIC_LITERAL = re.compile(r"(?:^|/)(?:" + "|".join(sorted(LEVELS)) + r")(?:/|$)")
+#: calls that take a topic: a bare level handed to one of them is a topic spelled by hand
+TOPIC_CALLS = {"topic", "publish", "subscribe", "unsubscribe", "will_set", "message_callback_add"}
+
+
+def every_topic(topics: Topics) -> dict[str, tuple[str, str | None]]:
+    """Each topic the contract builds -> (kind, its last level): a flag for each priority, placeholders else."""
+    out = {}
+    for kind, (_, takes) in TOPICS.items():
+        for arg in PRIORITIES if kind == "flag" else [f"{{{takes}}}" if takes else None]:
+            out[topics.build(kind, arg)] = (kind, arg)
+    return out
+
+
+@pytest.mark.parametrize("prefix, device", [("pneumoflag", "xray-1"), ("site.b", "room_2.dx"), ("p", ANY)])
+def test_every_topic_built_parses_back(prefix, device):
+    topics = Topics(prefix, device)
+    built = every_topic(topics)
+    assert len(built) == len(TOPICS) + len(PRIORITIES) - 1  # no two kinds share a topic
+    for topic, (kind, arg) in built.items():
+        assert topics.parse(topic) == (device, kind, arg)
+        assert Topics(prefix).parse(topic) == (device, kind, arg)  # a subscriber to every device reads it too
+        assert getattr(topics, kind)(*([] if arg is None else [arg])) == topic  # the named helper builds the same
+
+
+def test_a_topic_that_is_not_the_contracts_parses_to_none():
+    topics = Topics("pneumoflag", "xray-1")
+    for topic in ("other/xray-1/status", "pneumoflag/xray-2/status", "pneumoflag/xray-1/heatmaps",
+                  "pneumoflag/xray-1/status/x", "pneumoflag/xray-1/flags/urgent/x", "pneumoflag/xray-1/selftests",
+                  "pneumoflag/xray-1", "pneumoflag"):
+        assert topics.parse(topic) is None, topic
+    with pytest.raises(ValueError, match="takes one event_id"):
+        topics.build("heatmap")
+    with pytest.raises(ValueError, match="takes no level"):
+        topics.build("status", "x")
+    assert (Topics("p").filter("heatmap"), Topics("p").filter("ack"), Topics("p").tree()) == \
+        ("p/+/heatmaps/+", "p/+/acks", "p/+/#")
+
+
+def _strings(tree: ast.AST):
+    """(line, text) of every string but docstrings; an f-string whole, ``{}`` for each placeholder."""
+    skip = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            skip |= {id(v) for v in node.values}
+            yield node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            yield node.lineno, node.value
+
+
+def topic_literals(source: str) -> list[tuple[int, str]]:
+    """Strings (f-strings too; docstrings and file system paths not) that spell a topic level next to a slash,
+    and bare levels handed to a call that takes a topic."""
+    tree = ast.parse(source)
+    hits = [(line, s) for line, s in _strings(tree)
+            if "/" in s and TOPIC_LITERAL.search(s) and not re.match(r"/(proc|sys|dev|etc|tmp)/", s)]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in TOPIC_CALLS:
+            hits += [(a.lineno, a.value) for a in node.args if isinstance(a, ast.Constant) and a.value in LEVELS]
+    return hits
+
+
+def test_the_scan_finds_a_topic_spelled_by_hand():
+    source = ('def f(cfg, client, p, d):\n    """Publishes on {prefix}/{device}/errors."""\n'
+              '    cfg.topic("stats")\n    client.publish(f"{p}/{d}/errors", b"")\n'
+              '    client.subscribe(f"{p}/+/replay/{d}")\n    open(f"/proc/{d}/status")\n'
+              '    return "pneumoflag/+/flags/#", "errors", "a/b", p.endswith("/acks")\n')
+    assert {value for _, value in topic_literals(source)} == {"stats", "{}/{}/errors", "{}/+/replay/{}",
+                                                              "pneumoflag/+/flags/#", "/acks"}
+
+
+def test_topics_are_spelled_only_in_the_contract():
+    files = [p for folder in ("device", "station") for p in sorted((REPO / folder).glob("*.py"))
+             if p != REPO / "device" / "contract.py"]
+    assert len(files) > 30
+    offenders = [f"{p.relative_to(REPO)}:{line}: {value!r}" for p in files for line, value in topic_literals(p.read_text())]
+    assert offenders == []
+
+
+def test_the_readme_lists_every_topic_of_the_contract():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## MQTT contract"):]
+    section = section[:section.index("\n## ")]
+    listed = set()
+    for line in section.splitlines():
+        if line.startswith("| `{prefix}/"):
+            listed |= {t.replace("…/", "{prefix}/{device}/") for t in re.findall(r"`([^`]+)`", line.split("|")[1])}
+    assert listed == set(every_topic(Topics("{prefix}", "{device}")))
+
+
+# ----------------------------------------------------------------------------- messages: sent, then parsed back
+
+
+def sent_flag() -> FlagMessage:
+    """A flag as the daemon's pipeline makes it, every field filled."""
+    return FlagMessage(device="xray-1", file="2026/11/25/CR0001.dcm", sha256="9a" * 32, probability=0.99976321,
+                       priority="urgent", thresholds={"flag": 0.5, "urgent": None},
+                       model=ModelRef("pneumoflag-mobilenet", "3.0.0", "ab" * 32), accelerator="cpu",
+                       timings_ms=Timings(decode=12.345, infer=30.1, total=45.0), written_at=utc_iso(T0 - 60),
+                       seen_at=utc_iso(T0 - 59), supersedes=str(uuid.uuid4()), seq=7,
+                       dicom={"study_instance_uid": "1.2.3", "accession_number": "ACC-1"})
+
+
+def test_each_message_parses_back_to_what_was_sent():
+    flag_msg = sent_flag()
+    error = ErrorMessage(device="xray-1", file="a.jpeg", reason="truncated", message="cut short", sha256="0" * 64,
+                         duplicate_of=str(uuid.uuid4()), supersedes=str(uuid.uuid4()))
+    escalation = EscalationMessage(flag_msg.event_id, "xray-1", 2, 3, 600.0, flag_msg.to_dict())
+    for sent, parse in ((flag_msg, lambda d: FlagMessage.parse(d, "xray-1")),
+                        (error, lambda d: ErrorMessage.parse(d, "xray-1")),
+                        (escalation, lambda d: EscalationMessage.parse(d, "xray-1")),
+                        (AckMessage(flag_msg.event_id, "desk-a", "Ada"), AckMessage.parse),
+                        (ResendRequest("desk-a", 3, 9), ResendRequest.parse)):
+        wire = json.loads(contract.encode(sent.to_dict()))
+        assert parse(wire).to_dict() == wire, type(sent).__name__
+    parsed = FlagMessage.parse(json.loads(contract.encode(flag_msg.to_dict())))  # no topic: the message names it
+    assert parsed.device == "xray-1" and parsed.written_ts == T0 - 60 and parsed.dicom["accession_number"] == "ACC-1"
+
+
+def test_a_flag_without_the_descriptive_fields_is_still_a_flag():
+    parsed = FlagMessage.parse(flag(device=None, written_at=None), "xray-1")
+    assert (parsed.device, parsed.model, parsed.timings_ms, parsed.thresholds, parsed.written_ts) == \
+        ("xray-1", None, None, None, None)
+    for change, why in (({"model": {"name": "m"}}, "'version'"), ({"timings_ms": {"decode": -1}}, "decode"),
+                        ({"thresholds": {"flag": 2}}, "flag 2"), ({"thresholds": [0.5]}, "'thresholds'"),
+                        ({"seen_at": "soon"}, "ISO 8601"), ({"accession_number": 7}, "accession_number")):
+        with pytest.raises(ContractError, match=why):
+            FlagMessage.parse(flag(**change), "xray-1")
+    with pytest.raises(ContractError, match="'device' must be a non-empty string"):
+        FlagMessage.parse(flag(device=None))  # with no topic to name it, the message must
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"by": "   "}, "blank"), ({"by": 3}, "'by' must be"), ({"station": ""}, "'station' must be"),
+    ({"at": None}, "'at' must be"), ({"at": "yesterday"}, "ISO 8601"), ({"event_id": "a/b"}, "not an event id"),
+])
+def test_the_daemon_and_the_station_refuse_the_same_acks(wl, change, why):
+    ack = {**AckMessage(str(uuid.uuid4()), "desk-a", "Ada").to_dict(), **change}
+    with pytest.raises(AckError, match=why):
+        parse_ack(json.dumps(ack).encode())
+    with pytest.raises(BadMessage, match=why):
+        wl.add_ack(ack, "xray-1")
+
+
+def test_an_escalation_must_carry_its_own_flag_and_device():
+    f = flag()
+    with pytest.raises(ContractError, match="not the escalated flag"):
+        EscalationMessage.parse(EscalationMessage(str(uuid.uuid4()), "xray-1", 1, 3, 300.0, f).to_dict(), "xray-1")
+    with pytest.raises(ContractError, match="in its topic"):
+        EscalationMessage.parse(EscalationMessage(f["event_id"], "xray-1", 1, 3, 300.0, f).to_dict(), "xray-2")
+
+
+def test_the_station_reaches_the_device_only_through_the_contract_the_client_factory_and_the_config():
+    used = set()
+    for p in sorted((REPO / "station").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumoflag.device"):
+                whole = node.module == "pneumoflag.device"
+                used |= {f"{node.module}.{a.name}" if whole else node.module for a in node.names}
+            elif isinstance(node, ast.Import):
+                used |= {a.name for a in node.names if a.name.startswith("pneumoflag.device")}
+    assert used == {"pneumoflag.device.contract", "pneumoflag.device.mqtt_client", "pneumoflag.device.config"}

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 from mqtt_helpers import DaemonProc, Mosquitto, Subscriber, wait_until
-from pneumoflag.device.messages import FLAG_SCHEMA, AckMessage, MAX_RESEND, RESEND_SCHEMA, encode
+from pneumoflag.device.contract import FLAG_SCHEMA, MAX_RESEND, RESEND_SCHEMA, AckMessage, encode
 from pneumoflag.device.resend import ResendError, parse_resend
 from pneumoflag.device.store import FileSig, FlagRecord, Store
 from pneumoflag.station.worklist import Worklist

@@ -29,7 +29,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from mqtt_helpers import REPO, DaemonProc, Mosquitto, Subscriber, free_port, wait_until
-from pneumoflag.device.messages import ESCALATION_SCHEMA, EscalationMessage, encode
+from pneumoflag.device.contract import ESCALATION_SCHEMA, EscalationMessage, encode
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service

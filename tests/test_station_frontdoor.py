@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 import pytest
 from mqtt_helpers import Subscriber, wait_until
-from pneumoflag.device.messages import encode
+from pneumoflag.device.contract import encode
 from pneumoflag.station.security import AllowedHosts, QuietLog, Throttle, retry_after
 from pneumoflag.station.settings import split_host
 from selenium.webdriver.common.by import By

@@ -11,21 +11,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 import pytest
 from mqtt_helpers import free_port, wait_until
+from pneumoflag.device.contract import utc_now as now_iso
 from test_station import StationProc, new_browser, open_page, page_rows, request, wait_row
 
 pytestmark = pytest.mark.slow
 
 DEEP = b"[" * 50_000 + b"]" * 50_000
 WINDOW = 25  # more than Mosquitto's in-flight window (max_inflight_messages 20)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def flag(device: str, file: str, **extra) -> dict:

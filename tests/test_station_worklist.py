@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from pneumoflag.device.config import load_config
+from pneumoflag.device.contract import AckMessage, EscalationMessage, utc_iso
 from pneumoflag.device.escalation import AckError, parse_ack
-from pneumoflag.device.messages import AckMessage, EscalationMessage
 from pneumoflag.station.mqtt_link import classify
 from pneumoflag.station.security import SESSION_TTL_S, Guard
 from pneumoflag.station.settings import StationError, StationSettings, is_loopback
 from pneumoflag.station.worklist import (ACK_KEEP_S, MAX_HEATMAP_BYTES, MAX_ORPHANS, ORPHAN_KEEP_S, SCHEMA,
-                                        BadMessage, Worklist, utc_iso)
+                                        BadMessage, Worklist)
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000.0  # a fixed "now" for the tests
