@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 from . import __version__
 from .safe_text import EscapingFilter
+from .samples import SAMPLES_DIR
 from .vocab import ACCELERATORS, PRIORITIES
 
 log = logging.getLogger("pneumoflag")
@@ -328,7 +329,7 @@ def _cmd_report(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    default_images = Path(__file__).resolve().parent.parent / "tests" / "data" / "samples"
+    default_images = SAMPLES_DIR
     p = sub.add_parser(
         "bench",
         help="measure latency, throughput, memory and idle CPU (prints figures)",
