@@ -21,7 +21,6 @@ from ..device.preprocess import ImageDecodeError, PreprocessSpec, preprocess
 log = logging.getLogger(__name__)
 
 LABELS = ("NORMAL", "PNEUMONIA")  # index = class id; PNEUMONIA is the positive class
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 class DataError(Exception):
@@ -291,8 +290,3 @@ def file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def content_digests(paths: Iterable[Path]) -> list[str]:
-    """Sorted :func:`file_digest` of each file: which images a model was trained on, in no telling order."""
-    return sorted(file_digest(p) for p in paths)

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 from . import __version__
 from .config import EMBEDDED_BROKER, ExplainConfig, MqttConfig
 from .safe_text import EscapingFilter
+from .samples import SAMPLES_DIR
 from .vocab import ACCELERATORS, PRIORITIES
 
 log = logging.getLogger("pneumoflag")
@@ -339,7 +340,7 @@ def _cmd_report(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    default_images = Path(__file__).resolve().parent.parent / "tests" / "data" / "samples"
+    default_images = SAMPLES_DIR
     p = sub.add_parser(
         "bench",
         help="measure latency, throughput, memory and idle CPU (prints figures)",

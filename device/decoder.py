@@ -100,7 +100,6 @@ class DecodeWorker:
         self.tick = tick
         self._proc: Optional[subprocess.Popen] = None
         self._conn: Optional[Connection] = None
-        self.restarts = 0
 
     def start(self) -> None:
         parent, child = socket.socketpair()
@@ -166,7 +165,6 @@ class DecodeWorker:
             log.warning("decoder worker %d killed (%s); a new one starts for the next file", self._proc.pid, why)
             self._proc.kill()
         self._reap()
-        self.restarts += 1
 
     def _reap(self) -> Optional[int]:
         code = None

@@ -249,38 +249,57 @@ def read_dicom(
     """
     if name is None:
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    ds = _parse(source, name, _import_pydicom(name), max_bytes)
+    info = _header_info(ds, include_patient_identifiers)
+
+    # Refuse what the model was not trained on, cheapest checks first.
+    _require(info.modality, accept_modalities, "dicom-modality",
+             f"{name}: modality {info.modality} is not a radiograph")
+    _require(info.body_part, accept_body_parts, "dicom-body-part",
+             f"{name}: body part {info.body_part} is not accepted")
+    _plausible_radiograph(ds, accept_views, name)
+    frames = _check_single_grey_frame(ds, info.photometric, name)
+    rows, cols, bits = _check_raster_size(ds, frames, name, max_pixels, max_bytes)
+    _check_decodable(ds, name)
+    _check_pixel_data_size(ds, rows, cols, bits, name, max_bytes)
+
+    out = _decode_display(ds, info.photometric, name)
+    log.debug("%s: DICOM %s %s %dx%d %s", name, info.modality, info.body_part, cols, rows, info.photometric)
+    return out, info
+
+
+def _import_pydicom(name: str) -> Any:
+    """pydicom is an optional extra: its absence is a refusal of this file, not a crash of the daemon."""
     try:
         import pydicom
-        import pydicom.pixels
+        import pydicom.pixels  # the decoders and LUT functions _display_uint8 uses
     except ImportError:
         raise ImageDecodeError(
             "dicom-unavailable",
             f"{name}: DICOM support needs pydicom: pip install 'pneumoflag[dicom]'",
         ) from None
+    return pydicom
 
-    ds = _parse(source, name, pydicom, max_bytes)
 
-    modality = _text(ds, "Modality")
-    body_part = _text(ds, "BodyPartExamined")
-    photometric = _text(ds, "PhotometricInterpretation")
+def _header_info(ds: Any, include_patient_identifiers: bool) -> DicomInfo:
+    """The study's identifiers and what it shows; patient identifiers only when asked for."""
     info = DicomInfo(
         study_instance_uid=_text(ds, "StudyInstanceUID"),
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
         accession_number=_text(ds, "AccessionNumber"),
-        modality=modality,
-        body_part=body_part,
-        photometric=photometric,
+        modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"),
+        photometric=_text(ds, "PhotometricInterpretation"),
     )
     if include_patient_identifiers:
         info.patient_name = _text(ds, "PatientName")
         info.patient_id = _text(ds, "PatientID")
-
     info.acquired_at = acquisition_time(ds)
+    return info
 
-    # Refuse what the model was not trained on, cheapest checks first.
-    _require(modality, accept_modalities, "dicom-modality", f"{name}: modality {modality} is not a radiograph")
-    _require(body_part, accept_body_parts, "dicom-body-part", f"{name}: body part {body_part} is not accepted")
-    _plausible_radiograph(ds, accept_views, name)
+
+def _check_single_grey_frame(ds: Any, photometric: Optional[str], name: str) -> int:
+    """Pixel data of one greyscale frame, the only kind the model reads; returns the frame count (1)."""
     if "PixelData" not in ds:
         raise ImageDecodeError("dicom-no-pixels", f"{name}: DICOM file has no pixel data")
     frames = _int(ds, "NumberOfFrames", 1) or 1
@@ -300,8 +319,11 @@ def read_dicom(
             f"{name}: photometric interpretation {photometric} is not supported "
             "(only MONOCHROME1/2)",
         )
+    return frames
 
-    # The header's size is checked before any decompression allocates it.
+
+def _check_raster_size(ds: Any, frames: int, name: str, max_pixels: int, max_bytes: int) -> tuple[int, int, int]:
+    """The header's size, checked before any decompression allocates it: (rows, cols, bits allocated)."""
     rows, cols = _int(ds, "Rows", None), _int(ds, "Columns", None)
     if rows is None or cols is None or rows < 1 or cols < 1:
         raise ImageDecodeError(
@@ -321,9 +343,11 @@ def read_dicom(
     need = rows * cols * frames * (-(-bits // 8)) * 2 + rows * cols
     if need > max_bytes:
         raise too_large(name, f"{cols}x{rows} {bits}-bit DICOM", need, max_bytes)
-    _check_decodable(ds, name)
-    _check_pixel_data_size(ds, rows, cols, bits, name, max_bytes)
+    return rows, cols, bits
 
+
+def _decode_display(ds: Any, photometric: Optional[str], name: str) -> np.ndarray:
+    """Decode the checked pixel data to the 8-bit display image; pydicom's warnings go to the debug log."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -343,8 +367,7 @@ def read_dicom(
         out = _display_uint8(arr, ds, photometric == "MONOCHROME1", name)
     for w in caught:
         log.debug("%s: pydicom: %s", name, w.message)
-    log.debug("%s: DICOM %s %s %dx%d %s", name, modality, body_part, cols, rows, photometric)
-    return out, info
+    return out
 
 
 def _plausible_radiograph(ds: Any, accept_views: Sequence[str], name: str) -> None:

@@ -1,7 +1,9 @@
-"""The one preprocessing function: file or array -> the model's input tensor.
+"""The one preprocessing path: file or array -> the model's input tensor.
 
-Training, calibration, evaluation and the device all call :func:`preprocess`,
-so a radiograph becomes exactly the same tensor wherever it is scored.
+Training, calibration and evaluation call :func:`preprocess`; the device's
+decoder runs the same steps (:func:`decode_with_info`, :func:`resize`,
+:func:`finish`) with the plausibility gate between them, so a radiograph
+becomes exactly the same tensor wherever it is scored.
 
 Steps, in order:
   1. decode to grayscale (JPEG at 1/2..1/8 scale straight from the DCT, the

@@ -25,6 +25,7 @@ from .card import CardError, sha256_file
 from .config import Config
 from .pipeline import Pipeline, score_file
 from .preprocess import ImageDecodeError
+from .samples import SAMPLES_DIR
 from .runtime import RuntimeUnavailable, find_runtime, load_edgetpu_delegate
 from .scorer import Scorer, load_scorer
 
@@ -35,12 +36,8 @@ REFERENCE_NAME = "reference.json"
 
 
 def default_samples_dir() -> Path:
-    try:
-        from importlib.resources import files
-
-        return Path(str(files("pneumoflag.samples")))
-    except (ModuleNotFoundError, TypeError):
-        return Path(__file__).resolve().parent.parent / "tests" / "data" / "samples"
+    """The bundled sample set (package data of the device, so an installed appliance has it too)."""
+    return SAMPLES_DIR
 
 
 def _prob_distance(a: float, b: float) -> float:

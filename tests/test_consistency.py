@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from mqtt_helpers import REPO, SHIPPED_MODEL
+from pneumoflag.device.samples import SAMPLES_DIR
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -32,7 +33,7 @@ SHARED_FULLRES = REPO.parent / "shared" / "data" / "fullres"
 
 def fullres_images() -> list[Path]:
     """Every full-resolution radiograph at hand: the bundled samples, and the data set's scanner images."""
-    files = sorted((REPO / "tests" / "data" / "samples").rglob("*.jpeg"))
+    files = sorted(SAMPLES_DIR.rglob("*.jpeg"))
     files += sorted(SHARED_FULLRES.rglob("*.jpeg"))
     unique: dict[str, Path] = {}
     for f in files:  # a bundled sample may also be one of the scanner images: score it once

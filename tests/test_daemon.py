@@ -18,8 +18,9 @@ from pneumoflag.device.card import ModelCard
 from pneumoflag.device.config import load_config
 from pneumoflag.device.pipeline import Pipeline, score_file
 from pneumoflag.device.scorer import load_scorer
+from pneumoflag.device.samples import SAMPLES_DIR
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
+SAMPLES = SAMPLES_DIR
 SAMPLE_FILES = sorted(SAMPLES.rglob("*.jpeg"))
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from mqtt_helpers import Subscriber, drop, new_daemon, wait_until
+from pneumoflag.device.samples import SAMPLES_DIR
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
+SAMPLES = SAMPLES_DIR
 SAMPLE_FILES = sorted(SAMPLES.rglob("*.jpeg"))
 IN_USE = "is in use by another pneumoflag daemon"
 

@@ -18,8 +18,9 @@ from pneumoflag.device.broker import port_in_use
 from pneumoflag.device.card import ModelCard
 from pneumoflag.device.runtime import RuntimeUnavailable
 from pneumoflag.device import scorer as scorer_mod
+from pneumoflag.device.samples import SAMPLES_DIR
 
-SAMPLES = sorted((Path(__file__).resolve().parent / "data" / "samples").rglob("*.jpeg"))
+SAMPLES = sorted(SAMPLES_DIR.rglob("*.jpeg"))
 CLI = [sys.executable, "-m", "pneumoflag.device.cli"]
 
 

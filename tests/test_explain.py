@@ -23,10 +23,11 @@ from pneumoflag.device import explain as ex
 from pneumoflag.device.card import Thresholds
 from pneumoflag.device.preprocess import preprocess
 from pneumoflag.device.scorer import LoadReport, Scorer, load_scorer
+from pneumoflag.device.samples import SAMPLES_DIR
 
 SHIPPED = MODELS / "pneumoflag-rn128.tflite"
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy" / "pneumoflag-rn128.tflite"  # 1.0.0: sigmoid output
-SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
+SAMPLES = SAMPLES_DIR
 FILES = sorted(SAMPLES.rglob("*.jpeg"))
 PNEUMONIA = [f for f in FILES if f.parent.name == "PNEUMONIA"]
 

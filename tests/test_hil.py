@@ -8,7 +8,6 @@ separately: a skip is never a pass).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,9 @@ from pneumoflag.device.config import load_config
 from pneumoflag.device.pipeline import Pipeline, score_file
 from pneumoflag.device.runtime import RuntimeUnavailable
 from pneumoflag.device.scorer import load_scorer
+from pneumoflag.device.samples import SAMPLES_DIR
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
+SAMPLES = SAMPLES_DIR
 REFERENCE = json.loads((SAMPLES / "reference.json").read_text())
 
 pytestmark = pytest.mark.hil

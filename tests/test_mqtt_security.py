@@ -13,8 +13,9 @@ import pytest
 
 from mqtt_helpers import REPO, DaemonProc, Mosquitto, Subscriber, drop, new_daemon, wait_until
 from pneumoflag.device.config import REDACTED, ConfigError, load_config
+from pneumoflag.device.samples import SAMPLES_DIR
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
+SAMPLES = SAMPLES_DIR
 SAMPLE_FILES = sorted(SAMPLES.rglob("*.jpeg"))
 
 DAEMON_USER, DAEMON_PASSWORD = "nurse", "Xr4y-n1ght-sh1ft-7Qz"

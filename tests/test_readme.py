@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO
 from pneumoflag.device.broker import port_in_use
+from pneumoflag.device.samples import SAMPLES_DIR
 
 
 def readme_commands() -> list[str]:
@@ -44,7 +45,7 @@ def test_first_command_runs_the_demo_from_a_clean_clone(tmp_path):
                           timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    samples = len(list((REPO / "tests" / "data" / "samples").rglob("*.jpeg")))
+    samples = len(list(SAMPLES_DIR.rglob("*.jpeg")))
     assert f"{samples} of {samples} scored and delivered over MQTT" in out
     assert len([ln for ln in out.splitlines() if re.search(r"\b(URGENT|FLAG|ROUTINE)\b +p=", ln)]) == samples
     assert "not a diagnostic device" in out

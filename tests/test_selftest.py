@@ -7,8 +7,9 @@ from pathlib import Path
 
 from conftest import run_cli
 from mqtt_helpers import SHIPPED_MODEL, Mosquitto
+from pneumoflag.device.samples import SAMPLES_DIR
 
-SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
+SAMPLES = SAMPLES_DIR
 
 
 def _copy_model(tmp_path: Path) -> Path:

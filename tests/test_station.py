@@ -35,8 +35,9 @@ from selenium.common.exceptions import NoAlertPresentException, StaleElementRefe
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from pneumoflag.device.samples import SAMPLES_DIR
 
-SAMPLES = REPO / "tests" / "data" / "samples"
+SAMPLES = SAMPLES_DIR
 PNEUMONIA = sorted((SAMPLES / "PNEUMONIA").glob("*.jpeg"))
 NORMAL = sorted((SAMPLES / "NORMAL").glob("*.jpeg"))
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -15,6 +15,7 @@ from typing import Dict, List
 import pytest
 
 from pneumoflag.device.sdnotify import Notifier
+from pneumoflag.device.samples import SAMPLES_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "pneumoflag.service"
@@ -290,7 +291,7 @@ def test_the_daemon_works_when_every_syscall_the_unit_forbids_fails(tmp_path: Pa
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
     new_daemon(daemons, watch, state, broker.address, wrapper=wrapper).start()
-    samples = sorted((REPO / "tests" / "data" / "samples").rglob("*.jpeg"))[:3]
+    samples = sorted(SAMPLES_DIR.rglob("*.jpeg"))[:3]
     for f in samples:
         drop(f, watch)
     assert sorted(f["file"] for f in sub.wait_flags(3, timeout=60)) == sorted(p.name for p in samples)

@@ -33,8 +33,9 @@ from pneumoflag.device.config import load_config
 from pneumoflag.device.pipeline import Pipeline, score_file
 from pneumoflag.device.preprocess import preprocess
 from pneumoflag.device.scorer import load_scorer
+from pneumoflag.device.samples import SAMPLES_DIR
 
-SAMPLE = Path(__file__).resolve().parent / "data" / "samples" / "PNEUMONIA" / "person1112_bacteria_3053.jpeg"
+SAMPLE = SAMPLES_DIR / "PNEUMONIA" / "person1112_bacteria_3053.jpeg"
 #: --arch -> (keras.applications module, parameters of the Keras application without its top + Dense(1))
 ARCHS = {
     "vgg19": ("vgg19", 20_024_897),

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from mqtt_helpers import DaemonProc, Mosquitto, Subscriber, drop
 from test_notification import _publish_ack
+from pneumoflag.device.samples import SAMPLES_DIR
 
-SAMPLES = sorted((Path(__file__).resolve().parent / "data" / "samples").rglob("*.jpeg"))
+SAMPLES = sorted(SAMPLES_DIR.rglob("*.jpeg"))
 
 
 def main() -> None:

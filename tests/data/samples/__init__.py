@@ -1,1 +1,0 @@
-"""Sample radiographs and their reference probabilities for `pneumoflag selftest` (package data)."""
