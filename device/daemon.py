@@ -49,7 +49,7 @@ from .ingest import Ingest, IngestError, Ready
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
-from .reader import lstat_sig, read_export_file
+from .reader import file_sig, read_export_file
 from .resend import ResendDesk
 from .safe_text import path_text, printable
 from .scorer import load_scorer
@@ -255,7 +255,7 @@ class Daemon:
         self.ingest.enqueue_backlog(backlog)
 
     def _already_seen(self, path: Path) -> bool:
-        sig = self._sig(path)
+        sig = file_sig(path)
         try:
             return sig is not None and self.store.seen(self._rel(path), sig)
         except StoreError:
@@ -398,21 +398,13 @@ class Daemon:
         except ValueError:
             return path_text(path.name)
 
-    @staticmethod
-    def _sig(path: Path) -> Optional[FileSig]:
-        try:
-            st = path.stat()
-        except OSError:  # a link to nothing, a loop: judge the link itself
-            return lstat_sig(path)
-        return FileSig(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
     def _handle(self, item: Ready) -> None:
         """One file: read it safely, apply the journal's rules, score it, journal and queue the result."""
         t_start = time.perf_counter()
         path = item.path
         rel = self._rel(path)
         label = printable(rel)
-        sig = self._sig(path)
+        sig = file_sig(path)
         if sig is None:
             return  # gone before we got to it (moved away or deleted)
         try:

@@ -169,28 +169,27 @@ def _parse(source: DicomSource, name: str, pydicom: Any, max_bytes: int = DEFAUL
     """Read the whole dataset; anything pydicom cannot make sense of is dicom-invalid."""
     if isinstance(source, (bytes, bytearray)):
         if not source:
-            raise ImageDecodeError("empty-file", f"{name}: empty input (0 bytes)")
+            raise ImageDecodeError(Reason.EMPTY_FILE, f"{name}: empty input (0 bytes)")
         _check_inflated_size(source, name, max_bytes)
         fp: Any = io.BytesIO(source)
     else:
         path = Path(source)
         try:
             if path.stat().st_size == 0:
-                raise ImageDecodeError("empty-file", f"{name}: empty file (0 bytes)")
+                raise ImageDecodeError(Reason.EMPTY_FILE, f"{name}: empty file (0 bytes)")
         except FileNotFoundError:
-            raise ImageDecodeError("not-found", f"{name}: no such file") from None
+            raise ImageDecodeError(Reason.NOT_FOUND, f"{name}: no such file") from None
         except PermissionError:
-            raise ImageDecodeError("permission-denied", f"{name}: permission denied") from None
+            raise ImageDecodeError(Reason.PERMISSION_DENIED, f"{name}: permission denied") from None
         fp = path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(fp)
         except PermissionError:
-            raise ImageDecodeError("permission-denied", f"{name}: permission denied") from None
+            raise ImageDecodeError(Reason.PERMISSION_DENIED, f"{name}: permission denied") from None
         except Exception as exc:  # noqa: BLE001 - InvalidDicomError, EOFError, struct.error, ...
-            raise ImageDecodeError(
-                "dicom-invalid", f"{name}: not a readable DICOM file ({exc})"
+            raise ImageDecodeError(Reason.DICOM_INVALID, f"{name}: not a readable DICOM file ({exc})"
             ) from None
     for w in caught:
         log.debug("%s: pydicom: %s", name, w.message)
@@ -198,8 +197,7 @@ def _parse(source: DicomSource, name: str, pydicom: Any, max_bytes: int = DEFAUL
     # complaint; a real Part 10 file always names its transfer syntax.
     meta = getattr(ds, "file_meta", None)
     if meta is None or not _text(meta, "TransferSyntaxUID"):
-        raise ImageDecodeError(
-            "dicom-invalid",
+        raise ImageDecodeError(Reason.DICOM_INVALID,
             f"{name}: not a readable DICOM file (no file meta information / transfer syntax)",
         )
     return ds
@@ -214,13 +212,11 @@ def _check_decodable(ds: Any, name: str) -> None:
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
-        raise ImageDecodeError(
-            "dicom-unsupported", f"{name}: transfer syntax {label} is not supported"
+        raise ImageDecodeError(Reason.DICOM_UNSUPPORTED, f"{name}: transfer syntax {label} is not supported"
         ) from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "no decoder plugin"
-        raise ImageDecodeError(
-            "dicom-unsupported",
+        raise ImageDecodeError(Reason.DICOM_UNSUPPORTED,
             f"{name}: cannot decompress transfer syntax {label} (needs one of: {missing})",
         )
 
@@ -253,9 +249,9 @@ def read_dicom(
     info = _header_info(ds, include_patient_identifiers)
 
     # Refuse what the model was not trained on, cheapest checks first.
-    _require(info.modality, accept_modalities, "dicom-modality",
+    _require(info.modality, accept_modalities, Reason.DICOM_MODALITY,
              f"{name}: modality {info.modality} is not a radiograph")
-    _require(info.body_part, accept_body_parts, "dicom-body-part",
+    _require(info.body_part, accept_body_parts, Reason.DICOM_BODY_PART,
              f"{name}: body part {info.body_part} is not accepted")
     _plausible_radiograph(ds, accept_views, name)
     frames = _check_single_grey_frame(ds, info.photometric, name)
@@ -274,8 +270,7 @@ def _import_pydicom(name: str) -> Any:
         import pydicom
         import pydicom.pixels  # the decoders and LUT functions _display_uint8 uses
     except ImportError:
-        raise ImageDecodeError(
-            "dicom-unavailable",
+        raise ImageDecodeError(Reason.DICOM_UNAVAILABLE,
             f"{name}: DICOM support needs pydicom: pip install 'pneumoflag[dicom]'",
         ) from None
     return pydicom
@@ -301,21 +296,18 @@ def _header_info(ds: Any, include_patient_identifiers: bool) -> DicomInfo:
 def _check_single_grey_frame(ds: Any, photometric: Optional[str], name: str) -> int:
     """Pixel data of one greyscale frame, the only kind the model reads; returns the frame count (1)."""
     if "PixelData" not in ds:
-        raise ImageDecodeError("dicom-no-pixels", f"{name}: DICOM file has no pixel data")
+        raise ImageDecodeError(Reason.DICOM_NO_PIXELS, f"{name}: DICOM file has no pixel data")
     frames = _int(ds, "NumberOfFrames", 1) or 1
     if frames > 1:
-        raise ImageDecodeError(
-            "dicom-unsupported", f"{name}: multi-frame image ({frames} frames) is not supported"
+        raise ImageDecodeError(Reason.DICOM_UNSUPPORTED, f"{name}: multi-frame image ({frames} frames) is not supported"
         )
     samples = _int(ds, "SamplesPerPixel", 1)
     if samples != 1:
-        raise ImageDecodeError(
-            "dicom-unsupported",
+        raise ImageDecodeError(Reason.DICOM_UNSUPPORTED,
             f"{name}: colour image ({samples} samples per pixel) is not supported",
         )
     if photometric not in (None, "MONOCHROME1", "MONOCHROME2"):
-        raise ImageDecodeError(
-            "dicom-unsupported",
+        raise ImageDecodeError(Reason.DICOM_UNSUPPORTED,
             f"{name}: photometric interpretation {photometric} is not supported "
             "(only MONOCHROME1/2)",
         )
@@ -326,12 +318,10 @@ def _check_raster_size(ds: Any, frames: int, name: str, max_pixels: int, max_byt
     """The header's size, checked before any decompression allocates it: (rows, cols, bits allocated)."""
     rows, cols = _int(ds, "Rows", None), _int(ds, "Columns", None)
     if rows is None or cols is None or rows < 1 or cols < 1:
-        raise ImageDecodeError(
-            "dicom-invalid", f"{name}: not a readable DICOM file (missing or bad Rows/Columns)"
+        raise ImageDecodeError(Reason.DICOM_INVALID, f"{name}: not a readable DICOM file (missing or bad Rows/Columns)"
         )
     if rows * cols > max_pixels:
-        raise ImageDecodeError(
-            "decompression-bomb",
+        raise ImageDecodeError(Reason.DECOMPRESSION_BOMB,
             f"{name}: {cols}x{rows} = {rows * cols:,} pixels exceeds the limit of "
             f"{max_pixels:,} (possible decompression bomb)",
         )
@@ -353,16 +343,13 @@ def _decode_display(ds: Any, photometric: Optional[str], name: str) -> np.ndarra
         try:
             arr = ds.pixel_array
         except (NotImplementedError, RuntimeError) as exc:  # no usable decoder after all
-            raise ImageDecodeError(
-                "dicom-unsupported", f"{name}: cannot decode pixel data ({exc})"
+            raise ImageDecodeError(Reason.DICOM_UNSUPPORTED, f"{name}: cannot decode pixel data ({exc})"
             ) from None
         except Exception as exc:  # noqa: BLE001 - truncated data, inconsistent header, corrupt stream
-            raise ImageDecodeError(
-                "dicom-invalid", f"{name}: not a readable DICOM file ({exc})"
+            raise ImageDecodeError(Reason.DICOM_INVALID, f"{name}: not a readable DICOM file ({exc})"
             ) from None
         if arr.ndim != 2:
-            raise ImageDecodeError(
-                "dicom-unsupported", f"{name}: pixel array of shape {arr.shape} is not 2-D"
+            raise ImageDecodeError(Reason.DICOM_UNSUPPORTED, f"{name}: pixel array of shape {arr.shape} is not 2-D"
             )
         out = _display_uint8(arr, ds, photometric == "MONOCHROME1", name)
     for w in caught:
@@ -455,9 +442,9 @@ def _display_uint8(arr: np.ndarray, ds: Any, invert: bool, name: str) -> np.ndar
     try:
         shown = np.asarray(apply_voi_lut(apply_modality_lut(values, ds), ds), dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a bad LUT
-        raise ImageDecodeError("dicom-invalid", f"{name}: bad modality/VOI LUT or window ({exc})") from None
+        raise ImageDecodeError(Reason.DICOM_INVALID, f"{name}: bad modality/VOI LUT or window ({exc})") from None
     if not np.all(np.isfinite(shown)):
-        raise ImageDecodeError("dicom-invalid", f"{name}: pixel values are not finite")
+        raise ImageDecodeError(Reason.DICOM_INVALID, f"{name}: pixel values are not finite")
     s_lo, s_hi = float(shown.min()), float(shown.max())
     lut = (np.round((shown - s_lo) * 255.0 / (s_hi - s_lo)) if s_hi > s_lo else np.zeros_like(shown)).astype(np.uint8)
     if invert:

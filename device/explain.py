@@ -64,7 +64,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from .card import Thresholds
 from .config import ExplainConfig
 from .dicom import is_dicom
-from .preprocess import ImageDecodeError, PreprocessSpec, decode, prepare, preprocess
+from .preprocess import PreprocessSpec, decode, prepare, preprocess
+from .reader import read_file
 from .scorer import Scorer
 from .vocab import COLORMAPS
 
@@ -559,20 +560,6 @@ def explain_pixels(
     return Explanation(png, heat, priority, pixels)
 
 
-def _read(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError("not-found", f"{path}: no such file") from None
-    except PermissionError:
-        raise ImageDecodeError("permission-denied", f"{path}: permission denied") from None
-    except IsADirectoryError:
-        raise ImageDecodeError("not-a-file", f"{path}: is a folder") from None
-    if not data:
-        raise ImageDecodeError("empty-file", f"{path}: empty file (0 bytes)")
-    return data
-
-
 def explain_file(
     pipeline: "Pipeline",
     path: Union[str, Path],
@@ -588,7 +575,7 @@ def explain_file(
     overlay's size for a sharp picture; DICOM shows the model's input.
     """
     path = Path(path)
-    data = _read(path)
+    data = read_file(path)
     decoded = pipeline.decode(data, str(path))
     display = None
     if not is_dicom(data[:132]):

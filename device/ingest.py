@@ -30,7 +30,8 @@ from watchdog.events import (
 )
 
 from .config import WatchConfig
-from .store import UNSTATABLE, FileSig
+from .reader import file_sig
+from .store import FileSig
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +71,6 @@ def _folder_id(path: Path) -> Optional[tuple[int, int]]:
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
-
-
-def _sig(path: Path) -> Optional[FileSig]:
-    """Size and times of the file (of the link itself when it leads nowhere); None when gone."""
-    try:
-        st = path.stat()
-    except OSError:
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return UNSTATABLE
-    return FileSig.of(st)
 
 
 class _OverflowWatch(logging.Handler):
@@ -262,7 +249,7 @@ class Ingest(FileSystemEventHandler):
     def enqueue_backlog(self, paths: Sequence[Path]) -> None:
         now = time.time()
         for p in paths:
-            sig = _sig(p)
+            sig = file_sig(p)
             # recently modified files may still be being written: let them settle
             if sig and now - sig.mtime_ns / 1e9 < self.settle:
                 self._wait(p, sig)
@@ -288,7 +275,7 @@ class Ingest(FileSystemEventHandler):
 
     def retry_later(self, path: Path, delay: float) -> None:
         """The file failed to decode but may still be growing: look again later."""
-        self._wait(path, _sig(path), delay)
+        self._wait(path, file_sig(path), delay)
 
     def depth(self) -> int:
         with self._cond:
@@ -319,7 +306,7 @@ class Ingest(FileSystemEventHandler):
             if path not in self._sigs:
                 continue  # already promoted by a close/move event
             before = self._sigs[path]
-            after = _sig(path)
+            after = file_sig(path)
             if after is None:  # deleted meanwhile
                 self._sigs.pop(path, None)
             elif after == before:
@@ -374,7 +361,7 @@ class Ingest(FileSystemEventHandler):
         with self._cond:
             if p in self._sigs:  # already waiting: the settle check will see the change
                 return
-        self._wait(p, _sig(p))
+        self._wait(p, file_sig(p))
 
     @_never_raise
     def on_deleted(self, event: FileDeletedEvent) -> None:

@@ -1,7 +1,8 @@
 """Where a file becomes a flag: bytes -> decode/preprocess -> score -> prioritize -> message.
 
-Pure of I/O besides the model: the daemon feeds it bytes it has read (and
-hashed) once, and decides what to do with the message or the error.
+It reads no file itself (but :func:`score_file`, for the command line): the daemon feeds it bytes
+it has read and hashed once, and decides what to do with the message or the error. The decode runs
+in the decoder worker process when the daemon gives it one (``decoder``), else in this process.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .contract import FlagMessage, ModelRef, Timings, utc_iso
 from .decoder import Decoded, DecodeSettings, DecodeWorker, decode_bytes
 from .gate import GateLimits
 from .preprocess import ImageDecodeError
+from .reader import read_file
 from .scorer import Scorer
 from .vocab import Reason
 
@@ -88,15 +90,6 @@ class Pipeline:
 
 def score_file(pipeline: Pipeline, path: Path, root: Optional[Path] = None) -> FlagMessage:
     """Score one file from disk (``pneumoflag score``, self-test, benchmarks)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError("not-found", f"{path}: no such file") from None
-    except PermissionError:
-        raise ImageDecodeError("permission-denied", f"{path}: permission denied") from None
-    except IsADirectoryError:
-        raise ImageDecodeError("not-a-file", f"{path}: is a folder") from None
-    if not data:
-        raise ImageDecodeError("empty-file", f"{path}: empty file (0 bytes)")
+    data = read_file(path)
     rel = str(path.relative_to(root)) if root else path.name
     return pipeline.score(data, rel, sha256_bytes(data))

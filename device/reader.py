@@ -1,4 +1,6 @@
-"""Read one file from the export folder, never anything outside it.
+"""File access, one place: a file's signature, and reading it with a reason code when it cannot be read.
+
+Read one file from the export folder, never anything outside it.
 
 The export folder is written by another system, and a link in it can point
 anywhere (``shadow.jpeg -> /etc/shadow``). A file is read only when its real
@@ -31,19 +33,41 @@ def _inside(path: str, roots: Sequence[str]) -> bool:
     return any(os.path.commonpath([path, r]) == r for r in roots)
 
 
-def lstat_sig(path: Path) -> FileSig | None:
-    """The file's signature without following a link at the end; None when it is gone.
+def file_sig(path: Path) -> FileSig | None:
+    """The file's signature (of the link itself when it leads nowhere or loops); None when it is gone.
 
-    A file that is there but cannot be looked at (a path longer than PATH_MAX)
-    gets an impossible signature, so it is read (and refused with its reason)
-    instead of disappearing without a word.
+    The watcher, the journal's rules and the reader all judge a version of a
+    file by this one signature. A file that is there but cannot be looked at (a
+    path longer than PATH_MAX) gets an impossible signature, so it is read (and
+    refused with its reason) instead of disappearing without a word.
     """
+    try:
+        return FileSig.of(path.stat())
+    except OSError:
+        pass
     try:
         return FileSig.of(path.lstat())
     except FileNotFoundError:
         return None
     except OSError:
         return UNSTATABLE
+
+
+def read_file(path: Path) -> bytes:
+    """A file named on the command line (``score``, ``explain``, the self-test): its bytes, or
+    :class:`ImageDecodeError` with the reason it cannot be read. The export folder's files go through
+    :func:`read_export_file` instead, which also keeps links from leading outside it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError(Reason.NOT_FOUND, f"{path}: no such file") from None
+    except PermissionError:
+        raise ImageDecodeError(Reason.PERMISSION_DENIED, f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(Reason.NOT_A_FILE, f"{path}: is a folder") from None
+    if not data:
+        raise ImageDecodeError(Reason.EMPTY_FILE, f"{path}: empty file (0 bytes)")
+    return data
 
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),

@@ -180,3 +180,44 @@ def test_no_function_longer_than_80_lines():
     offenders = {k: v for k, v in found.items() if k not in KNOWN_LONG}
     assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(
         f"{k} ({v})" for k, v in sorted(offenders.items()))
+
+
+def _literal_reasons(tree: ast.AST) -> list[tuple[int, str]]:
+    """Reason codes written as text where an error is raised or recorded (not through ``Reason``)."""
+    from pneumoflag.device.vocab import REASONS
+
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        args = list(node.args[:1]) + [k.value for k in node.keywords if k.arg == "reason"]
+        for a in args:
+            if isinstance(a, ast.Constant) and a.value in REASONS:
+                found.append((node.lineno, a.value))
+    return found
+
+
+def test_reason_codes_are_passed_only_through_the_enum():
+    """A reason spelled as text is one the README test and a rename cannot see."""
+    offenders = []
+    for folder in ("device", "station", "convert"):
+        for f in sorted((REPO / folder).rglob("*.py")):
+            if f.name != "vocab.py":
+                offenders += [f"{f.relative_to(REPO)}:{n}: {v!r}" for n, v in _literal_reasons(ast.parse(f.read_text()))]
+    assert not offenders, "reason codes as text (use vocab.Reason):\n" + "\n".join(offenders)
+
+
+def test_the_reason_check_finds_a_literal():
+    tree = ast.parse('raise ImageDecodeError("corrupt", "x")\nrecord(p, reason="too-large")\nf(Reason.CORRUPT)')
+    assert _literal_reasons(tree) == [(1, "corrupt"), (2, "too-large")]
+
+
+def test_the_file_signature_exists_once():
+    """The watcher, the journal's rules and the reader judge a file by one signature function."""
+    defs = []
+    for folder in ("device", "station"):
+        for f in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") in ("sig", "file_sig", "lstat_sig"):
+                    defs.append(f"{f.relative_to(REPO)}:{node.name}")
+    assert defs == ["device/reader.py:file_sig"], defs
