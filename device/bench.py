@@ -37,7 +37,16 @@ from .selftest import sample_files
 log = logging.getLogger(__name__)
 
 TARGETS = {"e2e_p50_ms": 50.0, "burst_images_per_s": 40.0, "peak_rss_mb": 150.0, "idle_cpu_percent": 1.0,
-           "speedup_vs_source": 10.0}
+           "speedup_vs_source": 10.0, "burst_x_compute": 1.3, "e2e_over_compute": 1.6}
+
+
+def machine_ratios(compute_p50_ms: float, daemon: dict) -> dict:
+    """How close the daemon comes to the machine, in one run: the burst rate times the compute p50
+    (read + decode + preprocess + infer; above 1 means more than one core's worth of compute), and the
+    end-to-end p50 over the compute p50 (what the journal, the hand-offs and MQTT add)."""
+    return {"burst_x_compute": round(daemon["burst"]["images_per_s"] * compute_p50_ms / 1000.0, 2),
+            "e2e_over_compute": round(daemon["e2e_ms"]["p50"] / compute_p50_ms, 2),
+            "compute_p50_ms": compute_p50_ms}
 
 
 def _pct(values, q) -> float:
@@ -375,6 +384,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             log.info("daemon: %d single drops, burst of %d, %g s idle...",
                      cfg.e2e_rounds * len(files), cfg.burst, cfg.idle_seconds)
             res["daemon"] = bench_daemon(cfg, files, broker.address, work)
+            res["ratios"] = machine_ratios(res["stages"]["score_ms"]["p50"], res["daemon"])
             if cfg.explain:
                 log.info("daemon with heat maps on: %d single drops...", cfg.e2e_rounds * len(files))
                 res["daemon_explain"] = bench_daemon(cfg, files, broker.address, work / "explain", explain=True)
@@ -419,6 +429,10 @@ def format_report(r: dict) -> str:
         lines.append(f"{'end-to-end p50 / p95 with heat maps on':<40}{x['p50']:>10.1f} / {x['p95']:.1f} ms")
     row(f"burst of {d['burst']['files']} files", d["burst"]["images_per_s"], TARGETS["burst_images_per_s"], "/s",
         lower_is_better=False)
+    q = r["ratios"]
+    row("burst x compute p50 (cores' worth)", q["burst_x_compute"], TARGETS["burst_x_compute"], "x",
+        lower_is_better=False)
+    row("end-to-end p50 / compute p50", q["e2e_over_compute"], TARGETS["e2e_over_compute"], "x")
     row("daemon + decoder peak RSS", d["peak_rss_mb"], TARGETS["peak_rss_mb"], "MB")
     row(f"daemon idle CPU over {d['idle_seconds']:g} s", d["idle_cpu_percent"], TARGETS["idle_cpu_percent"], "%")
     if "speedup" in src:

@@ -278,23 +278,34 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def _write(self, fn):
+    def _write(self, fn, durable: bool = True):
+        """One write transaction; ``durable=False`` commits it without an fsync. The level is set and
+        restored under the same lock as the write, so another thread's durable write never runs at it."""
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
                 try:
-                    out = fn(self._db)
-                    self._db.execute("COMMIT")
-                    return out
-                except BaseException:
-                    if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
-                        try:
-                            self._db.execute("ROLLBACK")
-                        except sqlite3.Error:
-                            log.debug("rollback after a failed write also failed", exc_info=True)
-                    raise
+                    return self._transaction(fn)
+                finally:
+                    if not durable:
+                        self._db.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
+
+    def _transaction(self, fn):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(self._db)
+            self._db.execute("COMMIT")
+            return out
+        except BaseException:
+            if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.debug("rollback after a failed write also failed", exc_info=True)
+            raise
 
     # ------------------------------------------------------------------ journal
     def seen(self, path: str, sig: FileSig) -> bool:
@@ -383,18 +394,7 @@ class Store:
                        (path, sha256, before + 1, time.time()))
             return before
 
-        self._synchronous("NORMAL")
-        try:
-            return self._write(tx)
-        finally:
-            self._synchronous("FULL")
-
-    def _synchronous(self, level: str) -> None:
-        with self._lock:
-            try:
-                self._db.execute(f"PRAGMA synchronous={level}")
-            except sqlite3.Error:  # the write that follows reports a broken database
-                log.debug("PRAGMA synchronous=%s failed", level, exc_info=True)
+        return self._write(tx, durable=False)
 
     def end(self, path: str) -> None:
         """The file's processing ended without a result (it is retried later): no longer in progress."""
@@ -414,7 +414,10 @@ class Store:
     def ack(self, seqs: list[int]) -> None:
         """The broker acknowledged them: only now do they leave the outbox (one transaction).
 
-        A flag's delivery time is noted at the same moment (the first PUBACK counts).
+        A flag's delivery time is noted at the same moment (the first PUBACK counts). Written without
+        an fsync, like :meth:`begin`: a deletion that a power cut undoes only sends the message once
+        more, which at-least-once delivery allows and the stations drop by ``event_id``; the fsync
+        each result's journaling pays stays.
         """
         now = time.time()
 
@@ -424,7 +427,7 @@ class Store:
                 "(SELECT event_id FROM outbox WHERE seq=?)", [(now, s) for s in seqs])
             db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in seqs])
 
-        self._write(tx)
+        self._write(tx, durable=False)
 
     # ------------------------------------------------------------------ acknowledgements and escalation
     def record_acks(self, acks: list[dict[str, str]]) -> list[tuple[bool, bool]]:

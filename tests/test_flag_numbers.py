@@ -48,6 +48,46 @@ def test_the_store_numbers_flags_without_gaps_in_the_message_it_queues(tmp_path)
     assert all("acked" not in json.loads(p) for _, p in store.flags_between(1, 4))
 
 
+def test_only_the_in_progress_mark_and_the_outbox_deletion_skip_the_fsync(tmp_path):
+    """A result is fsync'd before it is published; the two writes that may be lost to a power cut (a
+    resend, a retried decode) skip it, each at its own level under the store's lock, so a result
+    journaled meanwhile by another thread never commits at theirs."""
+    import threading
+
+    store = Store(tmp_path)
+    levels: list[tuple[str, int]] = []
+    real = store._transaction
+
+    def traced(fn):
+        levels.append((fn.__qualname__.split(".")[1], store._db.execute("PRAGMA synchronous").fetchone()[0]))
+        return real(fn)
+
+    store._transaction = traced
+    stop = threading.Event()
+
+    def acks():
+        while not stop.is_set():
+            _flag(store, f"a{len(levels)}-{time.monotonic_ns()}.jpeg")
+            store.ack([r.seq for r in store.pending()])
+
+    t = threading.Thread(target=acks)
+    t.start()
+    try:
+        for i in range(200):
+            store.begin(f"b{i}.jpeg", "x")
+            _flag(store, f"b{i}.jpeg")
+    finally:
+        stop.set()
+        t.join()
+    FULL, NORMAL = 2, 1
+    by = {}
+    for what, level in levels:
+        by.setdefault(what, set()).add(level)
+    assert by["record"] == {FULL} and by["begin"] == {NORMAL} and by["ack"] == {NORMAL}, by
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == FULL
+    store.close()
+
+
 @pytest.mark.parametrize("raw, why", [
     (b"x" * 2000, "over the 1024 byte limit"), (b"[" * 60 + b"]" * 60, "nested deeper"), (b"[]", "not a JSON object"),
     (json.dumps({"schema": RESEND_SCHEMA, "station": "a/b", "first": 1, "last": 2}).encode(), "station"),
