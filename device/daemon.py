@@ -38,18 +38,20 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 
 from . import __version__
 from .card import CardError
 from .config import EMBEDDED_BROKER, Config
-from .contract import ErrorMessage, encode, utc_iso
+from .contract import ErrorMessage, FlagMessage, encode, utc_iso
 from .decoder import DecoderUnavailable, DecodeWorker
 from .escalation import AckDesk
 from .ingest import Ingest, IngestError, Ready
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
-from .reader import file_sig, read_export_file
+from .reader import FileRead, file_sig, read_export_file
 from .resend import ResendDesk
 from .safe_text import path_text, printable
 from .scorer import load_scorer
@@ -470,6 +472,12 @@ class Daemon:
             self._finish_error(path, rel, sha, fr.sig, Reason.INTERNAL_ERROR, f"{rel}: {type(exc).__name__}: {exc}",
                                prev=prev)
             return
+        self._flagged(item, rel, sha, fr, msg, decoded.pixels, supersedes, t_start)
+
+    def _flagged(self, item: Ready, rel: str, sha: str, fr: FileRead, msg: FlagMessage, pixels: np.ndarray,
+                 supersedes: Optional[str], t_start: float) -> None:
+        """A scored file: finish its message, journal and queue it (one transaction), then the heat map."""
+        path = item.path
         written = msg.written_ts if msg.written_ts is not None else fr.sig.mtime_ns / 1e9
         msg.written_at = utc_iso(written)
         msg.seen_at = utc_iso(item.seen_at)
@@ -481,12 +489,12 @@ class Daemon:
             return
         self._arriving.pop(rel, None)
         if self.heatmaps is not None and msg.priority != Priority.ROUTINE:
-            self.heatmaps.submit(msg.event_id, rel, fr.data, decoded.pixels)  # the flag is queued already
+            self.heatmaps.submit(msg.event_id, rel, fr.data, pixels)  # the flag is queued already
         self.processed += 1
         self.stats.by_priority[msg.priority] += 1
         self.stats.latencies.append((time.perf_counter() - t_start) * 1000.0)
-        log.info("%s: %s (p=%.4f, %.1f ms)%s", label, msg.priority.upper(), msg.probability, msg.timings_ms.total,
-                 f", supersedes {supersedes}" if supersedes else "")
+        log.info("%s: %s (p=%.4f, %.1f ms)%s", printable(rel), msg.priority.upper(), msg.probability,
+                 msg.timings_ms.total, f", supersedes {supersedes}" if supersedes else "")
         self._archive(path, rel)
 
     def _not_in_progress(self, rel: str) -> None:
