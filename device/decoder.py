@@ -8,7 +8,8 @@ ended by killing the worker, the file is refused as ``too-slow`` and a new worke
 is started for the next file. A worker that dies on a file refuses that file as
 ``crashed-decoder``. While it waits, the caller's ``tick`` runs about twice a
 second, so the daemon's watchdog pings go on: the wait is bounded, the loop is
-alive.
+alive. :meth:`DecodeWorker.submit` returns at once, so the daemon infers one file
+while the worker decodes the next (both cores busy in a burst).
 
 The worker is ``python -m pneumoflag.device.decoder FD``: it imports only the
 decoding modules, gets its settings as the first message on the socket ``FD``
@@ -100,6 +101,7 @@ class DecodeWorker:
         self.tick = tick
         self._proc: Optional[subprocess.Popen] = None
         self._conn: Optional[Connection] = None
+        self._pending: Optional[tuple[str, float]] = None  # (name, deadline) of the file in the worker
 
     def start(self) -> None:
         parent, child = socket.socketpair()
@@ -129,16 +131,37 @@ class DecodeWorker:
 
     def decode(self, data: bytes, name: str) -> Decoded:
         """Raises :class:`ImageDecodeError`: the decode's own reason, ``too-slow`` or ``crashed-decoder``."""
-        scan_header(data, name)  # a header flood is refused here, before a copy of it goes to the worker
+        self.submit(data, name)
+        return self.collect()
+
+    def submit(self, data: bytes, name: str) -> None:
+        """Hand the worker one file and return at once: the caller infers the previous one meanwhile.
+
+        One file at a time: :meth:`collect` its result before the next ``submit``. Raises
+        :class:`ImageDecodeError` for a header flood (refused here, before a copy goes to the worker) and
+        :class:`DecoderUnavailable` when no worker can be started.
+        """
+        assert self._pending is None, "collect() the file in the worker first"
+        scan_header(data, name)
         if not self.alive():
             self._reap()
             self.start()
+        assert self._conn is not None
+        try:
+            self._conn.send_bytes(name.encode("utf-8", "surrogateescape"))
+            self._conn.send_bytes(data)
+        except OSError:
+            pass  # the worker died: collect() says so, as for a death during the decode
+        self._pending = (name, time.monotonic() + self.max_seconds)
+
+    def collect(self) -> Decoded:
+        """The submitted file's decode, within ``max_seconds`` of its submission (the tick runs meanwhile)."""
+        assert self._pending is not None, "nothing submitted"
+        name, deadline = self._pending
+        self._pending = None
         conn = self._conn
         assert conn is not None
         try:
-            conn.send_bytes(name.encode("utf-8", "surrogateescape"))
-            conn.send_bytes(data)
-            deadline = time.monotonic() + self.max_seconds
             while not conn.poll(max(0.0, min(TICK_SECONDS, deadline - time.monotonic()))):
                 self.tick()
                 if time.monotonic() >= deadline:

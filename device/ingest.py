@@ -95,8 +95,16 @@ class Ingest(FileSystemEventHandler):
         settle_seconds: float = WatchConfig().settle_seconds,
         ignore: Sequence[str] = tuple(WatchConfig().ignore),
         exclude: Sequence[Path] = (),
+        rescan_interval: float = WatchConfig().rescan_interval,
     ):
         self.root = Path(root)
+        self.rescan_interval = rescan_interval
+        #: the journal already holds this version (set by the daemon once its store is open)
+        self.seen: Callable[[Path], bool] = lambda path: False
+        #: the export folder as last reported: ok, missing, link (published in stats)
+        self.health = "ok"
+        self._watch_restarts: list[float] = []
+        self._next_rescan = time.monotonic() + rescan_interval
         self.recursive = recursive
         self.polling = polling
         self.poll_interval = poll_interval
@@ -182,6 +190,69 @@ class Ingest(FileSystemEventHandler):
         """Watch the folder now at ``root`` (after it was replaced)."""
         self._stop_observer()
         self.start()
+
+    # ------------------------------------------------------------------ the folder's health
+    def enqueue_unseen(self, why: str) -> None:
+        """Queue what the folder holds and the journal does not (oldest first)."""
+        backlog = [p for p in self.backlog() if not self.seen(p)]
+        if backlog:
+            log.info("backlog: %d files %s (oldest first)", len(backlog), why)
+        self.enqueue_backlog(backlog)
+
+    def check_health(self) -> bool:
+        """Called every few seconds: follow a folder that went, came back or was replaced, scan again when
+        events were lost. False when the watcher keeps stopping (the daemon exits 1)."""
+        state = self.folder_state()
+        if state != self.health:
+            if state == "missing":
+                log.error("export folder %s is gone: waiting for it to come back (no file is seen meanwhile)",
+                          self.root)
+            elif state == "link":
+                log.error("export folder %s was replaced by a link to %s: not followed; waiting for the folder "
+                          "to come back (no file is seen meanwhile)", self.root, os.path.realpath(self.root))
+            self.health = state
+        if state in ("missing", "link"):
+            return True
+        if state == "ok" and not self.alive():
+            # inotify ends its watch when the folder is deleted; a folder made again may even get
+            # the same inode number. Watch it again, unless that keeps failing.
+            now = time.monotonic()
+            self._watch_restarts = [t for t in self._watch_restarts if now - t < 60] + [now]
+            if len(self._watch_restarts) > 5:
+                log.critical("the folder watcher keeps stopping; exiting with status 1 so the service manager "
+                             "restarts pneumoflag")
+                return False
+            log.warning("the folder watcher stopped (export folder %s removed and made again?): watching it again",
+                        self.root)
+            state = "replaced"
+        if state == "replaced":
+            self._follow_replaced()
+            return True
+        self._rescan_when_due()
+        return True
+
+    def _follow_replaced(self) -> None:
+        log.warning("export folder %s was replaced (removed and made again, or another folder moved in): "
+                    "watching the new one", self.root)
+        try:
+            self.restart()
+        except IngestError as exc:
+            log.error("cannot watch the new export folder: %s", exc)
+            return
+        self.health = "ok"
+        self.enqueue_unseen("in the new export folder")
+
+    def _rescan_when_due(self) -> None:
+        now = time.monotonic()
+        if self.rescan_wanted.is_set():
+            self.rescan_wanted.clear()
+            log.warning("file events were lost (inotify queue overflow, or a folder made readable again): scanning "
+                        "the export folder for what was missed")
+            self.enqueue_unseen("missed while events were lost")
+            self._next_rescan = now + self.rescan_interval
+        elif self.rescan_interval and now >= self._next_rescan:
+            self._next_rescan = now + self.rescan_interval
+            self.enqueue_unseen("not seen by the watcher (periodic rescan)")
 
     def ignored(self, path: Path) -> bool:
         """Temporary names, files outside the folder or in skipped subfolders, and the archive.

@@ -43,6 +43,7 @@ class Pipeline:
                                        int(cfg.watch.max_decode_mb * 2**20), self.dicom_options())
         #: set by the daemon: decode in a reused worker process with a deadline
         self.decoder: Optional[DecodeWorker] = None
+        self._local: Optional[tuple[bytes, str]] = None  # submitted, without a worker
 
     def dicom_options(self) -> dict:
         """What ``read_dicom`` takes from the configuration (shared with the heat-map worker)."""
@@ -55,37 +56,63 @@ class Pipeline:
     def decode(self, data: bytes, name: str) -> Decoded:
         """Bytes -> the model's input (:func:`~.decoder.decode_bytes`): in the worker process, with its
         deadline, when the daemon gave the pipeline one (``decoder``), else here."""
+        self.submit(data, name)
+        return self.collect()
+
+    def submit(self, data: bytes, name: str) -> None:
+        """Start decoding one file; :meth:`collect` gives its result. With a worker the call returns at
+        once, so the caller can infer the previous file meanwhile."""
         if self.decoder is not None:
-            return self.decoder.decode(data, name)
+            self.decoder.submit(data, name)
+        else:
+            self._local = (data, name)
+
+    def collect(self) -> Decoded:
+        if self.decoder is not None:
+            return self.decoder.collect()
+        data, name = self._local
+        self._local = None
         return decode_bytes(data, name, self.settings)
 
-    def score(self, data: bytes, rel_path: str, sha256: str) -> FlagMessage:
-        """Raises :class:`ImageDecodeError` for input that cannot be scored."""
-        return self.score_decoded(data, rel_path, sha256)[0]
-
-    def score_decoded(self, data: bytes, rel_path: str, sha256: str) -> tuple[FlagMessage, Decoded]:
-        """The flag, and the model's input it was scored on (the heat map reuses it)."""
+    def infer(self, d: Decoded, rel_path: str) -> tuple[float, float]:
+        """(probability, inference ms). Raises :class:`ImageDecodeError` for a non-finite output."""
         t0 = time.perf_counter()
-        d = self.decode(data, rel_path)
-        t1 = time.perf_counter()
         p = self.scorer.score(d.pixels)
-        t2 = time.perf_counter()
+        infer_ms = (time.perf_counter() - t0) * 1000.0
         if not np.isfinite(p):
             raise ImageDecodeError(Reason.MODEL_OUTPUT, f"{rel_path}: the model returned {p}")
+        return float(p), infer_ms
+
+    def message(self, d: Decoded, p: float, infer_ms: float, total_ms: float, rel_path: str, sha256: str,
+                file_mtime: Optional[float] = None, seen_at: Optional[float] = None,
+                supersedes: Optional[str] = None) -> FlagMessage:
+        """The flag, whole: the one place a :class:`FlagMessage` is made. ``written_at`` is the DICOM
+        acquisition time, else the file's modification time."""
+        written = d.acquired_at if d.acquired_at is not None else file_mtime
         return FlagMessage(
             device=self.cfg.mqtt.device_id,
             file=rel_path,
             sha256=sha256,
-            probability=float(p),
+            probability=p,
             priority=self.card.thresholds.priority(p),
             thresholds=self.card.thresholds.as_dict(),
             model=self.model_ref,
             accelerator=self.scorer.report.accelerator,
-            timings_ms=Timings(decode=d.decode_ms, infer=(t2 - t1) * 1000.0, total=(t2 - t0) * 1000.0),
+            timings_ms=Timings(decode=d.decode_ms, infer=infer_ms, total=total_ms),
             dicom=d.dicom_ids,
-            written_at=utc_iso(d.acquired_at) if d.acquired_at is not None else None,
-            written_ts=d.acquired_at,
-        ), d
+            written_at=utc_iso(written) if written is not None else None,
+            written_ts=written,
+            seen_at=utc_iso(seen_at) if seen_at is not None else None,
+            supersedes=supersedes,
+        )
+
+    def score(self, data: bytes, rel_path: str, sha256: str) -> FlagMessage:
+        """One file, start to end (the command line). Raises :class:`ImageDecodeError` for input that
+        cannot be scored."""
+        t0 = time.perf_counter()
+        d = self.decode(data, rel_path)
+        p, infer_ms = self.infer(d, rel_path)
+        return self.message(d, p, infer_ms, (time.perf_counter() - t0) * 1000.0, rel_path, sha256)
 
 
 def score_file(pipeline: Pipeline, path: Path, root: Optional[Path] = None) -> FlagMessage:

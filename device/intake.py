@@ -1,0 +1,311 @@
+"""Intake: the journal's rules for one file, between the watcher and the pipeline, and its end.
+
+A file the watcher hands over goes through :meth:`Intake.admit` (read safely; already seen, unchanged,
+a duplicate of other content?), :meth:`Intake.start` (the in-progress mark that catches a file the
+daemon keeps dying on), the pipeline, and ends in exactly one of :meth:`Intake.scored` (the flag,
+finished and journaled with its outbox message in one transaction), :meth:`Intake.failed` (an error
+message, or "still being written: look again later") or :meth:`Intake.abandon` (not the file's fault:
+it is scored after a restart). Every outcome is journaled here and nowhere else.
+
+A state database that cannot be written keeps the file for later (``disk full``: retried with
+backoff, said once per episode) or sets :attr:`Intake.fatal` (read-only or corrupt: the daemon exits 1).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import Config
+from .contract import ErrorMessage, encode
+from .decoder import Decoded
+from .ingest import Ingest, Ready
+from .pipeline import Pipeline, sha256_bytes
+from .preprocess import ImageDecodeError
+from .publisher import Publisher
+from .reader import FileRead, file_sig, read_export_file
+from .safe_text import path_text, printable
+from .stats import Stats
+from .store import FileSig, FlagRecord, JournalRow, Store, StoreError
+from .vocab import Priority, Reason
+
+log = logging.getLogger(__name__)
+
+#: decode failures that a file still being written produces
+INCOMPLETE_REASONS = {Reason.TRUNCATED, Reason.CORRUPT, Reason.EMPTY_FILE, Reason.UNSUPPORTED_FORMAT,
+                      Reason.DICOM_INVALID, Reason.UNREADABLE, Reason.DICOM_NO_PIXELS}
+#: a file whose decoding or scoring was under way this many times when the daemon died is refused
+MAX_INTERRUPTED = 2
+
+
+@dataclass
+class Job:
+    """A file admitted for scoring: read once, hashed once."""
+
+    item: Ready
+    rel: str  # relative to the export folder, safe UTF-8 text: the journal key and the message's file
+    label: str  # printable, for logs
+    read: FileRead
+    sha: str
+    prev: Optional[JournalRow]  # the last result for this path, which a new one supersedes
+    t_start: float  # perf_counter when intake took it
+
+    @property
+    def path(self) -> Path:
+        return self.item.path
+
+    @property
+    def supersedes(self) -> Optional[str]:
+        return self.prev.event_id if self.prev is not None else None
+
+    def depends_on(self, other: "Job") -> bool:
+        """Its rules read the other's result: the same path (supersede, seen) or the same bytes (duplicate)."""
+        return self.rel == other.rel or self.sha == other.sha
+
+
+class Intake:
+    def __init__(self, cfg: Config, root: Path, store: Store, publisher: Publisher, ingest: Ingest,
+                 pipeline: Pipeline, stats: Stats, heatmaps=None):
+        self.cfg = cfg
+        self.root = root
+        self.store = store
+        self.publisher = publisher
+        self.ingest = ingest
+        self.pipeline = pipeline
+        self.stats = stats
+        self.heatmaps = heatmaps
+        self.processed = 0  # files that ended in a flag or an error
+        #: set when the state database can no longer be written or is corrupt: the daemon exits 1
+        self.fatal: Optional[str] = None
+        self.disk_full_since: Optional[float] = None
+        self._backoff = 5.0
+        self._arriving: dict[str, tuple[FileSig, float]] = {}  # rel -> (sig, monotonic time it last changed)
+        self._roots = [root] + ([Path(cfg.watch.archive_dir)] if cfg.watch.archive_dir else [])
+
+    def rel(self, path: Path) -> str:
+        try:
+            return path_text(path.relative_to(self.root))
+        except ValueError:
+            return path_text(path.name)
+
+    def already_seen(self, path: Path) -> bool:
+        """This version of the file is in the journal (the backlog scan skips it)."""
+        sig = file_sig(path)
+        try:
+            return sig is not None and self.store.seen(self.rel(path), sig)
+        except StoreError:
+            return False
+
+    # ------------------------------------------------------------------ before the pipeline
+    def admit(self, item: Ready) -> Optional[Job]:
+        """The file to score, or None when the journal's rules settled it (or it is kept for later)."""
+        t_start = time.perf_counter()
+        path, rel = item.path, self.rel(item.path)
+        sig = file_sig(path)
+        if sig is None:
+            return None  # gone before we got to it (moved away or deleted)
+        try:
+            if self.store.seen(rel, sig):
+                return None  # this version was already processed (restart, repeated event)
+            prev = self.store.last_for_path(rel)
+        except StoreError as exc:
+            return self._store_failed(path, exc)
+        if prev is not None and prev.status != "error" and (prev.size, prev.mtime_ns) == (sig.size, sig.mtime_ns):
+            # a scored file whose size and modification time are as they were: only its attributes changed
+            # (chmod, chown); it is not read again, so a chmod 000 cannot turn it into an error
+            self._record(path, rel, prev.sha256, sig, "unchanged", event_id=prev.event_id)
+            return None
+        label = printable(rel)
+        try:
+            fr = read_export_file(path, self._roots, int(self.cfg.watch.max_file_mb * 1024 * 1024), label)
+        except ImageDecodeError as exc:
+            if exc.reason != Reason.NOT_FOUND:
+                self._error(path, rel, None, sig, exc.reason, str(exc), prev)
+            return None
+        job = Job(item, rel, label, fr, sha256_bytes(fr.data), prev, t_start)
+        return job if self._new_content(job) else None
+
+    def _new_content(self, job: Job) -> bool:
+        """False when these bytes were said already: under this path (unchanged) or another (duplicate)."""
+        try:
+            first = self.store.by_hash(job.sha)
+        except StoreError as exc:
+            self._store_failed(job.path, exc)
+            return False
+        if job.prev is not None and job.prev.sha256 == job.sha:
+            # same bytes as the last result for this path: a chmod, touch or re-export; nothing new to say
+            self._record(job.path, job.rel, job.sha, job.read.sig, "unchanged", event_id=job.prev.event_id)
+            return False
+        if first is not None and first.path != job.rel:
+            self._duplicate(job, first)
+            return False
+        return True
+
+    def start(self, job: Job) -> bool:
+        """Mark it in progress (journaled before decoding: a crash leaves the mark behind); False when the
+        daemon already died on it too often, or the mark cannot be written."""
+        try:
+            interrupted = self.store.begin(job.rel, job.sha)
+        except StoreError as exc:
+            self._store_failed(job.path, exc)
+            return False
+        if interrupted >= MAX_INTERRUPTED:
+            self._error(job.path, job.rel, job.sha, job.read.sig, Reason.CRASHED_DECODER,
+                        f"{job.rel}: the daemon stopped {interrupted} times while this file was being decoded or "
+                        "scored (killed, out of memory, or a crash); refused so that it cannot stop the appliance "
+                        "again", job.prev)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ the ends
+    def scored(self, job: Job, d: Decoded, p: float, infer_ms: float, total_ms: float) -> None:
+        """A scored file: its message, whole; journaled and queued in one transaction; then the heat map."""
+        file_mtime = job.read.sig.mtime_ns / 1e9
+        msg = self.pipeline.message(d, p, infer_ms, total_ms, job.rel, job.sha, file_mtime=file_mtime,
+                                    seen_at=job.item.seen_at, supersedes=job.supersedes)
+        payload = encode(msg.to_dict())
+        record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, msg.written_ts,
+                            job.item.seen_at, time.time())
+        if not self._record(job.path, job.rel, job.sha, job.read.sig, msg.priority, event_id=msg.event_id,
+                            supersedes=job.supersedes, message=(self.cfg.topics.flag(msg.priority), payload, 1),
+                            flag=record):
+            return
+        self._arriving.pop(job.rel, None)
+        if self.heatmaps is not None and msg.priority != Priority.ROUTINE:
+            self.heatmaps.submit(msg.event_id, job.rel, job.read.data, d.pixels)  # the flag is queued already
+        self.processed += 1
+        self.stats.by_priority[msg.priority] += 1
+        self.stats.latencies.append((time.perf_counter() - job.t_start) * 1000.0)
+        log.info("%s: %s (p=%.4f, %.1f ms)%s", job.label, msg.priority.upper(), msg.probability, total_ms,
+                 f", supersedes {job.supersedes}" if job.supersedes else "")
+        self._archive(job.path, job.rel)
+
+    def failed(self, job: Job, exc: ImageDecodeError) -> None:
+        """The pipeline refused it: an error, unless it looks like a file still being written."""
+        if exc.reason in INCOMPLETE_REASONS and self._still_arriving(job.rel, job.read.sig):
+            log.debug("%s: %s; still being written? retrying", job.label, exc.reason)
+            self.abandon(job)
+            self.ingest.retry_later(job.path, max(self.cfg.watch.settle_seconds, 0.2))
+            return
+        self._error(job.path, job.rel, job.sha, job.read.sig, exc.reason, str(exc), job.prev)
+
+    def internal_error(self, job: Job, exc: Exception) -> None:
+        log.error("%s: scoring failed", job.label, exc_info=(type(exc), exc, exc.__traceback__))
+        self._error(job.path, job.rel, job.sha, job.read.sig, Reason.INTERNAL_ERROR,
+                    f"{job.rel}: {type(exc).__name__}: {exc}", job.prev)
+
+    def abandon(self, job: Job) -> None:
+        """Its processing ended without a result (retried later): no longer an interrupted one."""
+        try:
+            self.store.end(job.rel)
+        except StoreError as exc:
+            log.debug("%s: in-progress marker not cleared: %s", job.label, exc)
+
+    def _still_arriving(self, rel: str, sig: FileSig) -> bool:
+        """The file changed less than incomplete_timeout ago, as this daemon saw it.
+
+        Measured on our monotonic clock from the last change we observed, never
+        from the file's mtime: a bad file stamped in the future must still end
+        in an error in time.
+        """
+        now = time.monotonic()
+        seen = self._arriving.get(rel)
+        if seen is None or seen[0] != sig:
+            self._arriving[rel] = (sig, now)
+            if len(self._arriving) > 10_000:  # bounded: drop the oldest
+                self._arriving.pop(next(iter(self._arriving)))
+            return True
+        return now - seen[1] < self.cfg.watch.incomplete_timeout
+
+    def _duplicate(self, job: Job, first: JournalRow) -> None:
+        """A copy of content already processed under another name: say so, never alert twice."""
+        what = first.status if first.status != "error" else f"rejected: {first.reason}"
+        err = ErrorMessage(device=self.cfg.mqtt.device_id, file=job.rel, reason=Reason.DUPLICATE_OF,
+                           message=f"{job.rel}: same content as {first.path} (event {first.event_id}, {what}); "
+                                   "not scored again",
+                           sha256=job.sha, duplicate_of=first.event_id)
+        if self._record(job.path, job.rel, job.sha, job.read.sig, "duplicate", reason=Reason.DUPLICATE_OF,
+                        event_id=err.event_id, message=(self.cfg.topics.error(), encode(err.to_dict()), 1)):
+            self.stats.duplicates += 1
+            log.info("%s: same content as %s (already %s): not alerted again", job.label, printable(first.path),
+                     what)
+
+    def _error(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, reason: str, message: str,
+               prev: Optional[JournalRow]) -> None:
+        if prev is not None and prev.status == "error" and prev.reason == str(reason) and prev.sha256 == sha:
+            # the same error for the same content (or, unread, the same reason again after a touch or
+            # chmod): said once already
+            self._record(path, rel, sha, sig, "unchanged", reason=str(reason), event_id=prev.event_id)
+            self._arriving.pop(rel, None)
+            return
+        supersedes = prev.event_id if prev is not None else None
+        err = ErrorMessage(device=self.cfg.mqtt.device_id, file=rel, reason=str(reason), message=message,
+                           sha256=sha, supersedes=supersedes)
+        log.warning("rejected %s: %s", printable(rel), printable(message))
+        if self._record(path, rel, sha, sig, "error", reason=str(reason), event_id=err.event_id,
+                        supersedes=supersedes, message=(self.cfg.topics.error(), encode(err.to_dict()), 1)):
+            self._arriving.pop(rel, None)
+            self.processed += 1
+            self.stats.errors += 1
+
+    # ------------------------------------------------------------------ the journal
+    def _record(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, status: str, **kw) -> bool:
+        try:
+            self.store.record(rel, sha, sig, status, **kw)
+        except StoreError as exc:
+            self._store_failed(path, exc)
+            return False
+        self._store_ok()
+        if kw.get("message"):
+            self.publisher.wake()
+        return True
+
+    def _store_failed(self, path: Path, exc: StoreError) -> None:
+        """Disk full or read-only state: keep the file, say so once per episode, retry with backoff."""
+        if exc.corrupt:
+            self.fatal = (f"state database corrupt ({exc}); move it aside and restart: pneumoflag starts a new one, "
+                          "and the files still in the export folder are scored again")
+            return
+        if exc.read_only:  # does not pass with time, unlike a full disk: the daemon exits 1
+            self.fatal = self.read_only_text(str(exc))
+            return
+        if self.disk_full_since is None:
+            self.disk_full_since = time.monotonic()
+            free = shutil.disk_usage(self.cfg.state.dir).free if os.path.isdir(self.cfg.state.dir) else -1
+            try:
+                depth = self.store.outbox_depth()
+            except StoreError:
+                depth = -1
+            log.error("%s: %s free on %s, %d results wait in the outbox; nothing is lost, files are retried "
+                      "with backoff (%s)", "state disk full" if exc.disk_full else "state database not writable",
+                      f"{free / 1e6:.1f} MB" if free >= 0 else "?", self.cfg.state.dir, depth, exc)
+        else:
+            log.debug("state still not writable: %s", exc)
+        self.ingest.retry_later(path, self._backoff)
+        self._backoff = min(self._backoff * 2, 60.0)
+
+    def read_only_text(self, why: str) -> str:
+        return (f"state database {self.store.path} can no longer be written ({why}): nothing can be journaled, so "
+                "nothing is scored; the files waiting are scored after a restart with a writable state disk")
+
+    def _store_ok(self) -> None:
+        if self.disk_full_since is not None:
+            log.info("state database writable again after %.0f s", time.monotonic() - self.disk_full_since)
+            self.disk_full_since = None
+            self._backoff = 5.0
+
+    def _archive(self, path: Path, rel: str) -> None:
+        if not self.cfg.watch.archive_dir:
+            return
+        dest = Path(self.cfg.watch.archive_dir) / path.relative_to(self.root)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest = dest.with_name(f"{dest.stem}-{int(time.time())}{dest.suffix}")
+            shutil.move(str(path), str(dest))
+        except OSError as exc:
+            log.warning("could not archive %s: %s", printable(rel), exc)
