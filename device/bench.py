@@ -292,6 +292,7 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
             name = f"burst-{k:04d}{files[i].suffix}"
             (staging / name).write_bytes(_variant(blobs[i], 10_000 + k))
             names.append(name)
+        cpu_before, _ = _proc_stat(proc.pid)
         t0 = time.monotonic()
         for name in names:
             os.rename(staging / name, watch / name)
@@ -299,7 +300,8 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
         if not col.wait(names, 300):
             raise RuntimeError(f"burst: {sum(n in col.arrivals for n in names)} of {len(names)} flags in 300 s")
         t_last = max(col.arrivals[n] for n in names)
-        _, rss = _proc_stat(proc.pid)
+        cpu_after, rss = _proc_stat(proc.pid)
+        cpu_ms = (cpu_after - cpu_before) / cfg.burst * 1000.0
         time.sleep(2.0)
         cpu0, _ = _proc_stat(proc.pid)
         time.sleep(cfg.idle_seconds)
@@ -308,7 +310,10 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
             "e2e_ms": _summary(e2e),
             "burst": {"files": cfg.burst, "seconds": round(t_last - t0, 2),
                       "images_per_s": round(cfg.burst / (t_last - t0), 1),
-                      "rename_seconds": round(t_moved - t0, 3)},
+                      "rename_seconds": round(t_moved - t0, 3),
+                      # daemon + decoder CPU per image: what the cores allow at most is cpus / that
+                      "cpu_ms_per_image": round(cpu_ms, 2),
+                      "cpu_ceiling_per_s": round((os.cpu_count() or 1) * 1000.0 / cpu_ms, 1) if cpu_ms > 0 else None},
             "peak_rss_mb": round(rss, 1),
             "idle_cpu_percent": round((cpu1 - cpu0) / cfg.idle_seconds * 100.0, 2),
             "idle_seconds": cfg.idle_seconds,
@@ -429,6 +434,10 @@ def format_report(r: dict) -> str:
         lines.append(f"{'end-to-end p50 / p95 with heat maps on':<40}{x['p50']:>10.1f} / {x['p95']:.1f} ms")
     row(f"burst of {d['burst']['files']} files", d["burst"]["images_per_s"], TARGETS["burst_images_per_s"], "/s",
         lower_is_better=False)
+    b = d["burst"]
+    if b.get("cpu_ms_per_image"):
+        lines.append(f"{'  daemon + decoder CPU per image':<40}{b['cpu_ms_per_image']:>10.2f} ms  "
+                     f"(the cores allow {b['cpu_ceiling_per_s']:g}/s at most)")
     q = r["ratios"]
     row("burst x compute p50 (cores' worth)", q["burst_x_compute"], TARGETS["burst_x_compute"], "x",
         lower_is_better=False)
