@@ -82,25 +82,27 @@ def _new_ae(calling_ae: str, timeout: float) -> Any:
     return ae
 
 
-def _associate(ae: Any, dest: Destination) -> tuple[Any, bool]:
-    """(association, whether the TCP connection opened): pynetdicom reports a refused connection as aborted."""
+def _associate(ae: Any, dest: Destination) -> tuple[Any, str]:
+    """(association, how far it got: "closed", "connected" or "answered"); pynetdicom reports a refused
+    connection and an ACSE timeout alike as aborted, and these tell them apart."""
     from pynetdicom import evt
 
-    opened: list[bool] = []
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.append(True))])
-    return assoc, bool(opened)
+    seen = ["closed"]
+    handlers = [(evt.EVT_CONN_OPEN, lambda event: seen.append("connected")),
+                (evt.EVT_ACSE_RECV, lambda event: seen.append("answered"))]
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
+    return assoc, seen[-1]
 
 
-def _not_connected(assoc: Any, connected: bool, dest: Destination, timeout: float) -> str:
+def _not_connected(assoc: Any, got: str, dest: Destination, timeout: float) -> str:
     """Why an association did not come up, in words: rejected (with the peer's reason), aborted, unreachable."""
     if assoc.is_rejected:
         rj = getattr(assoc.acceptor, "primitive", None)
         reason = f"{rj.result_str}, {rj.source_str}: {rj.reason_str}" if rj is not None else "no reason given"
         return f"{dest} rejected the association ({reason})"
-    if connected:
-        if assoc.is_aborted:
-            return f"{dest} aborted the association"
+    if got == "answered":
+        return f"{dest} aborted the association"
+    if got == "connected":
         return f"{dest}: no association answer within {timeout:g} s (is it a DICOM node?)"
     # The TCP connection failed; only now (the peer is not working anyway) a plain connection says why.
     try:
@@ -142,9 +144,9 @@ def send(ds: Any, dest: Destination, calling_ae: str, timeout: float) -> SendRes
     own = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or ExplicitVRLittleEndian
     syntaxes = list(dict.fromkeys([own, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
     ae.add_requested_context(ds.SOPClassUID, syntaxes)
-    assoc, connected = _associate(ae, dest)
+    assoc, got = _associate(ae, dest)
     if not assoc.is_established:
-        return _failed(_not_connected(assoc, connected, dest, timeout))
+        return _failed(_not_connected(assoc, got, dest, timeout))
     try:
         status = assoc.send_c_store(ds)
     except (ValueError, RuntimeError) as exc:  # no accepted context for this SOP class / syntax
@@ -162,9 +164,9 @@ def echo(dest: Destination, calling_ae: str, timeout: float) -> SendResult:
 
     ae = _new_ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
-    assoc, connected = _associate(ae, dest)
+    assoc, got = _associate(ae, dest)
     if not assoc.is_established:
-        return _failed(_not_connected(assoc, connected, dest, timeout))
+        return _failed(_not_connected(assoc, got, dest, timeout))
     result = _status_message(assoc.send_c_echo(), dest, "C-ECHO", timeout)
     _close(assoc)
     return result

@@ -271,6 +271,7 @@ def test_an_instance_over_the_size_limit_is_out_of_resources(tmp_path, spool, re
     assert "watch.max_file_mb" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom says so as it sends our bad UID
 def test_an_instance_without_a_valid_sop_instance_uid_cannot_be_understood(tmp_path, spool, receivers, monkeypatch):
     from pynetdicom import AE, _config
 
