@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import __version__
-from .config import EMBEDDED_BROKER, ExplainConfig, MqttConfig
+from .config import EMBEDDED_BROKER, ExplainConfig, MqttConfig, PacsConfig
 from .safe_text import EscapingFilter
 from .samples import SAMPLES_DIR
 from .vocab import ACCELERATORS, PRIORITIES
@@ -456,6 +456,44 @@ def _cmd_demo(args) -> int:
         raise CliError(str(exc)) from None
 
 
+def _add_dicom_echo(sub) -> None:
+    p = sub.add_parser(
+        "dicom-echo",
+        help="check the DICOM network path to a PACS or modality (C-ECHO)",
+        description="Open a DICOM association with PEER and send a C-ECHO (the DICOM ping): it checks the "
+        "network path, the AE titles on both sides and the peer's DICOM service in one round. PEER is "
+        "AE@HOST:PORT (the peer's AE title, e.g. PACS@10.0.0.5:104) or HOST:PORT (called ANY-SCP, which many "
+        "PACS accept). Prints one line; exit status 0 when the peer answers success, 1 when it does not "
+        "(refused connection, rejected association with its reason, no answer within --timeout).",
+    )
+    p.add_argument("peer", metavar="[AE@]HOST:PORT", help="the DICOM node to check")
+    p.add_argument("--calling-ae", help="the AE title to call with (default: pacs.calling_ae, "
+                   f"{PacsConfig().calling_ae}); a peer that checks callers must know it")
+    p.add_argument("--timeout", type=float, help="seconds for the connection, the association and the answer "
+                   f"(default: pacs.timeout_seconds, {PacsConfig().timeout_seconds:g})")
+    p.add_argument("--config", type=Path, help="TOML config file (for [pacs])")
+    p.set_defaults(func=_cmd_dicom_echo)
+
+
+def _cmd_dicom_echo(args) -> int:
+    from .config import ConfigError, check_ae_title, load_config
+    from .pacs import DEFAULT_CALLED_AE, Destination, echo
+
+    cfg = load_config(args.config)
+    try:
+        dest = Destination.parse(args.peer, "PEER", default_ae=DEFAULT_CALLED_AE)
+        calling = check_ae_title(args.calling_ae, "--calling-ae") if args.calling_ae else cfg.pacs.calling_ae
+        timeout = args.timeout if args.timeout is not None else cfg.pacs.timeout_seconds
+        if not timeout > 0:
+            raise ConfigError(f"--timeout must be greater than 0, not {timeout:g}")
+    except ConfigError as exc:  # exit status 1 as for a failed echo: the check did not pass
+        print(f"pneumoflag dicom-echo: error: {exc}", file=sys.stderr)
+        return 1
+    result = echo(dest, calling, timeout)
+    print(("ok: " if result.ok else "failed: ") + result.message, file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
 #: Other packages add subcommands (the model toolchain does) through this entry-point group;
 #: the device never imports them by name.
 PLUGIN_GROUP = "pneumoflag.commands"
@@ -518,7 +556,7 @@ def _listed(sub, start: int) -> list[tuple[str, str]]:
 
 
 SUBCOMMANDS: list[Callable] = [_add_demo, _add_watch, _add_alerts, _add_score, _add_explain, _add_config,
-                               _add_selftest, _add_bench, _add_report]
+                               _add_selftest, _add_bench, _add_report, _add_dicom_echo]
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -530,6 +568,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     if verbose < 2:
         for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # its errors (a refused connection, a rejected association) say in its words what ours say after it
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

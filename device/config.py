@@ -7,6 +7,7 @@ line, instead of surfacing at 3 a.m. as a runtime error.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import re
 import socket
@@ -214,6 +215,36 @@ class StationConfig:
                                         "age out", above=0)
 
 
+#: the one AE title wildcard: ``dicom_net.allowed_callers = ["*"]`` accepts any calling AE (logged at start)
+ANY_CALLER = "*"
+
+
+@dataclass
+class DicomNetConfig:
+    """The DICOM C-STORE receiver (device/dicom_net.py). Off by default; unknown callers are refused."""
+
+    enabled: bool = setting(False, "receive radiographs over DICOM C-STORE (the daemon does not start it yet)")
+    listen: str = setting("0.0.0.0:11112", "HOST:PORT the receiver listens on")
+    ae_title: str = setting("PNEUMOFLAG", "this appliance's AE title (1-16 characters)")
+    allowed_callers: list = setting([], "calling AE titles accepted at association (needed when enabled: "
+                                        "empty would refuse every caller); `*` accepts any, logged as a warning")
+    allowed_addresses: list = setting([], "peer addresses or networks (`10.0.4.0/24`) accepted; empty: any address")
+    timeout_seconds: float = setting(30.0, "association, DIMSE and network timeout: a slow or dead peer is dropped",
+                                     above=0)
+    max_associations: int = setting(8, "concurrent associations; more are refused as busy", above=0)
+
+
+@dataclass
+class PacsConfig:
+    """Where results go back as DICOM (device/pacs.py)."""
+
+    destinations: list = setting([], "C-STORE destinations as `AE@HOST:PORT` (the daemon does not send yet)")
+    calling_ae: str = setting("PNEUMOFLAG", "the AE title this appliance calls with")
+    timeout_seconds: float = setting(30.0, "connection, association and DIMSE timeout of one send", above=0)
+    send_heatmap: bool = setting(False, "also send the heat map as a Secondary Capture in its own series (once "
+                                                "the daemon sends)")
+
+
 @dataclass
 class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
@@ -226,6 +257,8 @@ class Config:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     station: StationConfig = field(default_factory=StationConfig)
+    dicom_net: DicomNetConfig = field(default_factory=DicomNetConfig)
+    pacs: PacsConfig = field(default_factory=PacsConfig)
     source: str = "defaults"
     #: where each setting that is not a default came from: (section, key) -> file, variable or "command line"
     origins: dict = field(default_factory=dict)
@@ -275,7 +308,7 @@ class Config:
 SECTIONS = {"watch": WatchConfig, "model": ModelConfig, "mqtt": MqttConfig, "dicom": DicomConfig,
             "state": StateConfig, "log": LogConfig, "gate": GateConfig, "explain": ExplainConfig,
             "alerts": AlertsConfig,
-            "station": StationConfig}
+            "station": StationConfig, "dicom_net": DicomNetConfig, "pacs": PacsConfig}
 #: the keys whose value is never shown (``pneumoflag config`` redacts them, errors leave them out)
 SECRET_KEYS = {(sec, f.name) for sec, cls in SECTIONS.items() for f in fields(cls) if f.metadata["secret"]}
 
@@ -478,8 +511,58 @@ def _validate(cfg: Config) -> None:
                               ":PORT (e.g. station-desk-a.ward.example or [fd00::5]:8443), no scheme or path")
     if cfg.station.password_file and not Path(cfg.station.password_file).is_file():
         raise ConfigError(f"station.password_file: {cfg.station.password_file} does not exist")
+    _validate_dicom_net(cfg)
     if cfg.watch.archive_dir and cfg.watch.dir and Path(cfg.watch.archive_dir).resolve() == Path(cfg.watch.dir).resolve():
         raise ConfigError("watch.archive_dir must differ from watch.dir")
+
+
+def check_ae_title(value: str, key: str) -> str:
+    """An AE title as DICOM PS3.5 allows it: 1-16 characters, no backslash or control characters; returned stripped.
+
+    Leading and trailing spaces are not significant in an AE title, so they are dropped; one made only of spaces
+    is empty. The message names ``key`` (a config key, or what the caller typed).
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: {value!r} is not an AE title (a string)")
+    title = value.strip(" ")
+    bad = sorted({c for c in title if c == "\\" or ord(c) < 0x20 or ord(c) >= 0x7F})
+    if bad:
+        raise ConfigError(f"{key}: AE title {value!r} contains {', '.join(repr(c) for c in bad)}; an AE title is "
+                          "1-16 printable ASCII characters without a backslash")
+    if not 1 <= len(title) <= 16:
+        raise ConfigError(f"{key}: AE title {value!r} must be 1-16 characters (not counting surrounding spaces)")
+    return title
+
+
+def _validate_dicom_net(cfg: Config) -> None:
+    """[dicom_net] and [pacs]: AE titles, addresses and destinations, each error naming its key."""
+    net = cfg.dicom_net
+    parse_host_port(net.listen, "dicom_net.listen")
+    check_ae_title(net.ae_title, "dicom_net.ae_title")
+    for caller in net.allowed_callers:
+        if caller != ANY_CALLER:
+            check_ae_title(caller, "dicom_net.allowed_callers")
+    if net.enabled and not net.allowed_callers:
+        raise ConfigError("dicom_net.allowed_callers: empty refuses every modality; name the calling AE titles "
+                          f'(e.g. ["CR_ROOM2"]), or ["{ANY_CALLER}"] to accept any caller')
+    for entry in net.allowed_addresses:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"dicom_net.allowed_addresses: {entry!r} is not an IP address or network "
+                              "(e.g. 10.0.4.17 or 10.0.4.0/24)") from None
+    check_ae_title(cfg.pacs.calling_ae, "pacs.calling_ae")
+    for dest in cfg.pacs.destinations:
+        parse_destination(dest, "pacs.destinations")
+
+
+def parse_destination(value: str, key: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` -> (AE title, host, port); the one parser of a DICOM peer's address."""
+    ae, sep, rest = value.partition("@")
+    if not sep:
+        raise ConfigError(f"{key}: {value!r} must be AE@HOST:PORT, e.g. PACS@10.0.0.5:104")
+    host, port = parse_host_port(rest, key)
+    return check_ae_title(ae, key), host, port
 
 
 def load_config(
@@ -514,7 +597,8 @@ def load_config(
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         rest = name[len(ENV_PREFIX):].lower()
-        sec = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        # the longest section that fits: PNEUMOFLAG_DICOM_NET_LISTEN is [dicom_net], not [dicom] key net_listen
+        sec = max((s for s in SECTIONS if rest.startswith(s + "_")), key=len, default=None)
         if sec is None:
             if name.startswith(ENV_PREFIX + "NO_") or name in _OTHER_ENV:
                 continue  # switches for tests/tools, not configuration

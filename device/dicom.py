@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -48,8 +49,19 @@ RADIOGRAPH_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture",
     "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture",
 }
+#: The storage SOP classes the C-STORE receiver takes (device/dicom_net.py): projection radiographs as modalities
+#: send them; a secondary capture is a screenshot of one, which a modality does not send.
+RADIOGRAPH_STORAGE = tuple(RADIOGRAPH_SOP_CLASSES)[:3]
+#: a DICOM UID (PS3.5 9.1): dot-separated numbers without leading zeros, at most 64 characters; also what keeps a
+#: UID safe as a file name
+UID_PATTERN = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))+")
 #: Acquisition tags only an MR scanner writes.
 MR_TAGS = ("EchoTime", "RepetitionTime", "MagneticFieldStrength", "ScanningSequence", "ImagingFrequency")
+
+
+def is_uid(value: object) -> bool:
+    """True for a well-formed DICOM UID of at most 64 characters (and so a safe file name)."""
+    return isinstance(value, str) and len(value) <= 64 and UID_PATTERN.fullmatch(value) is not None
 
 
 def is_dicom(head: bytes) -> bool:
