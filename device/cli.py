@@ -50,10 +50,14 @@ def _overrides(args) -> dict:
     return {key: getattr(args, attr) for attr, key in mapping.items() if getattr(args, attr, None) not in (None, False)}
 
 
-def _config(args):
+def _config(args, overrides: Optional[dict] = None):
+    """The configuration, with its ``[log] level`` applied unless -v or -q was given (they win)."""
     from .config import load_config
 
-    return load_config(args.config, overrides=_overrides(args))
+    cfg = load_config(args.config, overrides=_overrides(args) if overrides is None else overrides)
+    if not getattr(args, "verbose", 0) and not getattr(args, "quiet", False):
+        logging.getLogger().setLevel(cfg.log.level.upper())
+    return cfg
 
 
 def _add_watch(sub) -> None:
@@ -78,8 +82,6 @@ def _cmd_watch(args) -> int:
     from .daemon import Daemon, StartupError
 
     cfg = _config(args)
-    if not args.verbose and not args.quiet:  # -v/-q win over [log] level
-        logging.getLogger().setLevel(cfg.log.level.upper())
     try:
         return Daemon(cfg, exit_after=args.exit_after, once=args.once).run()
     except StartupError as exc:
@@ -320,11 +322,10 @@ def _add_report(sub) -> None:
 def _cmd_report(args) -> int:
     import json as _json
 
-    from .config import load_config
     from .report import ReportError, build_report, format_report, parse_since, public, write_plots
     from .store import STATE_DB
 
-    cfg = load_config(args.config, overrides={"state.dir": args.state_dir})
+    cfg = _config(args, overrides={"state.dir": args.state_dir})
     try:
         rep = build_report(Path(cfg.state.dir) / STATE_DB, parse_since(args.since))
         print(format_report(rep))
@@ -476,10 +477,10 @@ def _add_dicom_echo(sub) -> None:
 
 
 def _cmd_dicom_echo(args) -> int:
-    from .config import ConfigError, check_ae_title, load_config
+    from .config import ConfigError, check_ae_title
     from .pacs import DEFAULT_CALLED_AE, Destination, echo
 
-    cfg = load_config(args.config)
+    cfg = _config(args, overrides={})
     try:
         dest = Destination.parse(args.peer, "PEER", default_ae=DEFAULT_CALLED_AE)
         calling = check_ae_title(args.calling_ae, "--calling-ae") if args.calling_ae else cfg.pacs.calling_ae

@@ -19,6 +19,7 @@ from pneumoflag.device.config import load_config
 from pneumoflag.device.pipeline import Pipeline, score_file
 from pneumoflag.device.scorer import load_scorer
 from pneumoflag.device.samples import SAMPLES_DIR
+from pneumoflag.device.vocab import PRIORITIES
 
 SAMPLES = SAMPLES_DIR
 SAMPLE_FILES = sorted(SAMPLES.rglob("*.jpeg"))
@@ -382,6 +383,41 @@ def test_disk_errors_keep_the_file_for_later(tmp_path, monkeypatch):
         assert retried == [f] and d.store.outbox_depth() == 0 and d.store.journal() == []
         d._handle(Ready(f, "closed"))  # the disk is back
         assert d.store.outbox_depth() == 1 and [r.path for r in d.store.journal()] == [f.name]
+    finally:
+        d.publisher.stop(timeout=0.5)
+        d.pipeline.decoder.stop()
+        d.store.close()
+
+
+def test_a_file_whose_rules_need_the_one_in_the_decoder_waits_for_its_result(tmp_path):
+    """The daemon admits the next file while the worker decodes this one; a new version of the same path
+    must still supersede it, and the same bytes under another name must still be a duplicate of it."""
+    from pneumoflag.device.daemon import Daemon
+    from pneumoflag.device.ingest import Ready
+
+    watch, state = tmp_path / "w", tmp_path / "s"
+    watch.mkdir()
+    cfg = load_config(env={}, overrides={"watch.dir": str(watch), "state.dir": str(state),
+                                         "model.path": str(SHIPPED_MODEL), "mqtt.broker": "127.0.0.1:1"})
+    d = Daemon(cfg)
+    d._start()
+    try:
+        first = drop(SAMPLE_FILES[0], watch, "a.jpeg")
+        d._advance(Ready(first, "closed"))
+        assert d._decoding is not None  # in the worker, not journaled yet
+        drop(SAMPLE_FILES[1], watch, "a.jpeg")
+        d._advance(Ready(first, "closed"))  # a new version of the path in the decoder
+        copy = drop(SAMPLE_FILES[1], watch, "copy.jpeg")
+        d._advance(Ready(copy, "closed"))  # the same bytes as the file now in the decoder
+        d._advance(None)
+        rows = d.store.journal()
+        assert [(r.path, r.status in PRIORITIES) for r in rows] == [("a.jpeg", True), ("a.jpeg", True),
+                                                                   ("copy.jpeg", False)]
+        with sqlite3.connect(d.store.path) as db:
+            supersedes = [r[0] for r in db.execute("SELECT supersedes FROM journal ORDER BY id")]
+        assert supersedes[:2] == [None, rows[0].event_id]
+        assert (rows[2].status, rows[2].reason) == ("duplicate", "duplicate-of")
+        assert d.processed == 2 and d._decoding is None
     finally:
         d.publisher.stop(timeout=0.5)
         d.pipeline.decoder.stop()

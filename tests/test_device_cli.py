@@ -248,6 +248,19 @@ def test_runtime_log_lines_follow_the_log_level():
     assert native and all("INFO pneumoflag.device.runtime.native:" in line for line in native), loud.stderr
 
 
+def test_every_command_follows_the_configured_log_level():
+    """``[log] level`` is read by each command that loads the configuration, not only by ``watch``;
+    -v still wins over it."""
+    sample = str(SAMPLES[0])
+    env = {**os.environ, "PNEUMOFLAG_LOG_LEVEL": "warning"}
+    quiet = subprocess.run([*CLI, "score", "--accelerator", "cpu", sample], capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert quiet.returncode == 0 and " INFO " not in quiet.stderr, quiet.stderr
+    loud = subprocess.run([*CLI, "-v", "score", "--accelerator", "cpu", sample], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert loud.returncode == 0 and " INFO pneumoflag.device.scorer:" in loud.stderr, loud.stderr
+
+
 def test_daemon_logs_probabilities_as_the_thresholds_are_written(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
