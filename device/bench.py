@@ -30,6 +30,7 @@ import numpy as np
 from .card import ModelCard
 from .config import load_config
 from .contract import Topics
+from .decoder import decode_bytes
 from .preprocess import decode, prepare
 from .scorer import load_scorer
 from .selftest import sample_files
@@ -247,9 +248,40 @@ def bench_stages(cfg: BenchConfig, files: list[Path], broker: Optional[str]) -> 
 
         heat = bench_explain(scorer, files, repeats=max(1, min(5, cfg.repeats)))
     return {"stages_ms": {k: _summary(v) for k, v in stages.items()}, "score_ms": _summary(per_image),
+            "daemon_steps_ms": bench_daemon_steps(app, scorer, card, files, cfg.repeats),
             "heatmap": heat,
             "images": len(files), "megapixels": {"min": round(min(pixels_mp), 2), "max": round(max(pixels_mp), 2)},
             "model": f"{card.name} {card.version}", "runtime": scorer.report.runtime}
+
+
+def bench_daemon_steps(app, scorer, card: ModelCard, files: list[Path], repeats: int) -> dict:
+    """Two of the daemon's own steps, alone: the worker's decode (the plausibility gate and the DICOM path
+    included, as ``decoder.decode_bytes`` runs it) and one result's journal commit with its outbox message
+    (``Store.record``, fsync'd, in a temporary folder, where the burst run keeps the daemon's state too)."""
+    from .pipeline import Pipeline
+    from .reader import file_sig
+    from .store import FlagRecord, Store
+
+    settings = Pipeline(app, scorer, card).settings
+    decode_ms, commit_ms = [], []
+    for f in files:
+        data = f.read_bytes()
+        for _ in range(repeats):
+            decode_ms.append(decode_bytes(data, f.name, settings).decode_ms)
+    with tempfile.TemporaryDirectory(prefix="pneumoflag-bench-store-") as tmp:
+        store = Store(Path(tmp))
+        sig = file_sig(files[0])
+        try:
+            for i in range(max(50, repeats * 5)):
+                payload = json.dumps({"file": f"f{i}.jpeg", "padding": "x" * 650}).encode()  # a flag's size
+                t0 = time.perf_counter()
+                store.record(f"f{i}.jpeg", f"{i:064x}", sig, "routine", event_id=f"e{i}",
+                             message=("pneumoflag/bench/flag/routine", payload, 1),
+                             flag=FlagRecord(f"e{i}", "routine", 0.1, payload, time.time(), time.time(), time.time()))
+                commit_ms.append((time.perf_counter() - t0) * 1000.0)
+        finally:
+            store.close()
+    return {"decode_and_gate": _summary(decode_ms), "journal_commit": _summary(commit_ms)}
 
 
 def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, explain: bool = False) -> dict:
@@ -414,6 +446,10 @@ def format_report(r: dict) -> str:
     for k, v in s["stages_ms"].items():
         lines.append(f"{k:<22}{v['p50']:>10.2f}{v['p95']:>10.2f}")
     lines.append(f"{'read+decode+prep+infer':<22}{s['score_ms']['p50']:>10.2f}{s['score_ms']['p95']:>10.2f}")
+    steps = s.get("daemon_steps_ms") or {}
+    for key, name in (("decode_and_gate", "daemon: decode + gate"), ("journal_commit", "daemon: journal commit")):
+        if key in steps:
+            lines.append(f"{name:<22}{steps[key]['p50']:>10.2f}{steps[key]['p95']:>10.2f}")
     if s.get("heatmap"):
         h = s["heatmap"]
         lines.append(f"{'heat map (occlusion)':<22}{h['p50_ms']:>10.2f}{h['p95_ms']:>10.2f}   "

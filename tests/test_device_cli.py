@@ -279,3 +279,19 @@ def test_daemon_logs_probabilities_as_the_thresholds_are_written(tmp_path):
     adapted = ModelCard.load(SHIPPED_MODEL.with_suffix(".json")).raw["adaptation"]["site_data"]
     said = next(x for x in run.stderr.splitlines() if "is adapted" in x)
     assert f"site data {adapted['folder']}" in said and adapted["files_sha256"] in said, said
+
+
+def test_bench_stages_include_the_daemons_decode_with_the_gate_and_its_journal_commit(tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in SAMPLES[:2]:
+        shutil.copy(f, images)
+    out = tmp_path / "bench.json"
+    run = subprocess.run([*CLI, "-q", "bench", "--images", str(images), "--stages-only", "--no-explain", "--repeats",
+                          "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    steps = json.loads(out.read_text())["stages"]["daemon_steps_ms"]
+    assert steps["decode_and_gate"]["n"] == 4 and steps["decode_and_gate"]["p50"] > 0
+    assert steps["journal_commit"]["n"] >= 50 and steps["journal_commit"]["p50"] > 0
+    assert re.search(r"^daemon: decode \+ gate +\d+\.\d\d", run.stdout, re.M), run.stdout
+    assert re.search(r"^daemon: journal commit +\d+\.\d\d", run.stdout, re.M), run.stdout
