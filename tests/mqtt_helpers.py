@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import paho.mqtt.client as mqtt
 
+from pneumoflag.device.contract import ANY, Topics
+
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "models" / "pneumoflag-rn128.tflite"
 
@@ -103,6 +105,12 @@ class Received:
     at: float
 
 
+def topic_kind(topic: str) -> Optional[str]:
+    """The contract's kind of a topic ("flag", "error", ...), read by the contract itself, or None."""
+    parsed = Topics(topic.split("/", 1)[0], ANY).parse(topic)
+    return parsed[1] if parsed else None
+
+
 class Subscriber:
     """A nursing-station client: persistent session (clean_session=False), QoS 1, auto-reconnect."""
 
@@ -145,11 +153,15 @@ class Subscriber:
         with self.lock:
             return [m for m in self.messages if pred(m)]
 
+    def of_kind(self, kind: str) -> list[dict]:
+        """The payloads on the contract's topics of ``kind`` (any prefix, any device)."""
+        return [m.payload for m in self.where(lambda m: topic_kind(m.topic) == kind)]
+
     def flags(self) -> list[dict]:
-        return [m.payload for m in self.where(lambda m: "/flags/" in m.topic)]
+        return self.of_kind("flag")
 
     def errors(self) -> list[dict]:
-        return [m.payload for m in self.where(lambda m: m.topic.endswith("/errors"))]
+        return self.of_kind("error")
 
     def wait_flags(self, n: int, timeout: float = 20) -> list[dict]:
         wait_until(lambda: len(self.flags()) >= n, timeout, f"{n} flags (have {len(self.flags())})")
