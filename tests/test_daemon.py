@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from mqtt_helpers import SHIPPED_MODEL, Subscriber, drop, new_daemon, wait_until
@@ -353,72 +354,69 @@ def test_systemd_notify_ready_watchdog_stopping(broker, dirs, daemons, tmp_path)
     assert "STATUS=watching" in ready
 
 
-def test_disk_errors_keep_the_file_for_later(tmp_path, monkeypatch):
-    """A failing state database (disk full, I/O error) must not lose or reject the image."""
+@pytest.fixture
+def started(tmp_path):
+    """A daemon started in this process (no broker, no loop): the test calls its steps."""
     from pneumoflag.device.daemon import Daemon
+
+    watch, state = tmp_path / "w", tmp_path / "s"
+    watch.mkdir()
+    cfg = load_config(env={}, overrides={"watch.dir": str(watch), "state.dir": str(state),
+                                         "model.path": str(SHIPPED_MODEL), "mqtt.broker": "127.0.0.1:1"})
+    d = Daemon(cfg)
+    d._start()
+    try:
+        yield d, watch
+    finally:
+        d.publisher.stop(timeout=0.5)
+        d.pipeline.decoder.stop()
+        d.store.close()
+
+
+def test_disk_errors_keep_the_file_for_later(started, monkeypatch):
+    """A failing state database (disk full, I/O error) must not lose or reject the image."""
     from pneumoflag.device.ingest import Ready
     from pneumoflag.device.store import Store, StoreError
 
-    watch, state = tmp_path / "w", tmp_path / "s"
-    watch.mkdir()
-    cfg = load_config(env={}, overrides={"watch.dir": str(watch), "state.dir": str(state),
-                                         "model.path": str(SHIPPED_MODEL), "mqtt.broker": "127.0.0.1:1"})
-    d = Daemon(cfg)
-    d._start()
-    try:
-        f = drop(SAMPLE_FILES[0], watch)
-        real = Store.record
-        calls = {"n": 0}
+    d, watch = started
+    f = drop(SAMPLE_FILES[0], watch)
+    real = Store.record
+    calls = {"n": 0}
 
-        def failing(self, *a, **kw):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise StoreError("database or disk is full")
-            return real(self, *a, **kw)
+    def failing(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise StoreError("database or disk is full")
+        return real(self, *a, **kw)
 
-        monkeypatch.setattr(Store, "record", failing)
-        retried = []
-        monkeypatch.setattr(d.ingest, "retry_later", lambda p, delay: retried.append(p))
-        d._handle(Ready(f, "closed"))
-        assert retried == [f] and d.store.outbox_depth() == 0 and d.store.journal() == []
-        d._handle(Ready(f, "closed"))  # the disk is back
-        assert d.store.outbox_depth() == 1 and [r.path for r in d.store.journal()] == [f.name]
-    finally:
-        d.publisher.stop(timeout=0.5)
-        d.pipeline.decoder.stop()
-        d.store.close()
+    monkeypatch.setattr(Store, "record", failing)
+    retried = []
+    monkeypatch.setattr(d.ingest, "retry_later", lambda p, delay: retried.append(p))
+    d._handle(Ready(f, "closed"))
+    assert retried == [f] and d.store.outbox_depth() == 0 and d.store.journal() == []
+    d._handle(Ready(f, "closed"))  # the disk is back
+    assert d.store.outbox_depth() == 1 and [r.path for r in d.store.journal()] == [f.name]
 
 
-def test_a_file_whose_rules_need_the_one_in_the_decoder_waits_for_its_result(tmp_path):
+def test_a_file_whose_rules_need_the_one_in_the_decoder_waits_for_its_result(started):
     """The daemon admits the next file while the worker decodes this one; a new version of the same path
     must still supersede it, and the same bytes under another name must still be a duplicate of it."""
-    from pneumoflag.device.daemon import Daemon
     from pneumoflag.device.ingest import Ready
 
-    watch, state = tmp_path / "w", tmp_path / "s"
-    watch.mkdir()
-    cfg = load_config(env={}, overrides={"watch.dir": str(watch), "state.dir": str(state),
-                                         "model.path": str(SHIPPED_MODEL), "mqtt.broker": "127.0.0.1:1"})
-    d = Daemon(cfg)
-    d._start()
-    try:
-        first = drop(SAMPLE_FILES[0], watch, "a.jpeg")
-        d._advance(Ready(first, "closed"))
-        assert d._decoding is not None  # in the worker, not journaled yet
-        drop(SAMPLE_FILES[1], watch, "a.jpeg")
-        d._advance(Ready(first, "closed"))  # a new version of the path in the decoder
-        copy = drop(SAMPLE_FILES[1], watch, "copy.jpeg")
-        d._advance(Ready(copy, "closed"))  # the same bytes as the file now in the decoder
-        d._advance(None)
-        rows = d.store.journal()
-        assert [(r.path, r.status in PRIORITIES) for r in rows] == [("a.jpeg", True), ("a.jpeg", True),
-                                                                   ("copy.jpeg", False)]
-        with sqlite3.connect(d.store.path) as db:
-            supersedes = [r[0] for r in db.execute("SELECT supersedes FROM journal ORDER BY id")]
-        assert supersedes[:2] == [None, rows[0].event_id]
-        assert (rows[2].status, rows[2].reason) == ("duplicate", "duplicate-of")
-        assert d.processed == 2 and d._decoding is None
-    finally:
-        d.publisher.stop(timeout=0.5)
-        d.pipeline.decoder.stop()
-        d.store.close()
+    d, watch = started
+    first = drop(SAMPLE_FILES[0], watch, "a.jpeg")
+    d._advance(Ready(first, "closed"))
+    assert d._decoding is not None  # in the worker, not journaled yet
+    drop(SAMPLE_FILES[1], watch, "a.jpeg")
+    d._advance(Ready(first, "closed"))  # a new version of the path in the decoder
+    copy = drop(SAMPLE_FILES[1], watch, "copy.jpeg")
+    d._advance(Ready(copy, "closed"))  # the same bytes as the file now in the decoder
+    d._advance(None)
+    rows = d.store.journal()
+    assert [(r.path, r.status in PRIORITIES) for r in rows] == [("a.jpeg", True), ("a.jpeg", True),
+                                                               ("copy.jpeg", False)]
+    with sqlite3.connect(d.store.path) as db:
+        supersedes = [r[0] for r in db.execute("SELECT supersedes FROM journal ORDER BY id")]
+    assert supersedes[:2] == [None, rows[0].event_id]
+    assert (rows[2].status, rows[2].reason) == ("duplicate", "duplicate-of")
+    assert d.processed == 2 and d._decoding is None
