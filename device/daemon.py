@@ -1,4 +1,6 @@
-"""``pneumoflag watch``: the main job. Wires watcher -> pipeline -> outbox -> MQTT and keeps it running.
+"""``pneumoflag watch``: the main job. Builds the stages and runs them: watcher (``ingest``) -> the journal's
+rules (``intake``) -> decode in the worker, infer (``pipeline``) -> journal and outbox (``store``) -> MQTT
+(``publisher``). Overlapped: the worker decodes the next file while this one is inferred and journaled.
 
 Guarantees:
 - a file's result is journaled and queued in one transaction before it is
@@ -94,6 +96,12 @@ class Daemon:
         cfg = self.cfg
         if self.root is None:
             raise StartupError("no export folder: give `pneumoflag watch DIR` or set watch.dir")
+        if cfg.dicom_net.enabled:  # said, not ignored: a modality pointed at us would find nothing listening
+            raise StartupError("dicom_net.enabled = true: this version's `watch` does not start the DICOM receiver "
+                               "yet (see the README, DICOM network (preview)); set it to false")
+        if cfg.pacs.destinations:
+            log.warning("pacs.destinations is set, but this version's `watch` sends no structured report yet (see "
+                        "the README, DICOM network (preview))")
         self.ingest = Ingest(self.root, cfg.watch.recursive, cfg.watch.polling, cfg.watch.poll_interval,
                              cfg.watch.settle_seconds, cfg.watch.ignore,
                              exclude=[cfg.watch.archive_dir] if cfg.watch.archive_dir else [],
