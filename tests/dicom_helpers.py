@@ -52,36 +52,61 @@ def sample_pixels(index: int = 0, side: int = 384) -> np.ndarray:
         return np.asarray(g, dtype=np.uint8)
 
 
-def make_radiograph(path: Path, pixels: Optional[np.ndarray] = None, sop_class: str = CR, **tags: Any) -> Path:
-    """An explicit little endian Part 10 chest radiograph; ``tags`` override by keyword (None removes)."""
-    a = sample_pixels() if pixels is None else np.ascontiguousarray(pixels)
+def write_test_dicom(path: Path, pixels: Optional[np.ndarray], sop_class: str = CR, **tags: Any) -> Path:
+    """Write a Part 10 chest radiograph of ``sop_class`` with ``pixels`` (uint8/uint16, 2-D) to ``path``.
+
+    Keyword arguments set DICOM tags by keyword and override the defaults; a value of
+    ``None`` removes the tag. ``pixels=None`` writes no PixelData (give Rows/Columns in
+    ``tags`` if wanted). ``TransferSyntaxUID`` goes to the file meta.
+    """
+    path = Path(path)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = tags.pop("TransferSyntaxUID", ExplicitVRLittleEndian)
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT" if sop_class == CT else ("DX" if sop_class != CR else "CR")
-    ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Doe^Jane", "PID-42", "19700101", "F"
-    ds.AccessionNumber, ds.StudyID, ds.StudyDate, ds.StudyTime = "ACC0001", "S1", "20261125", "140309"
-    ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 1, 1
-    ds.Rows, ds.Columns = a.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8 * a.dtype.itemsize
-    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
-    ds.PixelData = a.tobytes()
+    ds.AccessionNumber = "ACC0001"
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "PID-42"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if pixels is not None:
+        a = np.ascontiguousarray(pixels)
+        assert a.ndim == 2 and a.dtype in (np.uint8, np.uint16), (a.shape, a.dtype)
+        ds.Rows, ds.Columns = a.shape
+        ds.BitsAllocated = ds.BitsStored = a.dtype.itemsize * 8
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = 0
+        ds.PixelData = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
     for keyword, value in tags.items():
         if value is None:
             if keyword in ds:
                 delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
-    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID") or generate_uid()
+    if "SOPInstanceUID" in ds:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    else:
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+    if meta.TransferSyntaxUID.is_encapsulated and "PixelData" in ds:
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
     ds.save_as(path, enforce_file_format=True)
-    return Path(path)
+    return path
+
+
+def make_radiograph(path: Path, pixels: Optional[np.ndarray] = None, sop_class: str = CR, **tags: Any) -> Path:
+    """A sample radiograph as a complete explicit little endian study image (the identity a modality sends);
+    ``tags`` override by keyword (None removes)."""
+    study = {"Modality": "CT" if sop_class == CT else ("DX" if sop_class != CR else "CR"), "ViewPosition": "PA",
+             "PatientBirthDate": "19700101", "PatientSex": "F", "StudyID": "S1", "StudyDate": "20261125",
+             "StudyTime": "140309", "ReferringPhysicianName": "", "SeriesNumber": 1, "InstanceNumber": 1}
+    return write_test_dicom(path, sample_pixels() if pixels is None else pixels, sop_class, **{**study, **tags})
 
 
 def encode(src: Path, dst: Path, syntax: str) -> Path:

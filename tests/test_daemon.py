@@ -188,7 +188,7 @@ def _bomb(path: Path) -> None:
 
 
 def test_bad_input_is_reported_and_the_daemon_goes_on(broker, dirs, daemons, tmp_path):
-    from test_dicom import write_test_dicom
+    from dicom_helpers import write_test_dicom
     import numpy as np
 
     watch, state = dirs
@@ -296,7 +296,7 @@ def test_missing_or_unreadable_export_folder(tmp_path, capsys):
 
 def test_dicom_chest_radiograph_is_flagged_with_its_ids(broker, dirs, daemons):
     import numpy as np
-    from test_dicom import write_test_dicom
+    from dicom_helpers import write_test_dicom
 
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")

@@ -27,7 +27,7 @@ def _lower_bound(package: str) -> str:
 
 
 def test_the_lowest_pinned_pydicom_reads_a_radiograph(tmp_path: Path) -> None:
-    from test_dicom import write_test_dicom
+    from dicom_helpers import write_test_dicom
 
     lowest = _lower_bound("pydicom")
     assert int(lowest.split(".")[0]) >= 3, "the code uses pydicom.pixels (pydicom 3)"

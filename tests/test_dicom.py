@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,66 +14,18 @@ from pneumoflag.device.dicom import DICOM_PREAMBLE_MAGIC, DicomInfo, is_dicom, r
 from pneumoflag.device.preprocess import ImageDecodeError, PreprocessSpec, prepare
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid  # noqa: E402
+from pydicom.uid import JPEGLSLossless, generate_uid  # noqa: E402
+
+from dicom_helpers import write_test_dicom  # noqa: E402
 
 SPEC = PreprocessSpec(64, 64, 1, contrast="equalize")
 JPEG = sorted((MINI / "PNEUMONIA").glob("*.jpeg"))[0]
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 # 12-bit CR encoding of the 8-bit radiograph: stored = gray * 16 + 10 (<= 4090),
 # physical value = stored * SLOPE + INTERCEPT.
 BITS = 12
 SLOPE, INTERCEPT = 0.5, -1024.0
-
-
-def write_test_dicom(path: Path, pixels: Optional[np.ndarray], **tags: Any) -> Path:
-    """Write a Part 10 CR chest radiograph with ``pixels`` (uint8/uint16, 2-D) to ``path``.
-
-    Keyword arguments set DICOM tags by keyword and override the defaults; a value of
-    ``None`` removes the tag. ``pixels=None`` writes no PixelData (give Rows/Columns in
-    ``tags`` if wanted). ``TransferSyntaxUID`` goes to the file meta.
-    """
-    path = Path(path)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    meta.TransferSyntaxUID = tags.pop("TransferSyntaxUID", ExplicitVRLittleEndian)
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CR_IMAGE_STORAGE
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.AccessionNumber = "ACC0001"
-    ds.Modality = "CR"
-    ds.BodyPartExamined = "CHEST"
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "PID-42"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    if pixels is not None:
-        a = np.ascontiguousarray(pixels)
-        assert a.ndim == 2 and a.dtype in (np.uint8, np.uint16), (a.shape, a.dtype)
-        ds.Rows, ds.Columns = a.shape
-        ds.BitsAllocated = ds.BitsStored = a.dtype.itemsize * 8
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 0
-        ds.PixelData = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-    for keyword, value in tags.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    else:
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-    if meta.TransferSyntaxUID.is_encapsulated and "PixelData" in ds:
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 @pytest.fixture(scope="module")

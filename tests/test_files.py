@@ -200,7 +200,7 @@ def test_an_animated_png_and_a_12_bit_jpeg_are_refused_with_a_specific_reason(br
 
 
 def test_a_dicom_written_header_first_is_scored_once_when_its_pixels_arrive(broker, dirs, daemons, tmp_path):
-    from test_dicom import write_test_dicom
+    from dicom_helpers import write_test_dicom
 
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")

@@ -132,7 +132,7 @@ def test_links_out_of_the_folder_are_never_read(broker, dirs, daemons):
 
 def test_small_files_that_decode_huge_are_refused_and_memory_stays_small(broker, dirs, daemons, tmp_path):
     from pydicom.uid import RLELossless
-    from test_dicom import write_test_dicom
+    from dicom_helpers import write_test_dicom
 
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
@@ -291,7 +291,7 @@ def _bitflipped_jpeg_that_still_decodes() -> bytes:
 
 
 def _mr_relabelled(path: Path) -> Path:
-    from test_dicom import write_test_dicom
+    from dicom_helpers import write_test_dicom
 
     rng = np.random.default_rng(0)
     mr = (rng.normal(800, 200, (256, 256)).clip(0, 4095)).astype(np.uint16)
@@ -501,7 +501,7 @@ def _encapsulated_jpeg_dicom(path: Path, frame_side: int, header_side: int) -> P
     import pydicom
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEGBaseline8Bit
-    from test_dicom import write_test_dicom
+    from dicom_helpers import write_test_dicom
 
     buf = io.BytesIO()
     Image.open(GOOD).convert("L").resize((frame_side, frame_side)).save(buf, "JPEG", quality=20)
@@ -517,7 +517,7 @@ def _encapsulated_jpeg_dicom(path: Path, frame_side: int, header_side: int) -> P
 def _deflated_dicom(path: Path, side: int) -> Path:
     import pydicom
     from pydicom.uid import DeflatedExplicitVRLittleEndian
-    from test_dicom import write_test_dicom
+    from dicom_helpers import write_test_dicom
 
     write_test_dicom(path, np.zeros((side, side), np.uint16))
     ds = pydicom.dcmread(path)
