@@ -88,6 +88,7 @@ class Daemon:
         self.root = Path(cfg.watch.dir).resolve() if cfg.watch.dir else None
         self._fatal: Optional[str] = None  # set by a dying worker thread: the main loop exits 1
         self._decoding: Optional[tuple[Job, float]] = None  # (the file in the decoder, perf_counter at submit)
+        self.intake: Optional[Intake] = None  # made by _start, once the store and publisher exist
         self._wd: Optional[float] = None  # watchdog ping interval (None: no watchdog)
         self._next_wd = 0.0
 
@@ -244,7 +245,7 @@ class Daemon:
         """Ping the watchdog when due, from the main loop or while it waits on a (bounded) decode;
         never once a worker thread has died."""
         now = time.monotonic()
-        if self._wd and now >= self._next_wd and not self._fatal and not (hasattr(self, "intake") and self.intake.fatal):
+        if self._wd and now >= self._next_wd and not self._fatal and not (self.intake and self.intake.fatal):
             self.notifier.watchdog()
             self._next_wd = now + self._wd
 
@@ -270,7 +271,7 @@ class Daemon:
 
     @property
     def processed(self) -> int:
-        return self.intake.processed if hasattr(self, "intake") else 0
+        return self.intake.processed if self.intake is not None else 0
 
     def _done(self) -> bool:
         if self.exit_after is not None and self.processed >= self.exit_after:
@@ -355,7 +356,7 @@ class Daemon:
         job = self.intake.admit(item) if item is not None else None
         if job is not None and self._decoding is not None and job.depends_on(self._decoding[0]):
             self._advance(None)  # this file's rules need the earlier one's result: journal that first
-            job = self.intake.admit(item)
+            job = self.intake.recheck(job)
         done, self._decoding = self._decoding, None
         decoded = self._collect(*done) if done is not None else None
         if job is not None and self.intake.start(job):

@@ -129,6 +129,16 @@ class Intake:
         job = Job(item, rel, label, fr, sha256_bytes(fr.data), prev, t_start)
         return job if self._new_content(job) else None
 
+    def recheck(self, job: Job) -> Optional[Job]:
+        """The journal's rules again, on the bytes already read: after the file it depends on is journaled."""
+        try:
+            if self.store.seen(job.rel, job.read.sig):
+                return None
+            job.prev = self.store.last_for_path(job.rel)
+        except StoreError as exc:
+            return self._store_failed(job.path, exc)
+        return job if self._new_content(job) else None
+
     def _new_content(self, job: Job) -> bool:
         """False when these bytes were said already: under this path (unchanged) or another (duplicate)."""
         try:
@@ -194,7 +204,7 @@ class Intake:
         self._error(job.path, job.rel, job.sha, job.read.sig, exc.reason, str(exc), job.prev)
 
     def internal_error(self, job: Job, exc: Exception) -> None:
-        log.error("%s: scoring failed", job.label, exc_info=(type(exc), exc, exc.__traceback__))
+        log.error("%s: scoring failed", job.label, exc_info=exc)
         self._error(job.path, job.rel, job.sha, job.read.sig, Reason.INTERNAL_ERROR,
                     f"{job.rel}: {type(exc).__name__}: {exc}", job.prev)
 
