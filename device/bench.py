@@ -256,14 +256,15 @@ def bench_stages(cfg: BenchConfig, files: list[Path], broker: Optional[str]) -> 
 
 def bench_daemon_steps(app, scorer, card: ModelCard, files: list[Path], repeats: int) -> dict:
     """Two of the daemon's own steps, alone: the worker's decode (the plausibility gate and the DICOM path
-    included, as ``decoder.decode_bytes`` runs it) and one result's journal commit with its outbox message
-    (``Store.record``, fsync'd, in a temporary folder, where the burst run keeps the daemon's state too)."""
+    included, as ``decoder.decode_bytes`` runs it), one result's journal commit with its outbox message
+    (``Store.record`` as the daemon makes it, without an fsync) and the publisher's fsync that makes it durable
+    before it is sent (``Store.sync``), in a temporary folder, where the burst run keeps the daemon's state too."""
     from .pipeline import Pipeline
     from .reader import file_sig
     from .store import FlagRecord, Store
 
     settings = Pipeline(app, scorer, card).settings
-    decode_ms, commit_ms = [], []
+    decode_ms, commit_ms, sync_ms = [], [], []
     for f in files:
         data = f.read_bytes()
         for _ in range(repeats):
@@ -277,11 +278,16 @@ def bench_daemon_steps(app, scorer, card: ModelCard, files: list[Path], repeats:
                 t0 = time.perf_counter()
                 store.record(f"f{i}.jpeg", f"{i:064x}", sig, "routine", event_id=f"e{i}",
                              message=("pneumoflag/bench/flag/routine", payload, 1),
-                             flag=FlagRecord(f"e{i}", "routine", 0.1, payload, time.time(), time.time(), time.time()))
-                commit_ms.append((time.perf_counter() - t0) * 1000.0)
+                             flag=FlagRecord(f"e{i}", "routine", 0.1, payload, time.time(), time.time(), time.time()),
+                             durable=False)
+                t1 = time.perf_counter()
+                store.sync()
+                commit_ms.append((t1 - t0) * 1000.0)
+                sync_ms.append((time.perf_counter() - t1) * 1000.0)
         finally:
             store.close()
-    return {"decode_and_gate": _summary(decode_ms), "journal_commit": _summary(commit_ms)}
+    return {"decode_and_gate": _summary(decode_ms), "journal_commit": _summary(commit_ms),
+            "journal_fsync": _summary(sync_ms)}
 
 
 def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, explain: bool = False) -> dict:
@@ -447,7 +453,8 @@ def format_report(r: dict) -> str:
         lines.append(f"{k:<22}{v['p50']:>10.2f}{v['p95']:>10.2f}")
     lines.append(f"{'read+decode+prep+infer':<22}{s['score_ms']['p50']:>10.2f}{s['score_ms']['p95']:>10.2f}")
     steps = s.get("daemon_steps_ms") or {}
-    for key, name in (("decode_and_gate", "daemon: decode + gate"), ("journal_commit", "daemon: journal commit")):
+    for key, name in (("decode_and_gate", "daemon: decode + gate"), ("journal_commit", "daemon: journal commit"),
+                      ("journal_fsync", "publisher: log fsync")):
         if key in steps:
             lines.append(f"{name:<22}{steps[key]['p50']:>10.2f}{steps[key]['p95']:>10.2f}")
     if s.get("heatmap"):

@@ -245,7 +245,8 @@ class Daemon:
         """Ping the watchdog when due, from the main loop or while it waits on a (bounded) decode;
         never once a worker thread has died."""
         now = time.monotonic()
-        if self._wd and now >= self._next_wd and not self._fatal and not (self.intake and self.intake.fatal):
+        failed = self._fatal or (self.intake is not None and (self.intake.fatal or self.publisher.sync_error))
+        if self._wd and now >= self._next_wd and not failed:
             self.notifier.watchdog()
             self._next_wd = now + self._wd
 
@@ -254,6 +255,8 @@ class Daemon:
         written, or the watcher keeps stopping."""
         if not self._fatal and self.intake.fatal:
             self._fatal = self.intake.fatal
+        if not self._fatal and self.publisher.sync_error:
+            self._fatal = self.publisher.sync_error
         if not self._fatal and self.store.on_read_only_fs():  # found even when no file arrives to be written
             self._fatal = self.intake.read_only_text("its file system is mounted read-only")
         if self._fatal:

@@ -107,6 +107,9 @@ class DecodeWorker:
         parent, child = socket.socketpair()
         # the service manager's notifications are the daemon's alone (NotifyAccess=main)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+        # one thread of maths: the worker is one of the pipeline's two stages, and a BLAS call that starts
+        # its own threads (which spin while they wait) takes the core the daemon infers on
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "pneumoflag.device.decoder", str(child.fileno()), str(os.getpid())],
@@ -256,7 +259,6 @@ def _serve(fd: int, parent: int) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     # the package's module, not this __main__ copy: what is pickled must name pneumoflag.device.decoder
     from pneumoflag.device.decoder import _serve as serve
 

@@ -180,9 +180,11 @@ class Intake:
         payload = encode(msg.to_dict())
         record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, msg.written_ts,
                             job.item.seen_at, time.time())
+        # fsync'd by the publisher before it sends (group commit), unless the file is archived right away: a
+        # power cut must not leave it moved out of the export folder with its result unwritten
         if not self._record(job.path, job.rel, job.sha, job.read.sig, msg.priority, event_id=msg.event_id,
                             supersedes=job.supersedes, message=(self.cfg.topics.flag(msg.priority), payload, 1),
-                            flag=record):
+                            flag=record, durable=bool(self.cfg.watch.archive_dir)):
             return
         self._arriving.pop(job.rel, None)
         if self.heatmaps is not None and msg.priority != Priority.ROUTINE:
@@ -263,9 +265,12 @@ class Intake:
             self.stats.errors += 1
 
     # ------------------------------------------------------------------ the journal
-    def _record(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, status: str, **kw) -> bool:
+    def _record(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, status: str, durable: bool = False,
+                **kw) -> bool:
+        """Journal one outcome. Not fsync'd here: its message is sent only after the publisher's fsync, and
+        an outcome a power cut takes back is decided again on the next start (the file is still there)."""
         try:
-            self.store.record(rel, sha, sig, status, **kw)
+            self.store.record(rel, sha, sig, status, durable=durable, **kw)
         except StoreError as exc:
             self._store_failed(path, exc)
             return False

@@ -58,6 +58,9 @@ class Publisher:
         self._thread: Optional[threading.Thread] = None
         self._subscriptions: list[str] = []
         self._last_read_error = -1e9
+        #: set when the state disk refused an fsync: what it should have made durable is never sent, and the
+        #: daemon exits 1 (after a failed fsync the kernel's copy of the data can no longer be trusted)
+        self.sync_error: Optional[str] = None
 
     def subscribe(self, topic: str, handler) -> None:
         """Receive ``topic`` (QoS 1) on every (re)connection; ``handler(payload: bytes)`` runs on paho's thread."""
@@ -201,11 +204,24 @@ class Publisher:
             log.error("could not remove %d acknowledged messages from the outbox: %s", len(seqs), exc)
 
     # ------------------------------------------------------------------ the pump
+    def _sync(self) -> None:
+        """The results committed since the last round, fsync'd together (group commit): done here, not by
+        the daemon's loop, which scores the next file while the disk works. Connected or not: a result
+        waiting out a broker outage is as durable as a sent one."""
+        if self.sync_error is not None:
+            return
+        try:
+            self.store.sync()
+        except StoreError as exc:
+            self.sync_error = f"fsync of the state database failed ({exc})"
+            log.critical("%s: the results it held are not sent", self.sync_error)
+
     def _pump(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
             self._process_acks()
+            self._sync()
             if not self.connected.is_set() or len(self._inflight) >= MAX_INFLIGHT * 4:
                 continue
             try:

@@ -178,6 +178,9 @@ class Store:
     def __init__(self, state_dir: Path | str, filename: str = STATE_DB):
         self.path = Path(state_dir) / filename
         self._lock = threading.Lock()
+        self._wal: Optional[str] = None  # the write-ahead log :meth:`sync` flushes (None: not in WAL mode)
+        self._synced_seq = 0  # every outbox row up to this seq is on disk (fsync'd): only those are sent
+        self._unsynced = True  # a commit since the last sync has not been fsync'd (at open: who knows)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = self._connect()
@@ -190,6 +193,7 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise self._error(exc) from None
         self._inode = self.path.stat().st_ino
+        self.sync()  # what an earlier process committed without an fsync is on disk before it is sent
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
@@ -208,7 +212,8 @@ class Store:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
         for attempt in range(100):  # switching to WAL does not wait for a lock held by another process opening it
             try:
-                db.execute("PRAGMA journal_mode=WAL")
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                self._wal = f"{self.path}-wal" if str(mode).lower() == "wal" else None
                 break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or attempt == 99:
@@ -286,12 +291,51 @@ class Store:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=NORMAL")
                 try:
-                    return self._transaction(fn)
+                    out = self._transaction(fn)
                 finally:
                     if not durable:
                         self._db.execute("PRAGMA synchronous=FULL")
+                if durable:  # the commit's fsync of the log covered every commit before it
+                    self._synced_seq = self._top_seq()
+                return out
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
+
+    def _top_seq(self) -> int:
+        return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name='outbox'")
+                   .fetchone()[0] or 0)
+
+    def sync(self) -> int:
+        """Group commit: one fsync of the write-ahead log makes every result committed before it durable;
+        returns the outbox seq up to which rows may now be sent (:meth:`pending` gives no other).
+
+        The fsync runs outside the lock, so the daemon commits the next results while the disk works,
+        and the next sync covers all of them. A failed fsync raises :class:`StoreError`; what it should have
+        covered is not sent.
+        """
+        with self._lock:
+            if not self._unsynced:
+                return self._synced_seq
+            self._unsynced = False
+            try:
+                top = self._top_seq()
+            except sqlite3.Error as exc:
+                self._unsynced = True
+                raise self._error(exc) from None
+        try:
+            if self._wal is not None and os.path.exists(self._wal):
+                fd = os.open(self._wal, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            with self._lock:
+                self._unsynced = True
+            raise self._error(exc) from None
+        with self._lock:
+            self._synced_seq = max(self._synced_seq, top)
+            return self._synced_seq
 
     def _transaction(self, fn):
         self._db.execute("BEGIN IMMEDIATE")
@@ -340,8 +384,13 @@ class Store:
         message: Optional[tuple[str, bytes, int]] = None,
         supersedes: Optional[str] = None,
         flag: Optional[FlagRecord] = None,
+        durable: bool = True,
     ) -> Optional[int]:
         """Journal a processed file and (atomically) queue its message; returns the outbox seq.
+
+        ``durable=False`` commits without an fsync (it survives a killed process, not a power cut): its
+        message is sent only once a :meth:`sync` has made it durable, and the daemon's publisher syncs
+        before it sends (group commit).
 
         A flag gets the next number of this device's flag sequence (``seq`` in its message) in the same
         transaction, so the numbers have no gaps and no repeats, whatever fails: a station that misses one
@@ -377,7 +426,11 @@ class Store:
             )
             return cur.lastrowid
 
-        return self._write(tx)
+        if durable or self._wal is None:  # without a write-ahead log each commit pays its own fsync
+            return self._write(tx)
+        seq = self._write(tx, durable=False)
+        self._unsynced = True
+        return seq
 
     def begin(self, path: str, sha256: str) -> int:
         """Mark the file as being processed now; how many earlier starts on this content never ended.
@@ -407,8 +460,9 @@ class Store:
 
     # ------------------------------------------------------------------ outbox
     def pending(self, limit: int = 100, after_seq: int = 0) -> list[OutboxRow]:
-        rows = self._read("SELECT seq, event_id, topic, payload, qos FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                          (after_seq, limit))
+        """The next rows to send, in order: only those on disk (see :meth:`sync`)."""
+        rows = self._read("SELECT seq, event_id, topic, payload, qos FROM outbox WHERE seq > ? AND seq <= ? "
+                          "ORDER BY seq LIMIT ?", (after_seq, self._synced_seq, limit))
         return [OutboxRow(*r) for r in rows]
 
     def ack(self, seqs: list[int]) -> None:

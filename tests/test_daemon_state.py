@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import sqlite3
@@ -292,3 +293,67 @@ def test_the_state_lock_is_never_taken_through_a_link_or_on_a_fifo(tmp_path):
     lock = StateLock(state)
     lock.acquire()  # a plain file: taken
     lock.release()
+
+
+def test_a_flag_is_sent_only_after_an_fsync_has_put_its_journal_entry_on_disk(broker, dirs, daemons, tmp_path):
+    """Group commit keeps the promise: a result is journaled without an fsync, and the publisher fsyncs the
+    write-ahead log before it sends. strace records every write to the log, every fsync of it and every send;
+    before each flag goes to the broker, the last thing done to the log is an fsync (which covers all the
+    writes before it, the flag's own included)."""
+    import shutil
+
+    from pneumoflag.device.contract import Topics
+
+    strace = shutil.which("strace")
+    assert strace, "strace is needed; .ci/run installs it"
+    trace = tmp_path / "io.txt"
+    wrapper = (strace, "-f", "-qq", "-y", "-s", "200", "-o", str(trace),
+               "-e", "trace=pwrite64,write,fsync,fdatasync,sendto,sendmsg")
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address, wrapper=wrapper).start()
+    samples = sorted(SAMPLES_DIR.rglob("*.jpeg"))[:3]
+    for i, f in enumerate(samples):  # one at a time: each commit, fsync and send on its own
+        drop(f, watch)
+        sub.wait_flags(i + 1, timeout=60)
+    daemon_pid = int(subprocess.check_output(["pgrep", "-P", str(d.proc.pid)]).split()[0])
+    os.kill(daemon_pid, signal.SIGTERM)  # the daemon, not strace: strace writes its whole record as it ends
+    assert d.proc.wait(30) == 0
+    flag_topic = Topics("pneumoflag", "test").flag("routine").rsplit("/", 1)[0] + "/"  # any priority
+    events = []
+    for line in trace.read_text(errors="replace").splitlines():
+        if "-wal>" in line and ("fsync(" in line or "fdatasync(" in line or "fsync resumed>" in line):
+            if "unfinished" not in line:
+                events.append("fsync")  # completed
+        elif "-wal>" in line and "write" in line and "resumed>" not in line:
+            events.append("write")
+        elif ("sendto(" in line or "sendmsg(" in line) and flag_topic in line:
+            events.append("send")
+    sends = [i for i, e in enumerate(events) if e == "send"]
+    assert len(sends) >= 3, events[-40:]
+    for i in sends:
+        last_log_op = next(e for e in reversed(events[:i]) if e != "send")
+        assert last_log_op == "fsync", f"a flag was sent after an un-fsync'd write to the log: {events[:i + 1][-12:]}"
+
+
+def test_a_result_committed_without_an_fsync_is_not_offered_for_sending_until_a_sync(tmp_path):
+    """The store's half of group commit: ``record(durable=False)`` is journaled at once (the rules see it) but
+    ``pending`` holds its message back until ``sync`` has fsync'd the log; a durable write (an escalation, a
+    heat map) covers what was committed before it; a reopened store starts with everything on disk."""
+    from pneumoflag.device.store import FileSig, Store
+
+    store = Store(tmp_path)
+    sig = FileSig(1, 1, 1)
+    store.record("a.jpeg", "a" * 64, sig, "error", reason="corrupt", event_id="ea", message=("t/errors", b"{}", 1),
+                 durable=False)
+    assert store.last_for_path("a.jpeg").event_id == "ea"  # journaled: seen by the dedupe rules
+    assert store.pending() == []
+    assert store.sync() >= 1 and [r.event_id for r in store.pending()] == ["ea"]
+    store.record("b.jpeg", "b" * 64, sig, "error", reason="corrupt", event_id="eb", message=("t/errors", b"{}", 1),
+                 durable=False)
+    store.queue_resend("t/resend", [("x", b"{}")], "tag")  # a durable write: its fsync covers "eb" too
+    assert [r.event_id for r in store.pending()] == ["ea", "eb", "x#resend-tag"]
+    store.record("c.jpeg", "c" * 64, sig, "error", reason="corrupt", event_id="ec", message=("t/errors", b"{}", 1),
+                 durable=False)
+    store.close()
+    assert [r.event_id for r in Store(tmp_path).pending()][-1] == "ec"

@@ -293,8 +293,10 @@ def test_bench_stages_include_the_daemons_decode_with_the_gate_and_its_journal_c
     steps = json.loads(out.read_text())["stages"]["daemon_steps_ms"]
     assert steps["decode_and_gate"]["n"] == 4 and steps["decode_and_gate"]["p50"] > 0
     assert steps["journal_commit"]["n"] >= 50 and steps["journal_commit"]["p50"] > 0
+    assert steps["journal_fsync"]["n"] >= 50 and steps["journal_fsync"]["p50"] > 0
     assert re.search(r"^daemon: decode \+ gate +\d+\.\d\d", run.stdout, re.M), run.stdout
     assert re.search(r"^daemon: journal commit +\d+\.\d\d", run.stdout, re.M), run.stdout
+    assert re.search(r"^publisher: log fsync +\d+\.\d\d", run.stdout, re.M), run.stdout
 
 
 def test_watch_refuses_a_dicom_receiver_it_does_not_start_yet(tmp_path: Path):

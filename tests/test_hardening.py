@@ -352,6 +352,41 @@ def test_no_real_radiograph_is_refused_by_the_gate():
     assert len(files) >= 40  # the samples and the mini set at least; site_dev and fullres where present
 
 
+def test_the_gates_fast_metrics_equal_the_textbook_formulas():
+    """The gate reads percentiles off a histogram and correlates by hand (it runs on every file); on real
+    radiographs at the model's size, noise, flat, stepped and tiny images, each figure equals numpy's
+    percentile / corrcoef / float Laplacian, so no limit moves."""
+    from pneumoflag.device import gate
+    from pneumoflag.device.card import ModelCard, card_path_for
+    from pneumoflag.device.preprocess import decode, resize
+
+    def dynamic_range(a):
+        lo, hi = np.percentile(a, [1, 99])
+        return float(hi - lo)
+
+    def smoothness(a):
+        x, y = a[:, :-1].astype(np.float64).ravel(), a[:, 1:].astype(np.float64).ravel()
+        return 0.0 if x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1])
+
+    def detail(a):
+        a = a.astype(np.float64)
+        lap = np.abs(4 * a[1:-1, 1:-1] - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:]).mean()
+        return float(lap / a.std()) if a.std() > 0 else 0.0
+
+    spec = ModelCard.load(card_path_for(SHIPPED_MODEL)).preprocessing
+    rng = np.random.default_rng(7)
+    images = [resize(decode(f, spec), spec) for f in _real_radiographs()[:40]]
+    images += [rng.integers(0, 256, (128, 128), dtype=np.uint8), rng.integers(100, 103, (97, 128), dtype=np.uint8),
+               np.full((128, 128), 9, np.uint8), np.zeros((3, 3), np.uint8),
+               (np.add.outer(np.arange(128), np.arange(128)) % 256).astype(np.uint8),
+               np.where(rng.random((64, 64)) < 0.995, 0, 255).astype(np.uint8)]
+    for a in images:
+        assert gate.dynamic_range(a) == pytest.approx(dynamic_range(a), abs=1e-9)
+        assert gate.smoothness(a) == pytest.approx(smoothness(a), abs=1e-9)
+        assert gate.detail(a) == pytest.approx(detail(a), abs=1e-9)
+        assert gate.uniform_share(a) == np.bincount(a.ravel()).max() / a.size
+
+
 # ----------------------------------------------------------------------------- 11. topic names
 
 @pytest.mark.parametrize("toml, needle", [
