@@ -246,8 +246,8 @@ class DriftMonitor:
         d = ks_distance(np.array([o.logit for o in scored]), self._q)
         scale = math.sqrt((n + m) / (n * m))
         level = _level(d > KS_WATCH * scale, d > KS_ALARM * scale)
-        return DriftCheck("logit distribution", level, f"model scores distributed unlike the reference (KS distance "
-                          f"{d:.2f} over {n} images; watch above {KS_WATCH * scale:.2f}, alarm above "
+        return DriftCheck("logit distribution", level, f"model scores over the last {n} images at KS distance {d:.2f} "
+                          f"from the reference's (watch above {KS_WATCH * scale:.2f}, alarm above "
                           f"{KS_ALARM * scale:.2f})", round(d, 4))
 
     def _inputs(self, scored: list[Observation]) -> list[DriftCheck]:

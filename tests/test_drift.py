@@ -189,6 +189,8 @@ def test_site_images_keep_ok_inverted_ones_reach_alarm_which_survives_a_restart_
     plots = tmp_path / "plots"
     assert run_cli("report", "--state-dir", state, "--plots", plots) == 0
     out = capsys.readouterr().out
+    with capsys.disabled():
+        print(out)  # the README quotes this report
     assert "drift: ALARM since" in out and "refused by the gate" in out
     assert "logit distribution" in out and "site_dev, 312 images" in out
     assert (plots / "drift_logits.png").stat().st_size > 1000
