@@ -156,7 +156,7 @@ class DriftMonitor:
             return None
         if card.drift_reference is None:
             log.warning("drift: the card of %s %s has no drift_reference: drift is not judged (run calibrate, adapt "
-                        "or `python -m pneumoflag.convert.drift_study reference`)", card.name, card.version)
+                        "or drift_study's reference command: README, Drift)", card.name, card.version)
         return cls(cfg.drift, card.drift_reference, cfg.mqtt.device_id, f"{card.name} {card.version}",
                    Path(cfg.state.dir))
 
@@ -181,8 +181,7 @@ class DriftMonitor:
         if changed:
             self.since = self.clock()
             (log.warning if new.state in ("watch", "alarm") else log.info)("drift: %s: %s", new.state, new.reason)
-            self.save()
-            if self.on_change is not None:
+            if self.on_change is not None:  # the daemon's: publish and save
                 self.on_change(new)
 
     # ------------------------------------------------------------------ the checks
