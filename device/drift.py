@@ -64,7 +64,8 @@ REFUSAL_FLOOR = 0.01
 NEW_EQUIPMENT_ALARM = 3
 #: shifts of an input figure's mean, in reference standard deviations, for watch and alarm
 SHIFT_WATCH, SHIFT_ALARM = 0.5, 1.0
-#: the least spread taken for each figure (the shipped reference's images are all 224 px: its sd is 0)
+#: the least spread taken for each figure; a figure with no spread at all in the reference is not compared
+#: (the shipped reference's images are all 224 px copies: their size says nothing of a site's exports)
 FIGURE_FLOOR = {"grey_mean": 2.0, "grey_sd": 2.0, "clipped_low": 0.005, "clipped_high": 0.005, "detail": 0.005,
                 "log2_short_side": 0.25}
 _RANK = {"ok": 0, "unknown": 0, "watch": 1, "alarm": 2}
@@ -140,8 +141,8 @@ class DriftMonitor:
             self._n_ref = int(reference["n"])
             self._expected = float(reference["tiers"]["expected_share"]["flagged"])
             self._refusal = max(REFUSAL_FLOOR, float(reference["gate"]["rate"]))
-            self._figures = [(reference["inputs"][k]["mean"], max(reference["inputs"][k]["sd"], FIGURE_FLOOR[k]))
-                             for k in DESCRIPTORS]
+            self._figures = [(reference["inputs"][k]["mean"], max(reference["inputs"][k]["sd"], FIGURE_FLOOR[k]),
+                              reference["inputs"][k]["sd"] > 0) for k in DESCRIPTORS]
             self._equipment = {e["name"] for e in reference["equipment"]["seen"]}
             self._load()
         loaded = self.current.state
@@ -256,12 +257,16 @@ class DriftMonitor:
         n, m = len(rows), self._n_ref
         out = []
         for i, name in enumerate(DESCRIPTORS):
-            mean, sd = self._figures[i]
+            mean, sd, varied = self._figures[i]
             now = float(rows[:, i].mean())
+            words = name.replace("_", " ")
+            if not varied:  # resized copies (the shipped reference: all 224 px) say nothing of a site's exports
+                out.append(DriftCheck(name, "ok", f"{words} not compared: every reference image had the same value "
+                                      f"({mean:.3g}; resized copies?)", None))
+                continue
             shift = (now - mean) / sd
             z = abs(shift) / math.sqrt(1 / n + 1 / m)
             level = _level(abs(shift) >= SHIFT_WATCH and z > Z_WATCH, abs(shift) >= SHIFT_ALARM and z > Z_ALARM)
-            words = name.replace("_", " ")
             out.append(DriftCheck(name, level, f"{words} {now:.3g} over the last {n} images, reference {mean:.3g} "
                                   f"(sd {sd:.2g}; {shift:+.1f} sd)", round(shift, 3)))
         return out

@@ -139,6 +139,28 @@ def test_new_equipment_reaches_alarm_at_its_third_image(tmp_path):
     assert "new equipment: ACME DR-9 (3 images)" in monitor.current.reason
 
 
+def test_a_sites_full_resolution_exports_do_not_alarm_for_their_size_against_the_shipped_reference():
+    """The shipped reference is 224 px copies, all one size: the source size is not compared (it says nothing
+    of a site's exports), and the 24 scanner images, whose other figures are like the copies', raise no
+    alarm (default window; judged from 20 images)."""
+    files = sorted(FULLRES.rglob("*.jpeg"))
+    assert len(files) >= 20, "the full-resolution images are needed (../shared/data/fullres)"
+    scorer, card = load_scorer(SHIPPED_MODEL, "cpu")
+    settings = Pipeline(Config(), scorer, card).settings
+    from pneumoflag.device.decoder import decode_bytes
+
+    monitor = DriftMonitor(DriftConfig(min_images=20), card.drift_reference, "xray-1", "m")  # 24 images
+    for f in files:
+        d = decode_bytes(f.read_bytes(), f.name, settings)
+        assert d.inputs.log2_short_side > 9  # really full resolution
+        p = scorer.score(d.pixels)
+        monitor.scored(p, card.thresholds.priority(p), d.inputs)
+    a = monitor.evaluate()
+    size = next(c for c in a.checks if c.check == "log2_short_side")
+    assert size.level == "ok" and "not compared" in size.text
+    assert a.state != "alarm", a.reason
+
+
 # ----------------------------------------------------------------------------- through the daemon and the broker
 
 
