@@ -39,7 +39,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..device.card import CardError, ModelCard, card_path_for, sha256_file
+from ..device.card import CardError, ModelCard, Thresholds, card_path_for, sha256_file
+from ..device.drift_reference import build_reference
 from ..device.scorer import Scorer, load_scorer
 from .budget import MAX_INFER_MS, MAX_TFLITE_BYTES
 from .dataset import (
@@ -652,6 +653,7 @@ def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list
             raise _Refused("; ".join(f"{c['name']} failed ({_say(c)})" for c in failed))
         _check_unchanged(site.paths, digests)
         card = _adapted_card(conv["card"], adaptation, ops, oof, site_rec, val, p_new_val, val_rec)
+        card["drift_reference"] = _drift_reference(Path(conv["card_path"]), site, p_oof, ops, prevalence, site_rec)
         write_card(card, Path(conv["card_path"]))
         ModelCard.load(conv["card_path"]).verify_file(tmp_out)
         written_files = _install(cfg, tmp, member_paths, conv, members)
@@ -667,6 +669,17 @@ def _run(cfg: AdaptConfig, base: ModelCard, members: list[Member], samples: list
             cfg.plots, site, p_oof, oof, f"ROC: out-of-fold scores on {site_rec['folder']}")]
     return {"card": card, "card_path": card_path_for(cfg.out), "record_path": rec_path, "files": written_files,
             "criteria": criteria, "oof": oof}
+
+
+def _drift_reference(card_path: Path, site: LoadedSet, p_oof: np.ndarray, ops: dict, prevalence: float,
+                     site_rec: dict) -> dict:
+    """The drift monitor's reference from the out-of-fold scores: they are what a model of the shipped kind gives
+    images it never saw; the shipped model's own scores on the site images it was trained on are sharper than the
+    ones it will give new images, and a monitor comparing with them would call the site's own images drift."""
+    return build_reference(site.paths, p_oof, site.y, ModelCard.load(card_path),
+                           Thresholds(ops["flag"]["threshold"], ops["urgent"]["threshold"]), prevalence,
+                           "out-of-fold scores (each image scored by fold models that never saw its patient)",
+                           site_rec, "pneumoflag adapt")
 
 
 def _scores_by_image(site: LoadedSet, folds: np.ndarray, p: np.ndarray, digests: list[str]) -> dict:

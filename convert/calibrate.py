@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..device.card import CardError, ModelCard, card_path_for, sha256_file
+from ..device.card import CardError, ModelCard, Thresholds, card_path_for, sha256_file
+from ..device.drift_reference import build_reference
 from ..device.scorer import load_scorer
 from .dataset import LABELS, load_samples, scan_folder, score_all
 from .metrics import (
@@ -142,6 +143,11 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     thresholds = {"flag": ops["flag"]["threshold"], "urgent": ops["urgent"]["threshold"]}
     figures = evaluate_scores(ds.y, p, thresholds, intervals=True, prevalence=prevalence)
     figures["prevalence_source"] = "--prevalence" if cfg.prevalence is not None else "the site data's own"
+    # what these images looked like, for the daemon's drift monitor: in-sample scores are this model's honest
+    # scores here (calibration moves thresholds, not weights)
+    reference = build_reference(ds.paths, p, ds.y, card, Thresholds(thresholds["flag"], thresholds["urgent"]),
+                                prevalence, "this model's scores on the site data (calibration sets no weights)",
+                                record, "pneumoflag calibrate")
 
     new = dict(card.raw)
     revision = card.revision + 1
@@ -155,6 +161,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         operating_points=ops,
         site=figures | {"source": record},
         revisions=history,
+        drift_reference=reference,
     )
     out = cfg.out or card_path
     write_card(new, out)

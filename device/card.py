@@ -120,6 +120,13 @@ class ModelCard:
                 f"{(a.get('folds') or {}).get('k')} patient-level folds; operating points from out-of-fold scores")
 
     @property
+    def drift_reference(self) -> Optional[dict[str, Any]]:
+        """What the validation images looked like (``device/drift_reference.py``), for the drift monitor; None for
+        a card made before it (run ``calibrate``, ``adapt`` or ``drift_study reference`` to add one)."""
+        ref = self.raw.get("drift_reference")
+        return ref if isinstance(ref, dict) else None
+
+    @property
     def layout_template(self) -> Optional[np.ndarray]:
         """The mean training radiograph at 32 x 32 (``plausibility.template``), for the gate's layout check."""
         t = (self.raw.get("plausibility") or {}).get("template")

@@ -308,12 +308,14 @@ def _add_report(sub) -> None:
         description="Read the daemon's state database (read-only, also while it runs) and print, for the period: "
         "flags by priority and how many were acknowledged, errors by reason, p50/p95/max of each step from the "
         "image being written to a nursing station acknowledging it (written -> delivered is the "
-        "time-to-notification), and the urgent flags nobody has acknowledged yet.",
+        "time-to-notification), the urgent flags nobody has acknowledged yet, and the drift monitor's last state "
+        "with its figures (device/drift.py).",
     )
     p.add_argument("--since", default="7d", help="the period, back from now: 7d (default), 24h, 90m, 3600s")
     p.add_argument("--json", dest="json_out", type=Path, help="also write the figures as JSON")
     p.add_argument("--plots", type=Path, metavar="DIR",
-                   help="also draw histograms of written->delivered and delivered->acknowledged (needs matplotlib)")
+                   help="also draw histograms of written->delivered and delivered->acknowledged, and the drift "
+                        "monitor's logit distribution against its reference (needs matplotlib)")
     p.add_argument("--config", type=Path, help="TOML config file (for state.dir)")
     p.add_argument("--state-dir", help="the daemon's state folder (default: state.dir from the config)")
     p.set_defaults(func=_cmd_report)

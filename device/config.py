@@ -192,6 +192,17 @@ class AlertsConfig:
 
 
 @dataclass
+class DriftConfig:
+    """The drift monitor (device/drift.py): what the device scores against its card's ``drift_reference``."""
+
+    enabled: bool = setting(True, "compare what the device scores with its card's drift_reference; the state goes "
+                                  "to …/drift, stats and the log")
+    window: int = setting(200, "the last this many images (scored or refused) are compared", min=10)
+    min_images: int = setting(50, "fewer scored images in the window: too few to judge the distributions", min=5)
+    max_age_hours: float = setting(168.0, "images older than this leave the window", above=0)
+
+
+@dataclass
 class StationConfig:
     """The nursing-station console (``pneumoflag station``); it may run on another machine of the ward."""
 
@@ -257,6 +268,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     station: StationConfig = field(default_factory=StationConfig)
     dicom_net: DicomNetConfig = field(default_factory=DicomNetConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
@@ -308,7 +320,7 @@ class Config:
 
 SECTIONS = {"watch": WatchConfig, "model": ModelConfig, "mqtt": MqttConfig, "dicom": DicomConfig,
             "state": StateConfig, "log": LogConfig, "gate": GateConfig, "explain": ExplainConfig,
-            "alerts": AlertsConfig,
+            "alerts": AlertsConfig, "drift": DriftConfig,
             "station": StationConfig, "dicom_net": DicomNetConfig, "pacs": PacsConfig}
 #: the keys whose value is never shown (``pneumoflag config`` redacts them, errors leave them out)
 SECRET_KEYS = {(sec, f.name) for sec, cls in SECTIONS.items() for f in fields(cls) if f.metadata["secret"]}

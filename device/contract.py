@@ -42,6 +42,11 @@ STATS_SCHEMA = "pneumoflag.stats/1"
 ACK_SCHEMA = "pneumoflag.ack/1"
 ESCALATION_SCHEMA = "pneumoflag.escalation/1"
 RESEND_SCHEMA = "pneumoflag.resend/1"
+DRIFT_SCHEMA = "pneumoflag.drift/1"
+#: the drift monitor's states, best first; ``unknown``: the window holds too few images to judge
+DRIFT_STATES = ("ok", "watch", "alarm", "unknown")
+#: the most checks a drift message may carry
+MAX_DRIFT_CHECKS = 16
 #: the most flags one resend request brings back (a station asks again for the rest)
 MAX_RESEND = 1000
 
@@ -117,6 +122,7 @@ TOPICS: dict[str, tuple[str, Optional[str]]] = {
     "resend": ("resend", None),
     "replay": ("replay", "station"),
     "heatmap": ("heatmaps", "event_id"),
+    "drift": ("drift", None),
 }
 _KIND_OF_LEVEL = {level: kind for kind, (level, _) in TOPICS.items()}
 
@@ -170,6 +176,10 @@ class Topics:
 
     def heatmap(self, event_id: str) -> str:
         return self.build("heatmap", event_id)
+
+    def drift(self) -> str:
+        """Retained: whether what the device scores still looks like its card's reference (``device/drift.py``)."""
+        return self.build("drift")
 
     def filter(self, kind: str) -> str:
         """A subscriber's filter for every topic of ``kind`` (any priority, station or event id)."""
@@ -624,6 +634,65 @@ class ResendRequest:
             raise ContractError("last is out of range")
         return cls(station=station, first=first, last=last, at=text(msg, "at", False, 64),
                    schema=text(msg, "schema", False, 64) or RESEND_SCHEMA)
+
+
+@dataclass
+class DriftCheck:
+    """One figure the drift monitor compared: its name, its level (a :data:`DRIFT_STATES` value) and the words."""
+
+    check: str
+    level: str
+    text: str
+    value: Optional[float] = None
+
+    @classmethod
+    def parse(cls, value: Any) -> DriftCheck:
+        msg = _object(value, "a drift check")
+        level = text(msg, "level", max_len=16)
+        if level not in DRIFT_STATES:
+            raise ContractError(f"drift check level {level[:20]!r} is not one of {', '.join(DRIFT_STATES)}")
+        return cls(check=text(msg, "check", max_len=64), level=level, text=text(msg, "text"),
+                   value=number(msg, "value", -1e12, 1e12, required=False))
+
+
+@dataclass
+class DriftMessage:
+    """The drift monitor's state, retained on ``Topics.drift()``: ``state`` and ``reason`` in words, the figures
+    behind them (``checks``), how many images the window holds, and since when the state holds."""
+
+    device: str
+    state: str  # one of DRIFT_STATES
+    reason: str
+    images: int  # in the window, scored or refused
+    scored: int
+    checks: list[DriftCheck]
+    model: str  # name and version
+    reference: str  # what the reference was made from, in words
+    since: Optional[str] = None  # when the state began
+    at: Optional[str] = field(default_factory=utc_now)
+    schema: str = DRIFT_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, payload: Any, device: Optional[str] = None) -> DriftMessage:
+        """A received drift message, checked: a known state, bounded texts and counts, at most
+        :data:`MAX_DRIFT_CHECKS` checks."""
+        msg = _object(payload, "a drift message")
+        state = text(msg, "state", max_len=16)
+        if state not in DRIFT_STATES:
+            raise ContractError(f"drift state {state[:20]!r} is not one of {', '.join(DRIFT_STATES)}")
+        checks = msg.get("checks")
+        if not isinstance(checks, list) or len(checks) > MAX_DRIFT_CHECKS:
+            raise ContractError(f"'checks' must be a list of at most {MAX_DRIFT_CHECKS}")
+        since, _ = when(msg, "since")
+        at, _ = when(msg, "at")
+        return cls(device=_device(msg, device), state=state, reason=text(msg, "reason"),
+                   images=integer(msg, "images", 0, 10**9), scored=integer(msg, "scored", 0, 10**9),
+                   checks=[DriftCheck.parse(c) for c in checks], model=text(msg, "model", max_len=MAX_NAME),
+                   reference=text(msg, "reference"), since=since, at=at,
+                   schema=text(msg, "schema", False, 64) or DRIFT_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------- logging

@@ -45,6 +45,7 @@ from .card import CardError
 from .config import EMBEDDED_BROKER, Config
 from .contract import encode
 from .decoder import DecoderUnavailable, DecodeWorker
+from .drift import DriftMonitor
 from .escalation import AckDesk
 from .ingest import Ingest, IngestError, Ready
 from .intake import Intake, Job
@@ -152,8 +153,11 @@ class Daemon:
 
             self.heatmaps = HeatmapWorker(cfg, self.card, self.pipeline, self.store, self.publisher)
             self.heatmaps.start()
+        self.drift = DriftMonitor.for_daemon(cfg, self.card)
+        if self.drift is not None:
+            self.drift.on_change = lambda _: self.publish_drift()
         self.intake = Intake(cfg, self.root, self.store, self.publisher, self.ingest, self.pipeline, self.stats,
-                             self.heatmaps)
+                             self.heatmaps, self.drift)
         self.ingest.seen = self.intake.already_seen
         self.publisher.start()
         points = self.card.raw.get("operating_points", {}).get("source", {})
@@ -341,8 +345,17 @@ class Daemon:
         except StoreError:
             ttn = {}
         snap = self.stats.snapshot(self.cfg, self.ingest.depth(), outbox, self.scorer.report.accelerator,
-                                   f"{self.card.name} {self.card.version}", health, ttn)
+                                   f"{self.card.name} {self.card.version}", health, ttn,
+                                   self.drift.summary() if self.drift is not None else None)
         self.publisher.publish_now(self.cfg.topics.stats(), encode(snap), qos=0, retain=True)
+        self.publish_drift()
+
+    def publish_drift(self) -> None:
+        """The drift state, retained (at each change and with each stats message), and saved for a restart."""
+        if self.drift is not None:
+            self.drift.save()
+            self.publisher.publish_now(self.cfg.topics.drift(), encode(self.drift.message().to_dict()), qos=1,
+                                       retain=True)
 
 
     # ------------------------------------------------------------------ files: ingest -> intake -> pipeline

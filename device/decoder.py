@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .dicom import is_dicom, read_dicom
+from .drift_inputs import InputSignature, describe
 from .gate import GateLimits, check_pixels, check_source
 from .preprocess import (ImageDecodeError, PreprocessSpec, SourceInfo, decode_with_info, finish, resize,
                          scan_header)
@@ -57,6 +58,7 @@ class Decoded:
     dicom_ids: Optional[dict[str, str]]
     decode_ms: float
     acquired_at: Optional[float] = None  # POSIX time from the DICOM header, when it has one
+    inputs: Optional[InputSignature] = None  # the drift monitor's figures (device/drift_inputs.py)
 
 
 @dataclass
@@ -74,22 +76,24 @@ def decode_bytes(data: bytes, name: str, s: DecodeSettings) -> Decoded:
     """Decode (JPEG/PNG, or DICOM through pydicom), the plausibility gate, then the shared ``resize``
     and ``finish`` steps of the one preprocessing function."""
     t0 = time.perf_counter()
-    ids, acquired = None, None
+    ids, acquired, equipment = None, None, (None, None)
     if is_dicom(data[:132]):
         gray, info = read_dicom(data, name=name, **s.dicom)
         ids = info.ids()
         acquired = info.acquired_at.timestamp() if info.acquired_at else None
-        check_source(SourceInfo(gray.shape[1], gray.shape[0], "DICOM", "L"), s.gate, name)
+        equipment = (info.manufacturer, info.model_name)
+        src = SourceInfo(gray.shape[1], gray.shape[0], "DICOM", "L")
     else:
         # Pillow repairs a damaged JPEG stream silently; the strict decode refuses it (``corrupt``)
         gray, src = decode_with_info(data, s.spec, s.max_pixels, name=name, max_bytes=s.max_bytes,
                                      strict_jpeg=s.gate.enabled and s.gate.strict_jpeg)
-        check_source(src, s.gate, name)
+    check_source(src, s.gate, name)
     small = resize(gray, s.spec)
     check_pixels(small, s.gate, name)
     pixels = finish(small, s.spec, gray)
     del gray
-    return Decoded(pixels, ids, (time.perf_counter() - t0) * 1000.0, acquired)
+    return Decoded(pixels, ids, (time.perf_counter() - t0) * 1000.0, acquired,
+                   describe(small, src.width, src.height, *equipment))
 
 
 class DecodeWorker:

@@ -82,6 +82,8 @@ class DicomInfo:
     patient_name: Optional[str] = None  # only filled when include_patient_identifiers
     patient_id: Optional[str] = None  # only filled when include_patient_identifiers
     acquired_at: Optional[datetime] = None  # AcquisitionDateTime, or Acquisition/Content date and time
+    manufacturer: Optional[str] = None  # Manufacturer and ManufacturerModelName: the drift monitor's equipment
+    model_name: Optional[str] = None
 
     def ids(self) -> dict[str, str]:
         """The identifiers that go into a result message (None values left out)."""
@@ -297,6 +299,8 @@ def _header_info(ds: Any, include_patient_identifiers: bool) -> DicomInfo:
         modality=_text(ds, "Modality"),
         body_part=_text(ds, "BodyPartExamined"),
         photometric=_text(ds, "PhotometricInterpretation"),
+        manufacturer=_text(ds, "Manufacturer"),
+        model_name=_text(ds, "ManufacturerModelName"),
     )
     if include_patient_identifiers:
         info.patient_name = _text(ds, "PatientName")

@@ -69,7 +69,7 @@ class Job:
 
 class Intake:
     def __init__(self, cfg: Config, root: Path, store: Store, publisher: Publisher, ingest: Ingest,
-                 pipeline: Pipeline, stats: Stats, heatmaps=None):
+                 pipeline: Pipeline, stats: Stats, heatmaps=None, drift=None):
         self.cfg = cfg
         self.root = root
         self.store = store
@@ -78,6 +78,7 @@ class Intake:
         self.pipeline = pipeline
         self.stats = stats
         self.heatmaps = heatmaps
+        self.drift = drift  # device/drift.py's monitor, or None
         self.processed = 0  # files that ended in a flag or an error
         #: set when the state database can no longer be written or is corrupt: the daemon exits 1
         self.fatal: Optional[str] = None
@@ -192,6 +193,8 @@ class Intake:
         self.processed += 1
         self.stats.by_priority[msg.priority] += 1
         self.stats.latencies.append((time.perf_counter() - job.t_start) * 1000.0)
+        if self.drift is not None:  # after the flag is queued: no latency added to it
+            self.drift.scored(p, msg.priority, d.inputs)
         log.info("%s: %s (p=%.4f, %.1f ms)%s", job.label, msg.priority.upper(), msg.probability, total_ms,
                  f", supersedes {job.supersedes}" if job.supersedes else "")
         self._archive(job.path, job.rel)
@@ -263,6 +266,8 @@ class Intake:
             self._arriving.pop(rel, None)
             self.processed += 1
             self.stats.errors += 1
+            if self.drift is not None and reason == Reason.NOT_A_RADIOGRAPH:
+                self.drift.refused()
 
     # ------------------------------------------------------------------ the journal
     def _record(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, status: str, durable: bool = False,

@@ -9,6 +9,7 @@ from the state database (read-only, while the daemon runs) and prints them.
 """
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -17,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from .drift import STATE_FILE
 from .safe_text import printable
 from .vocab import PRIORITIES
 
@@ -98,8 +100,28 @@ def build_report(db_path: Path, since_s: float, now: Optional[float] = None) -> 
         "errors": errors,
         "intervals_s": {k: v["seconds"] for k, v in intervals.items()},
         "unacknowledged_urgent": open_urgent,
+        "drift": read_drift(db_path.parent / STATE_FILE),
         "_values": {k: v["values"] for k, v in intervals.items()},
     }
+
+
+def read_drift(path: Path) -> Optional[dict]:
+    """The drift monitor's last saved state (``device/drift.py``): state, reason, the checks' figures, the
+    window's logits and the reference's quantiles; None when the daemon saved none (no reference, or disabled)."""
+    try:
+        body = json.loads(path.read_text())
+        state, ref = body["state"], body["reference"]
+        logits = [o["logit"] for o in body["window"] if o.get("logit") is not None]
+        return {"state": state["state"], "reason": state["reason"], "since": state.get("since"),
+                "saved_at": body.get("saved_at"), "model": body.get("model"), "images": state.get("images"),
+                "scored": state.get("scored"), "checks": state.get("checks") or [],
+                "reference": {"n": ref["n"], "made_by": ref.get("made_by"), "scores": ref.get("scores"),
+                              "data": ref.get("data"), "logit_quantiles": ref["logit_quantiles"]},
+                "window_logits": logits}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReportError(f"{path}: unreadable drift state ({exc})") from None
 
 
 def _fmt_s(v: Optional[float]) -> str:
@@ -128,7 +150,21 @@ def format_report(r: dict) -> str:
     for u in r["unacknowledged_urgent"]:
         lines.append(f"  {printable(u['file'])}  p={u['probability']:.4f}  waiting {_fmt_s(u['waiting_s'])}"
                      f"  escalations {u['escalations']}  event {u['event_id']}")
-    return "\n".join(lines)
+    return "\n".join(lines + format_drift(r.get("drift")))
+
+
+def format_drift(d: Optional[dict]) -> list[str]:
+    """The drift section of the report: the state with its reason, then each check's figure."""
+    if d is None:
+        return ["", "drift: no state saved (the model card has no drift_reference, or drift.enabled = false)"]
+    since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(d["since"])) if d.get("since") else "?"
+    ref = d["reference"]
+    folder = (ref.get("data") or {}).get("folder")
+    lines = ["", f"drift: {d['state'].upper()} since {since}: {printable(d['reason'])}",
+             f"  window: {d['images']} images, {d['scored']} scored; reference: {folder}, {ref['n']} images, "
+             f"{ref.get('scores')}"]
+    lines += [f"  {c['level']:<6} {c['check']:<20} {printable(c['text'])}" for c in d["checks"]]
+    return lines
 
 
 def write_plots(r: dict, folder: Path) -> list[Path]:
@@ -162,7 +198,27 @@ def write_plots(r: dict, folder: Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         out.append(path)
+    if r.get("drift") is not None:
+        out.append(_drift_plot(plt, r["drift"], folder / "drift_logits.png"))
     return out
+
+
+def _drift_plot(plt, d: dict, path: Path) -> Path:
+    """The logit's distribution in the window against the reference's, as cumulative distributions."""
+    q = np.asarray(d["reference"]["logit_quantiles"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(q, np.linspace(0, 1, len(q)), color="k", label=f"reference ({d['reference']['n']} images)")
+    w = np.sort(np.asarray(d["window_logits"]))
+    if len(w):
+        ax.step(w, np.arange(1, len(w) + 1) / len(w), where="post", color="#c44e52", label=f"now ({len(w)} images)")
+    ax.set_xlabel("model logit")
+    ax.set_ylabel("share of images at or below")
+    ax.set_title(f"drift: {d['state']} (logit distribution now vs reference)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def public(r: dict) -> dict:

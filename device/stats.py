@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -25,7 +26,7 @@ class Stats:
     latencies: deque = field(default_factory=lambda: deque(maxlen=1000))
 
     def snapshot(self, cfg: Config, queue_depth: int, outbox: int, accelerator: str, model: str,
-                 health: dict, ttn: dict) -> dict:
+                 health: dict, ttn: dict, drift: Optional[dict] = None) -> dict:
         lat = np.array(self.latencies) if self.latencies else None
         return {
             "schema": STATS_SCHEMA,
@@ -46,6 +47,7 @@ class Stats:
             "model": model,
             "version": __version__,
             "time_to_notification_s": ttn,
+            "drift": drift,  # device/drift.py's state and reason; None with drift.enabled = false
             **health,
         }
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pneumoflag.device import contract
 from pneumoflag.device.config import Config
-from pneumoflag.device.contract import EVENT_ID, MAX_RESEND, AckMessage, utc_now
+from pneumoflag.device.contract import EVENT_ID, MAX_RESEND, AckMessage, DriftMessage, utc_now
 
 from .events import EventHub
 from .mqtt_link import Incoming, MqttLink
@@ -153,6 +153,9 @@ class Station:
                 self._replaced(payload)
         elif item.kind == "stats":
             wl.set_stats(item.device, payload, item.retained)
+            self._refresh_devices()
+        elif item.kind == "drift":
+            wl.set_drift(item.device, DriftMessage.parse(payload, item.device))
             self._refresh_devices()
 
     def _replayed(self, payload: dict, device: str) -> None:

@@ -112,7 +112,7 @@ CREATE TABLE IF NOT EXISTS heatmaps (
 );
 """
 #: columns added after the first release of this file, for databases made before them
-LATER_COLUMNS = {"flags": ("supersedes",), "errors": ("supersedes",)}
+LATER_COLUMNS = {"flags": ("supersedes",), "errors": ("supersedes",), "devices": ("drift",)}
 #: the acks table before acks were kept per device: rebuilt with the device in its key
 _ACKS_BY_DEVICE = """
 BEGIN;
@@ -218,6 +218,7 @@ class DeviceState:
     stats: dict[str, float]
     missed: int = 0  # flags this station knows it has not received (by their numbers)
     missed_ranges: list[list[int]] | None = None  # [first, last], the oldest few
+    drift: dict[str, str] | None = None  # the drift monitor's state, reason and since (device/drift.py)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -307,6 +308,18 @@ def _stored_stats(device: str, stats: str | None) -> dict[str, float]:
         log.warning("skipped the stored stats of %s that no longer validate: %s", device[:80], exc)
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _stored_drift(device: str, drift: str | None) -> dict[str, str] | None:
+    """The stored drift state, or None (logged) when it no longer validates."""
+    if not drift:
+        return None
+    try:
+        value = contract.loads(drift)
+    except (ContractError, ValueError) as exc:
+        log.warning("skipped the stored drift state of %s that no longer validates: %s", device[:80], exc)
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class Worklist:
@@ -507,6 +520,12 @@ class Worklist:
         if delivered:
             self.note_delivered(device, delivered)
 
+    def set_drift(self, device: str, msg: contract.DriftMessage) -> None:
+        """The device's drift state as the page shows it: the state, its reason and since when (nothing else)."""
+        shown = {"state": msg.state, "reason": msg.reason, "since": msg.since}
+        self.db.execute("INSERT INTO devices (device, drift) VALUES (?,?) ON CONFLICT(device) "
+                        "DO UPDATE SET drift = excluded.drift", (device, contract.dumps(shown)))
+
     def add_heatmap(self, event_id: str, topic_device: str, png: bytes, received: float | None = None) -> bool:
         """Store a heat map (checked by ``check_png``); False for a repeat delivery (the first copy stays)."""
         contract.check_event_id(event_id, "heat map event id")  # from its topic
@@ -576,8 +595,8 @@ class Worklist:
         """offline from the status; silent when online but no stats for ``silent_after`` seconds."""
         now = time.time() if now is None else now
         out = []
-        for device, status, status_epoch, stats, stats_epoch in self.db.execute(
-                "SELECT device, status, status_epoch, stats, stats_epoch FROM devices ORDER BY device"):
+        for device, status, status_epoch, stats, stats_epoch, drift in self.db.execute(
+                "SELECT device, status, status_epoch, stats, stats_epoch, drift FROM devices ORDER BY device"):
             if status == "offline":
                 state = "offline"
             elif status == "online":
@@ -591,7 +610,8 @@ class Worklist:
                                        stats_at=utc_iso(stats_epoch) if stats_epoch else None,
                                        stats=_stored_stats(device, stats),
                                        missed=sum(g[1] - g[0] + 1 for g in gaps),
-                                       missed_ranges=[[g[0], g[1]] for g in gaps[:5]]))
+                                       missed_ranges=[[g[0], g[1]] for g in gaps[:5]],
+                                       drift=_stored_drift(device, drift)))
             except (ValueError, OverflowError, OSError, TypeError, IndexError) as exc:  # stored by an older version
                 log.warning("skipped stored device %s that no longer validates: %s", device[:80], exc)
         return out

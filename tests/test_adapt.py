@@ -470,3 +470,17 @@ def test_adapt_ends_as_ctrl_c_does_when_it_is_terminated(monkeypatch, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     assert run_cli("adapt", "--model", BASE, "--data", MISSING, "--out", tmp_path / "x.tflite") == 130
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_adapts_drift_reference_holds_its_out_of_fold_scores(adapted, halves):
+    """The reference a monitor compares new images with: the out-of-fold scores (what a model of the shipped
+    kind gives images it never saw), not the shipped model's sharper scores on its own training images."""
+    from pneumoflag.device.drift_inputs import logit
+
+    ref = ModelCard.load(adapted["out"].with_suffix(".json")).drift_reference
+    assert ref["made_by"] == "pneumoflag adapt" and "out-of-fold" in ref["scores"]
+    assert ref["n"] == len(halves[0]) and ref["gate"]["refused"] == 0
+    record = json.loads(record_path(adapted["out"]).read_text())
+    oof = [logit(r[3]) for r in record["out_of_fold_scores"]["rows"]]  # the record rounds p to 6 decimals:
+    clip = lambda v: np.clip(v, -10, 10)  # noqa: E731 - compared where that rounding moves a logit < 0.02
+    assert clip(ref["logit_quantiles"]) == pytest.approx(clip(np.quantile(oof, np.linspace(0, 1, 101))), abs=0.02)

@@ -111,3 +111,31 @@ def test_the_daemon_runs_the_new_revision_after_a_restart(site, tmp_path, broker
     (flag,) = sub.wait_flags(1)
     card = ModelCard.load(m.with_suffix(".json"))
     assert flag["model"]["version"] == card.version and flag["thresholds"] == card.thresholds.as_dict()
+
+
+def test_calibrate_writes_the_drift_reference_from_the_images_it_set_the_points_on(model, site, capsys):
+    """The reference in the card: this model's scores on the site images (calibration sets no weights), the
+    share expected at flag at the given prevalence, and the gate's refusals, all from the device's decoder."""
+    import numpy as np
+    from pneumoflag.device.drift_inputs import logit
+    from pneumoflag.device.scorer import load_scorer
+    from pneumoflag.device.preprocess import preprocess
+
+    assert run_cli("calibrate", "--model", model, "--data", site, "--min-sensitivity", "0.9",
+                   "--urgent-min-specificity", "0.9", "--prevalence", "0.2", "--single-tier") == 0
+    capsys.readouterr()
+    card = ModelCard.load(model.with_suffix(".json"))
+    ref = card.drift_reference
+    assert ref["made_by"] == "pneumoflag calibrate" and "this model's scores" in ref["scores"]
+    assert ref["n"] + ref["gate"]["refused"] == 128 and ref["data"] == card.raw["operating_points"]["source"]
+    scorer, _ = load_scorer(model, "cpu", card=card)
+    paths = sorted(site.glob("*/*.jpeg"))
+    p = np.array([scorer.score(preprocess(f, card.preprocessing)) for f in paths])
+    y = np.array([int(f.parent.name == "PNEUMONIA") for f in paths])
+    t = card.thresholds.flag
+    expected = 0.2 * (p[y == 1] >= t).mean() + 0.8 * (p[y == 0] >= t).mean()
+    if ref["gate"]["refused"] == 0:
+        assert ref["tiers"]["expected_share"]["flagged"] == pytest.approx(expected, abs=1e-4)
+        assert ref["logit_quantiles"] == pytest.approx(
+            np.quantile([logit(v) for v in p], np.linspace(0, 1, 101)).tolist(), abs=1e-3)
+    assert ref["tiers"]["prevalence"] == 0.2 and ref["tiers"]["thresholds"] == card.thresholds.as_dict()

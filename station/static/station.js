@@ -366,6 +366,12 @@
       if (s.outbox !== undefined) parts.push(`outbox ${s.outbox}`);
       if (s.p50_ms !== undefined) parts.push(`p50 ${Number(s.p50_ms).toFixed(0)} ms`);
       if (parts.length) li.append(el("span", "detail", parts.join(" · ")));
+      if (d.drift && (d.drift.state === "watch" || d.drift.state === "alarm")) {
+        // the drift monitor: what this device scores no longer looks like its validation data
+        const note = el("span", `drift drift-${d.drift.state}`, `drift ${d.drift.state}: ${d.drift.reason}`);
+        note.setAttribute("role", "status");
+        li.append(note);
+      }
       if (d.missed) {
         // flags numbered by the device that never reached this station; the station asks for them again
         const shown = d.missed_ranges || [];
@@ -380,6 +386,22 @@
     });
     list.replaceChildren(...items);
     $("no-devices").hidden = items.length > 0;
+    renderDriftBanner();
+  }
+
+  // a device in drift alarm: a banner above the worklist, for every nurse, until the device's state clears
+  // (nobody can dismiss it here: it goes when the device says its scores look like its validation data again)
+  function renderDriftBanner() {
+    const alarmed = [...state.devices.values()].filter((d) => d.drift && d.drift.state === "alarm")
+      .sort((a, b) => (a.device < b.device ? -1 : 1));
+    const banner = $("drift-banner");
+    banner.replaceChildren(...alarmed.map((d) => {
+      const p = el("p", "drift-alarm", `Scores from ${d.device} no longer look like its validation data: re-validate. `);
+      p.dataset.device = d.device;
+      p.append(el("span", "drift-reason", d.drift.reason));
+      return p;
+    }));
+    banner.hidden = alarmed.length === 0;
   }
 
   function renderErrors() {
