@@ -223,8 +223,8 @@ ANY_CALLER = "*"
 class DicomNetConfig:
     """The DICOM C-STORE receiver (device/dicom_net.py). Off by default; unknown callers are refused."""
 
-    enabled: bool = setting(False, "receive radiographs over DICOM C-STORE (the daemon does not start it yet: "
-                                   "`watch` refuses to start with it on)")
+    enabled: bool = setting(False, "`watch` also receives radiographs over DICOM C-STORE, spooled in the state "
+                                   "folder and scored like dropped files")
     listen: str = setting("0.0.0.0:11112", "HOST:PORT the receiver listens on")
     ae_title: str = setting("PNEUMOFLAG", "this appliance's AE title (1-16 characters)")
     allowed_callers: list = setting([], "calling AE titles accepted at association (needed when enabled: "

@@ -25,6 +25,9 @@ Guarantees:
   the process with status 1 after publishing ``offline``: the file in hand is
   not journaled, so it is scored on the next start;
 - one daemon per state folder (``statelock``): a second one refuses to start;
+- with ``dicom_net.enabled`` a DICOM receiver runs beside the watcher (``received``): an instance answered
+  "stored" is in the state folder and journaled, goes through the same intake, decoder, model and outbox as a
+  dropped file, is scored once (a resend too), and survives a kill -9 (handed over again at the next start);
 - SIGTERM finishes the image in hand, publishes ``offline`` and exits 0.
 """
 from __future__ import annotations
@@ -91,15 +94,13 @@ class Daemon:
         self.intake: Optional[Intake] = None  # made by _start, once the store and publisher exist
         self._wd: Optional[float] = None  # watchdog ping interval (None: no watchdog)
         self._next_wd = 0.0
+        self.received = None  # the DICOM receiver (dicom_net.enabled), started by _start
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
         cfg = self.cfg
         if self.root is None:
             raise StartupError("no export folder: give `pneumoflag watch DIR` or set watch.dir")
-        if cfg.dicom_net.enabled:  # said, not ignored: a modality pointed at us would find nothing listening
-            raise StartupError("dicom_net.enabled = true: this version's `watch` does not start the DICOM receiver "
-                               "yet (see the README, DICOM network (preview)); set it to false")
         if cfg.pacs.destinations:
             log.warning("pacs.destinations is set, but this version's `watch` sends no structured report yet (see "
                         "the README, DICOM network (preview))")
@@ -137,6 +138,8 @@ class Daemon:
             raise StartupError(f"state.dir {state}: {exc} (the daemon needs a writable state folder)") from None
         if cfg.watch.archive_dir:
             Path(cfg.watch.archive_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.dicom_net.enabled:
+            self._start_receiver()
         try:
             self.pipeline.decoder.start()
         except DecoderUnavailable as exc:
@@ -168,6 +171,23 @@ class Daemon:
         if adapted:
             log.info("%s", adapted)
 
+    def _start_receiver(self) -> None:
+        """The DICOM receiver, its spool recovered first; what it receives waits in the watcher's queue."""
+        from .dicom_net import DicomNetError
+        from .received import ReceivedInstances
+
+        try:
+            self.received = ReceivedInstances(self.cfg, self.ingest.hand_over)
+            self.received.start()
+        except (DicomNetError, StoreError) as exc:
+            raise StartupError(str(exc)) from None
+
+    def _stop_receiver(self) -> None:
+        """Stop taking instances (the unanswered ones are resent by their senders); before the store closes."""
+        if self.received is not None:
+            self.received.stop()
+            self.received = None
+
     def _start_embedded_broker(self) -> None:
         from .broker import BrokerStartError, EmbeddedBroker, port_in_use
 
@@ -198,6 +218,7 @@ class Daemon:
         try:
             self._start()
         except BaseException:
+            self._stop_receiver()
             if getattr(self, "pipeline", None) is not None and self.pipeline.decoder is not None:
                 self.pipeline.decoder.stop()  # the worker must not outlive a failed start
             if getattr(self, "state_lock", None) is not None:  # a refused start holds the state folder no longer
@@ -295,6 +316,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
+        self._stop_receiver()
         self.ingest.stop()
         if self.heatmaps is not None:
             self.heatmaps.stop()

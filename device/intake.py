@@ -24,6 +24,7 @@ from .config import Config
 from .contract import ErrorMessage, encode
 from .decoder import Decoded
 from .ingest import Ingest, Ready
+from . import received
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
@@ -84,9 +85,18 @@ class Intake:
         self.disk_full_since: Optional[float] = None
         self._backoff = 5.0
         self._arriving: dict[str, tuple[FileSig, float]] = {}  # rel -> (sig, monotonic time it last changed)
-        self._roots = [root] + ([Path(cfg.watch.archive_dir)] if cfg.watch.archive_dir else [])
+        #: the DICOM receiver's spool (``received``): its files are journaled as ``dicom-net/<SOPInstanceUID>.dcm``
+        self.spool = (Path(cfg.state.dir) / received.SPOOL).resolve() if cfg.dicom_net.enabled else None
+        self._roots = [root] + ([Path(cfg.watch.archive_dir)] if cfg.watch.archive_dir else []) + \
+            ([self.spool] if self.spool is not None else [])
+
+    def is_received(self, path: Path) -> bool:
+        """A DICOM instance from the receiver's spool, not a file of the export folder."""
+        return self.spool is not None and path.parent == self.spool
 
     def rel(self, path: Path) -> str:
+        if self.is_received(path):
+            return received.key(path.stem)
         try:
             return path_text(path.relative_to(self.root))
         except ValueError:
@@ -177,6 +187,8 @@ class Intake:
         file_mtime = job.read.sig.mtime_ns / 1e9
         msg = self.pipeline.message(d, p, infer_ms, total_ms, job.rel, job.sha, file_mtime=file_mtime,
                                     seen_at=job.item.seen_at, supersedes=job.supersedes)
+        if self.is_received(job.path):
+            msg.received_from = self._caller(job.rel)
         payload = encode(msg.to_dict())
         record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, msg.written_ts,
                             job.item.seen_at, time.time())
@@ -196,7 +208,8 @@ class Intake:
 
     def failed(self, job: Job, exc: ImageDecodeError) -> None:
         """The pipeline refused it: an error, unless it looks like a file still being written."""
-        if exc.reason in INCOMPLETE_REASONS and self._still_arriving(job.rel, job.read.sig):
+        if exc.reason in INCOMPLETE_REASONS and not self.is_received(job.path) and \
+                self._still_arriving(job.rel, job.read.sig):  # a received instance is whole: no wait
             log.debug("%s: %s; still being written? retrying", job.label, exc.reason)
             self.abandon(job)
             self.ingest.retry_later(job.path, max(self.cfg.watch.settle_seconds, 0.2))
@@ -272,7 +285,16 @@ class Intake:
         self._store_ok()
         if kw.get("message"):
             self.publisher.wake()
+        if self.is_received(path):  # its result is journaled: the spool lets it go
+            received.finish(self.cfg, path)
         return True
+
+    def _caller(self, rel: str) -> Optional[str]:
+        try:
+            return self.store.received_from(rel)
+        except StoreError as exc:  # the flag goes out without it rather than not at all
+            log.warning("%s: calling AE title not read from the journal: %s", printable(rel), exc)
+            return None
 
     def _store_failed(self, path: Path, exc: StoreError) -> None:
         """Disk full or read-only state: keep the file, say so once per episode, retry with backoff."""
@@ -309,7 +331,7 @@ class Intake:
             self._backoff = 5.0
 
     def _archive(self, path: Path, rel: str) -> None:
-        if not self.cfg.watch.archive_dir:
+        if not self.cfg.watch.archive_dir or self.is_received(path):  # the spool's files: received.finish
             return
         dest = Path(self.cfg.watch.archive_dir) / path.relative_to(self.root)
         try:

@@ -89,6 +89,16 @@ CREATE TABLE IF NOT EXISTS acks (
     received_at REAL NOT NULL,
     known_flag  INTEGER NOT NULL     -- 0: no flag of this daemon has that event id
 );
+-- every instance the DICOM receiver answered "stored" (device/received.py), written before the answer: its
+-- result is the journal row of ``path``; kept after that, so a resend is answered success and not scored again
+CREATE TABLE IF NOT EXISTS received (
+    sop_instance_uid TEXT PRIMARY KEY,
+    path             TEXT NOT NULL,  -- its journal key, dicom-net/<SOPInstanceUID>.dcm
+    calling_ae       TEXT NOT NULL,
+    peer             TEXT,           -- the sender's address
+    received_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS received_path ON received(path);
 """
 #: columns added after the first release: (table, column, type)
 MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"), ("journal", "heatmap", "TEXT"),
@@ -527,6 +537,27 @@ class Store:
 
     def outbox_depth(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM outbox", one=True)[0])
+
+    # ------------------------------------------------------------------ instances received over DICOM
+    def receive(self, sop_instance_uid: str, path: str, calling_ae: str, peer: Optional[str]) -> None:
+        """Journal a received instance (fsync'd) before the receiver answers "stored"; a repeat adds nothing."""
+        self._write(lambda db: db.execute(
+            "INSERT OR IGNORE INTO received (sop_instance_uid, path, calling_ae, peer, received_at) VALUES (?,?,?,?,?)",
+            (sop_instance_uid, path, calling_ae, peer, time.time())))
+
+    def was_received(self, sop_instance_uid: str) -> bool:
+        """This instance was answered "stored" once already (its result may be journaled or still to come)."""
+        return self._read("SELECT 1 FROM received WHERE sop_instance_uid=?", (sop_instance_uid,), one=True) is not None
+
+    def received_from(self, path: str) -> Optional[str]:
+        """The calling AE title of the instance journaled under ``path``; None for a file from the folder."""
+        row = self._read("SELECT calling_ae FROM received WHERE path=?", (path,), one=True)
+        return row[0] if row else None
+
+    def received_unscored(self) -> list[tuple[str, str]]:
+        """(SOP Instance UID, path) of received instances without a journaled result, oldest first."""
+        return self._read("SELECT sop_instance_uid, path FROM received r WHERE NOT EXISTS "
+                          "(SELECT 1 FROM journal j WHERE j.path = r.path) ORDER BY received_at")
 
 
 def numbered(payload: bytes, seq: int) -> bytes:
