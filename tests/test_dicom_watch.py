@@ -83,7 +83,7 @@ def test_instances_sent_by_storescu_in_several_transfer_syntaxes_arrive_as_flags
     flags = sub.wait_flags(len(sent), timeout=60)
     got = {f["sop_instance_uid"]: f for f in flags}
     assert set(got) == set(sent), (got.keys(), d.output())
-    for uid, (study, syntax) in sent.items():
+    for uid, (study, _syntax) in sent.items():
         f = got[uid]
         assert f["study_instance_uid"] == study and f["accession_number"] == "ACC0001"
         assert f["file"] == f"dicom-net/{uid}.dcm" and f["received_from"] == CALLER
