@@ -25,6 +25,8 @@ Guarantees:
   the process with status 1 after publishing ``offline``: the file in hand is
   not journaled, so it is scored on the next start;
 - one daemon per state folder (``statelock``): a second one refuses to start;
+- with ``pacs.destinations`` a scored DICOM image's SR is queued in its flag's transaction and sent to each
+  destination in order, deleted only on the peer's success (``pacs_outbox``);
 - with ``dicom_net.enabled`` a DICOM receiver runs beside the watcher (``received``): an instance answered
   "stored" is in the state folder and journaled, goes through the same intake, decoder, model and outbox as a
   dropped file, is scored once (a resend too), and survives a kill -9 (handed over again at the next start);
@@ -95,15 +97,13 @@ class Daemon:
         self._wd: Optional[float] = None  # watchdog ping interval (None: no watchdog)
         self._next_wd = 0.0
         self.received = None  # the DICOM receiver (dicom_net.enabled), started by _start
+        self.pacs_sender = None  # the SR sender (pacs.destinations), started by _start
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
         cfg = self.cfg
         if self.root is None:
             raise StartupError("no export folder: give `pneumoflag watch DIR` or set watch.dir")
-        if cfg.pacs.destinations:
-            log.warning("pacs.destinations is set, but this version's `watch` sends no structured report yet (see "
-                        "the README, DICOM network (preview))")
         self.ingest = Ingest(self.root, cfg.watch.recursive, cfg.watch.polling, cfg.watch.poll_interval,
                              cfg.watch.settle_seconds, cfg.watch.ignore,
                              exclude=[cfg.watch.archive_dir] if cfg.watch.archive_dir else [],
@@ -159,6 +159,12 @@ class Daemon:
                              self.heatmaps)
         self.ingest.seen = self.intake.already_seen
         self.publisher.start()
+        self.pacs_sender = None
+        if cfg.pacs.destinations:
+            from .pacs_outbox import PacsSender
+
+            self.pacs_sender = PacsSender(cfg)
+            self.pacs_sender.start()
         points = self.card.raw.get("operating_points", {}).get("source", {})
         log.info(
             "pneumoflag %s: model %s %s (card revision %d, operating points from %s) on %s (%s); %s; "
@@ -330,6 +336,8 @@ class Daemon:
         except StoreError as exc:
             log.error("state database unusable at shutdown: %s", exc)
         self.publish_stats()
+        if self.pacs_sender is not None:
+            self.pacs_sender.stop()
         self.publisher.stop()
         if self.broker is not None:
             self.broker.stop()
@@ -355,6 +363,11 @@ class Daemon:
             health["delivered_seq"] = self.store.delivered_seq()
         except StoreError:
             pass
+        if self.cfg.pacs.destinations:
+            try:
+                health["pacs"] = self.store.pacs_status(self.cfg.pacs.destinations)
+            except StoreError:
+                pass
         try:
             ttn = time_to_notification(self.store.flag_times(time.time() - 86400))
         except StoreError:

@@ -25,6 +25,7 @@ from .contract import ErrorMessage, encode
 from .decoder import Decoded
 from .ingest import Ingest, Ready
 from . import received
+from .pacs_outbox import pacs_item
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
@@ -189,12 +190,13 @@ class Intake:
                                     seen_at=job.item.seen_at, supersedes=job.supersedes)
         if self.is_received(job.path):
             msg.received_from = self._caller(job.rel)
+        pacs = pacs_item(self.cfg, job.read.data, msg) if self.cfg.pacs.destinations else None
         payload = encode(msg.to_dict())
         record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, msg.written_ts,
                             job.item.seen_at, time.time())
         if not self._record(job.path, job.rel, job.sha, job.read.sig, msg.priority, event_id=msg.event_id,
                             supersedes=job.supersedes, message=(self.cfg.topics.flag(msg.priority), payload, 1),
-                            flag=record):
+                            flag=record, pacs=pacs):
             return
         self._arriving.pop(job.rel, None)
         if self.heatmaps is not None and msg.priority != Priority.ROUTINE:

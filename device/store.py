@@ -99,6 +99,20 @@ CREATE TABLE IF NOT EXISTS received (
     received_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS received_path ON received(path);
+-- results waiting to go back to PACS as a structured report (device/pacs_outbox.py), one row per result and
+-- destination, queued with the flag; ``id`` is the order per destination. Keyed by the event the SR reports
+-- (today a flag; a study result can take its place), whose id also gives the SR its SOP Instance UID.
+CREATE TABLE IF NOT EXISTS pacs_outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL,
+    destination TEXT NOT NULL,      -- AE@HOST:PORT, as in pacs.destinations
+    header      BLOB NOT NULL,      -- the source image's DICOM header (Part 10, no pixel data): what the SR copies
+    finding     TEXT NOT NULL,      -- JSON: probability, priority, threshold, model (name, version, sha256)
+    created     REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT,
+    UNIQUE (event_id, destination)
+);
 """
 #: columns added after the first release: (table, column, type)
 MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"), ("journal", "heatmap", "TEXT"),
@@ -149,6 +163,25 @@ class FlagRecord:
     written_at: Optional[float]
     seen_at: Optional[float]
     scored_at: float
+
+
+@dataclass(frozen=True)
+class PacsItem:
+    """What an SR is built from later, queued with its flag for every destination."""
+
+    header: bytes
+    finding: str  # JSON
+    destinations: tuple[str, ...]
+
+
+@dataclass
+class PacsRow:
+    id: int
+    event_id: str
+    destination: str
+    header: bytes
+    finding: str
+    attempts: int
 
 
 @dataclass
@@ -350,12 +383,14 @@ class Store:
         message: Optional[tuple[str, bytes, int]] = None,
         supersedes: Optional[str] = None,
         flag: Optional[FlagRecord] = None,
+        pacs: Optional[PacsItem] = None,
     ) -> Optional[int]:
         """Journal a processed file and (atomically) queue its message; returns the outbox seq.
 
         A flag gets the next number of this device's flag sequence (``seq`` in its message) in the same
         transaction, so the numbers have no gaps and no repeats, whatever fails: a station that misses one
-        can tell, and ask for it again (:meth:`flags_between`).
+        can tell, and ask for it again (:meth:`flags_between`). ``pacs`` queues the result's SR for each PACS
+        destination in the same transaction.
         """
 
         def tx(db: sqlite3.Connection) -> Optional[int]:
@@ -378,6 +413,11 @@ class Store:
                 )
                 if message is not None:  # a flag's message is the flag
                     message = (message[0], payload, message[2])
+            if pacs is not None:
+                now = time.time()
+                db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, header, finding, created) "
+                               "VALUES (?,?,?,?,?)", [(event_id, d, pacs.header, pacs.finding, now)
+                                                      for d in pacs.destinations])
             if message is None:
                 return None
             topic, payload, qos = message
@@ -537,6 +577,33 @@ class Store:
 
     def outbox_depth(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM outbox", one=True)[0])
+
+    # ------------------------------------------------------------------ results back to PACS
+    def pacs_head(self, destination: str) -> Optional[PacsRow]:
+        """The oldest result waiting for ``destination`` (they go in order: nothing passes it)."""
+        row = self._read("SELECT id, event_id, destination, header, finding, attempts FROM pacs_outbox "
+                         "WHERE destination=? ORDER BY id LIMIT 1", (destination,), one=True)
+        return PacsRow(*row) if row else None
+
+    def pacs_sent(self, row_id: int) -> None:
+        """The peer answered success: only now does the row go."""
+        self._write(lambda db: db.execute("DELETE FROM pacs_outbox WHERE id=?", (row_id,)))
+
+    def pacs_failed(self, row_id: int, error: str) -> None:
+        """A try that did not end in success: counted, its reason kept for stats and the report (no fsync: a
+        lost count only changes a number)."""
+        self._write(lambda db: db.execute("UPDATE pacs_outbox SET attempts=attempts+1, last_error=? WHERE id=?",
+                                          (error[:500], row_id)), durable=False)
+
+    def pacs_status(self, destinations: list[str]) -> dict[str, dict]:
+        """Per destination: results waiting, and the last error of the one at the head (None: none or no error)."""
+        out = {}
+        for d in destinations:
+            depth = self._read("SELECT COUNT(*) FROM pacs_outbox WHERE destination=?", (d,), one=True)[0]
+            head = self._read("SELECT last_error FROM pacs_outbox WHERE destination=? ORDER BY id LIMIT 1", (d,),
+                              one=True)
+            out[d] = {"depth": int(depth), "last_error": head[0] if head else None}
+        return out
 
     # ------------------------------------------------------------------ instances received over DICOM
     def receive(self, sop_instance_uid: str, path: str, calling_ae: str, peer: Optional[str]) -> None:
