@@ -239,11 +239,12 @@ class DicomNetConfig:
 class PacsConfig:
     """Where results go back as DICOM (device/pacs.py)."""
 
-    destinations: list = setting([], "C-STORE destinations as `AE@HOST:PORT` (the daemon does not send yet)")
+    destinations: list = setting([], "C-STORE destinations as `AE@HOST:PORT`: each scored DICOM image's SR goes to "
+                                     "every one, in order, through a durable outbox")
     calling_ae: str = setting("PNEUMOFLAG", "the AE title this appliance calls with")
     timeout_seconds: float = setting(30.0, "connection, association and DIMSE timeout of one send", above=0)
-    send_heatmap: bool = setting(False, "also send the heat map as a Secondary Capture in its own series (once "
-                                                "the daemon sends)")
+    send_heatmap: bool = setting(False, "also send the heat map (flag and urgent DICOM images; needs "
+                                        "explain.enabled) as a Secondary Capture in its own series, after the SR")
 
 
 @dataclass
@@ -555,6 +556,8 @@ def _validate_dicom_net(cfg: Config) -> None:
     check_ae_title(cfg.pacs.calling_ae, "pacs.calling_ae")
     for dest in cfg.pacs.destinations:
         parse_destination(dest, "pacs.destinations")
+    if cfg.pacs.send_heatmap and not cfg.explain.enabled:
+        raise ConfigError("pacs.send_heatmap = true needs explain.enabled = true: without it no heat map is made")
 
 
 def parse_destination(value: str, key: str) -> tuple[str, str, int]:

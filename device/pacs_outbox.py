@@ -29,6 +29,8 @@ import threading
 import uuid
 from typing import Any, Optional
 
+import numpy as np
+
 from .config import Config
 from .contract import FlagMessage
 from .dicom import is_uid
@@ -65,10 +67,7 @@ def source_header(data: bytes) -> Optional[Any]:
     return ds
 
 
-def pacs_item(cfg: Config, data: bytes, msg: FlagMessage) -> Optional[PacsItem]:
-    """What goes into the flag's transaction for the PACS destinations; None when nothing is sent."""
-    if not cfg.pacs.destinations or not msg.dicom or "study_instance_uid" not in msg.dicom:
-        return None
+def _header_bytes(data: bytes) -> Optional[bytes]:
     ds = source_header(data)
     if ds is None:
         return None
@@ -77,21 +76,51 @@ def pacs_item(cfg: Config, data: bytes, msg: FlagMessage) -> Optional[PacsItem]:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # no pixel data left to be compressed
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def pacs_item(cfg: Config, data: bytes, msg: FlagMessage) -> Optional[PacsItem]:
+    """What goes into the flag's transaction for the PACS destinations; None when nothing is sent."""
+    if not cfg.pacs.destinations or not msg.dicom or "study_instance_uid" not in msg.dicom:
+        return None
+    header = _header_bytes(data)
+    if header is None:
+        return None
     th = msg.thresholds or {}
     threshold = th.get("urgent") if msg.priority == "urgent" else th.get("flag")
     finding = {"probability": float(msg.probability), "priority": msg.priority, "threshold": threshold,
                "model": {"name": msg.model.name, "version": msg.model.version, "sha256": msg.model.sha256}}
-    return PacsItem(buf.getvalue(), json.dumps(finding), tuple(cfg.pacs.destinations))
+    return PacsItem(header, json.dumps(finding), tuple(cfg.pacs.destinations))
+
+
+def heatmap_item(cfg: Config, data: bytes, model: dict) -> Optional[PacsItem]:
+    """What goes into the heat map's transaction (``pacs.send_heatmap``): for a DICOM source only."""
+    from .dicom import is_dicom
+
+    if not (cfg.pacs.send_heatmap and cfg.pacs.destinations and is_dicom(data[:132])):
+        return None
+    header = _header_bytes(data)
+    if header is None:
+        return None
+    return PacsItem(header, json.dumps({"model": model}), tuple(cfg.pacs.destinations))
 
 
 def build(row: PacsRow) -> Any:
-    """The SR of one outbox row, the same instance however often it is built."""
+    """The SR (or the heat map's Secondary Capture) of one outbox row, the same instance however often built."""
     import pydicom
 
-    from .sr import ModelIdentity, StudyFinding, build_sr
+    from .sr import ModelIdentity, StudyFinding, build_heatmap_sc, build_sr
 
     f = json.loads(row.finding)
     source = pydicom.dcmread(io.BytesIO(row.header))
+    if row.kind == "heatmap":
+        from PIL import Image
+
+        with Image.open(io.BytesIO(row.payload)) as img:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return build_heatmap_sc(source, rgb, ModelIdentity(**f["model"]),
+                                series_instance_uid=derived_uid(row.event_id, "heatmap-series"),
+                                sop_instance_uid=derived_uid(row.event_id, "heatmap"))
     return build_sr([source], StudyFinding(f["probability"], f["priority"], f["threshold"]),
                     ModelIdentity(**f["model"]), series_instance_uid=derived_uid(row.event_id, "series"),
                     sop_instance_uid=derived_uid(row.event_id, "sr"))
@@ -156,7 +185,7 @@ class PacsSender:
             if result.ok:
                 if failing:
                     log.info("%s takes results again", dest)
-                log.info("SR of %s stored at %s", row.event_id, dest)
+                log.info("%s of %s stored at %s", "SR" if row.kind == "sr" else "heat map", row.event_id, dest)
                 backoff, failing = BACKOFF_MIN, False
                 continue
             (log.debug if failing else log.warning)("SR of %s not stored at %s: %s; kept, tried again with backoff",

@@ -243,7 +243,8 @@ def build_sr(images: Sequence[Dataset], finding: StudyFinding, model: ModelIdent
 
 
 def build_heatmap_sc(image: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity, *,
-                     series_instance_uid: Optional[str] = None, instance_number: int = 1) -> Dataset:
+                     series_instance_uid: Optional[str] = None, instance_number: int = 1,
+                     sop_instance_uid: Optional[str] = None) -> Dataset:
     """The heat map overlay (an RGB uint8 array) as a Secondary Capture in its own series of the image's study."""
     header = _check_images([image])[0]
     rgb = np.ascontiguousarray(overlay_rgb)
@@ -252,7 +253,8 @@ def build_heatmap_sc(image: Dataset, overlay_rgb: np.ndarray, model: ModelIdenti
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=HEATMAP_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=instance_number,
+        series_number=HEATMAP_SERIES_NUMBER, sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=instance_number,
         manufacturer=MANUFACTURER, series_description=f"pneumoflag heat map: {DISCLAIMER}",
         patient_orientation=("L", "F"))
     sc.Laterality = ""  # type 2C: a chest is not a paired body part; dciodvfy asks for the element

@@ -106,12 +106,14 @@ CREATE TABLE IF NOT EXISTS pacs_outbox (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id    TEXT NOT NULL,
     destination TEXT NOT NULL,      -- AE@HOST:PORT, as in pacs.destinations
+    kind        TEXT NOT NULL DEFAULT 'sr',  -- sr | heatmap (a Secondary Capture, pacs.send_heatmap)
+    payload     BLOB,               -- heatmap: the overlay PNG
     header      BLOB NOT NULL,      -- the source image's DICOM header (Part 10, no pixel data): what the SR copies
     finding     TEXT NOT NULL,      -- JSON: probability, priority, threshold, model (name, version, sha256)
     created     REAL NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
     last_error  TEXT,
-    UNIQUE (event_id, destination)
+    UNIQUE (event_id, destination, kind)
 );
 """
 #: columns added after the first release: (table, column, type)
@@ -182,6 +184,8 @@ class PacsRow:
     header: bytes
     finding: str
     attempts: int
+    kind: str = "sr"
+    payload: Optional[bytes] = None
 
 
 @dataclass
@@ -527,14 +531,20 @@ class Store:
 
         self._write(tx)
 
-    def record_heatmap(self, event_id: str, name: str, topic: str, png: bytes) -> None:
-        """Name a flag's heat map in the journal and queue it (after the flag, by outbox order)."""
+    def record_heatmap(self, event_id: str, name: str, topic: str, png: bytes,
+                       pacs: Optional[PacsItem] = None) -> None:
+        """Name a flag's heat map in the journal and queue it (after the flag, by outbox order); ``pacs``: also
+        for each PACS destination as a Secondary Capture (after the flag's SR, by id)."""
 
         def tx(db: sqlite3.Connection) -> None:
             db.execute("UPDATE journal SET heatmap=? WHERE event_id=?", (name, event_id))
             db.execute("UPDATE flags SET heatmap=? WHERE event_id=?", (name, event_id))
             db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
                        (f"{event_id}#heatmap", topic, png, 1, time.time()))
+            if pacs is not None:
+                db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, kind, payload, header, "
+                               "finding, created) VALUES (?,?,'heatmap',?,?,?,?)",
+                               [(event_id, d, png, pacs.header, pacs.finding, time.time()) for d in pacs.destinations])
 
         self._write(tx)
 
@@ -581,7 +591,7 @@ class Store:
     # ------------------------------------------------------------------ results back to PACS
     def pacs_head(self, destination: str) -> Optional[PacsRow]:
         """The oldest result waiting for ``destination`` (they go in order: nothing passes it)."""
-        row = self._read("SELECT id, event_id, destination, header, finding, attempts FROM pacs_outbox "
+        row = self._read("SELECT id, event_id, destination, header, finding, attempts, kind, payload FROM pacs_outbox "
                          "WHERE destination=? ORDER BY id LIMIT 1", (destination,), one=True)
         return PacsRow(*row) if row else None
 

@@ -194,3 +194,55 @@ def test_a_resend_after_a_crash_is_the_same_sr_instance(tmp_path):
     assert "PixelData" not in pydicom.dcmread(io.BytesIO(item.header))
     no_study = FlagMessage(**{**msg.__dict__, "dicom": None})
     assert pacs_item(cfg, src.read_bytes(), no_study) is None  # a JPEG, or DICOM without study identity: no SR
+
+
+def test_with_send_heatmap_the_heat_map_follows_its_sr_as_a_secondary_capture(broker, dirs, daemons, orthanc,
+                                                                              tmp_path):
+    import numpy as np
+    from PIL import Image
+    from test_notification import PNEUMONIA, _three_tier_model
+
+    watch, state = dirs
+    orthanc.start()
+    model = _three_tier_model(tmp_path)
+    env = {**_env(orthanc), "PNEUMOFLAG_EXPLAIN_ENABLED": "true", "PNEUMOFLAG_PACS_SEND_HEATMAP": "true"}
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address, model=model, env=env).start()
+    with Image.open(PNEUMONIA[0]) as img:
+        pixels = np.asarray(img.convert("L"), dtype=np.uint8)
+    src = make_radiograph(tmp_path / "urgent.dcm", pixels)
+    drop(src, watch, "CR0001.dcm")
+    (flag,) = sub.wait_flags(1, timeout=60)
+    assert flag["priority"] != "routine", flag  # a heat map is made for flag and urgent images only
+    sc_uid, sr_uid = derived_uid(flag["event_id"], "heatmap"), derived_uid(flag["event_id"], "sr")
+    wait_until(lambda: sc_uid in _instances(orthanc), 120, f"the heat map in Orthanc\n{d.output()[-3000:]}")
+    assert _srs_in_arrival_order(orthanc) == [sr_uid]
+    order = [uid for uid in _arrivals(orthanc) if uid in (sr_uid, sc_uid)]
+    assert order == [sr_uid, sc_uid]  # the SR first: it is the result, the map an aid
+    f = tmp_path / "sc.dcm"
+    f.write_bytes(_instances(orthanc)[sc_uid])
+    sc = pydicom.dcmread(f)
+    source = pydicom.dcmread(src, stop_before_pixels=True)
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.PatientID == source.PatientID and sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.pixel_array.ndim == 3 and sc.pixel_array.shape[2] == 3
+    assert sc.ContributingEquipmentSequence[0].DeviceUID == device_uid(flag["model"]["sha256"])
+    check = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, timeout=60)
+    assert [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")] == []
+    wait_until(lambda: _outbox(state) == [], 10, "the outbox to empty")
+    assert d.terminate() == 0
+    sub.stop()
+
+
+def _instances(orthanc: Orthanc) -> dict[str, bytes]:
+    out = {}
+    for oid in orthanc.get("/instances"):
+        tags = orthanc.get(f"/instances/{oid}/simplified-tags")
+        out[tags["SOPInstanceUID"]] = orthanc.get(f"/instances/{oid}/file", raw=True)
+    return out
+
+
+def _arrivals(orthanc: Orthanc) -> list[str]:
+    changes = sorted(orthanc.get("/changes?limit=1000")["Changes"], key=lambda c: c["Seq"])
+    return [orthanc.get(f"/instances/{c['ID']}/simplified-tags")["SOPInstanceUID"] for c in changes
+            if c["ChangeType"] == "NewInstance"]
