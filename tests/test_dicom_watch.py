@@ -211,3 +211,27 @@ def test_a_receiver_port_already_in_use_stops_the_start_with_a_clear_error(broke
         assert d.wait(60) == 2, d.output()
     out = d.output()
     assert f"dicom_net.listen 127.0.0.1:{port}: cannot listen" in out and "Traceback" not in out, out
+
+
+def test_a_refused_instance_gets_its_error_once_and_leaves_the_spool_for_the_archive(broker, dirs, daemons, tmp_path):
+    watch, state = dirs
+    archive = tmp_path / "archive"
+    port = free_port()
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    env = _env(port, PNEUMOFLAG_WATCH_ARCHIVE_DIR=str(archive))
+    d = new_daemon(daemons, watch, state, broker.address, env=env).start()
+    f = make_radiograph(tmp_path / "abdomen.dcm", sample_pixels(0, side=256), BodyPartExamined="ABDOMEN")
+    uid = _sop(f)
+    out = storescu("127.0.0.1", port, [f], CALLER, "PNEUMOFLAG")
+    assert out.returncode == 0 and SUCCESS_LINE in out.stderr, out.stderr  # stored: the refusal is the model's
+    (err,) = sub.wait_errors(1, timeout=60)
+    assert err["file"] == f"dicom-net/{uid}.dcm" and err["reason"] == "dicom-body-part", err
+    wait_until(lambda: (archive / "dicom-net" / f"{uid}.dcm").exists(), 10, "the refused instance in the archive")
+    assert not list((state / "received").glob("*.dcm"))
+    again = storescu("127.0.0.1", port, [f], CALLER, "PNEUMOFLAG")
+    assert again.returncode == 0 and SUCCESS_LINE in again.stderr, again.stderr  # a resend: success, said once
+    time.sleep(2)
+    assert len(sub.errors()) == 1 and sub.flags() == []
+    assert _journal(state) == [(f"dicom-net/{uid}.dcm", "error")]
+    assert d.terminate() == 0
+    sub.stop()
