@@ -159,7 +159,6 @@ class Daemon:
                              self.heatmaps)
         self.ingest.seen = self.intake.already_seen
         self.publisher.start()
-        self.pacs_sender = None
         if cfg.pacs.destinations:
             from .pacs_outbox import PacsSender
 

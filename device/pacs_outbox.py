@@ -147,11 +147,12 @@ class PacsSender:
         if self.destinations:
             log.info("results go back as DICOM SR to %s", ", ".join(self.destinations))
 
-    def stop(self) -> None:
-        """Stop after the send in hand (bounded by ``pacs.timeout_seconds``); what waits is sent at the next start."""
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop; a send still in hand after ``timeout`` is left to end with the process (its row stays: what
+        waits, that one included, is sent at the next start, as the same instance)."""
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=self.cfg.pacs.timeout_seconds * 3 + 5)
+            t.join(timeout=timeout)
         self._threads.clear()
         if self.store is not None:
             self.store.close()
