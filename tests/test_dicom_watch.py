@@ -235,3 +235,34 @@ def test_a_refused_instance_gets_its_error_once_and_leaves_the_spool_for_the_arc
     assert _journal(state) == [(f"dicom-net/{uid}.dcm", "error")]
     assert d.terminate() == 0
     sub.stop()
+
+
+def test_the_spool_is_put_right_at_start_from_the_journal(tmp_path, caplog):
+    """What a kill -9 can leave: an instance journaled but not scored (handed over), one scored but not yet removed
+    (removed), one renamed into place but never journaled, so never acknowledged (removed: its sender resends it),
+    and a journaled one whose file was deleted by hand (said, not handed over)."""
+    from pneumoflag.device.config import load_config
+    from pneumoflag.device.received import ReceivedInstances, key
+    from pneumoflag.device.store import FileSig, Store
+
+    state = tmp_path / "state"
+    spool = state / "received"
+    spool.mkdir(parents=True)
+    cfg = load_config(env={}, overrides={"state.dir": str(state), "dicom_net.enabled": True,
+                                         "dicom_net.listen": f"127.0.0.1:{free_port()}",
+                                         "dicom_net.allowed_callers": [CALLER]})
+    store = Store(state)
+    for uid in ("1.2.1", "1.2.2", "1.2.4"):
+        store.receive(uid, key(uid), CALLER, "127.0.0.1")
+    store.record(key("1.2.2"), "ab" * 32, FileSig(1, 1, 1), "routine", event_id="e2")
+    store.close()
+    for uid in ("1.2.1", "1.2.2", "1.2.3"):
+        (spool / f"{uid}.dcm").write_bytes(b"x")
+    handed: list[Path] = []
+    r = ReceivedInstances(cfg, handed.append)
+    with caplog.at_level("INFO"):
+        r.start()
+        r.stop()
+    assert handed == [spool.resolve() / "1.2.1.dcm"]
+    assert sorted(p.name for p in spool.iterdir()) == ["1.2.1.dcm"]
+    assert "1.2.4 is journaled but its file" in caplog.text and "never acknowledged" in caplog.text
