@@ -402,6 +402,9 @@ def _add_selftest(sub) -> None:
     p.add_argument("--repeats", type=int, default=20, help="latency runs per sample (default 20)")
     p.add_argument("--max-latency-ms", type=float, default=100.0, help="fail when the p50 is above (default 100)")
     p.add_argument("--skip-broker", action="store_true", help="no broker round trip even if one is configured")
+    p.add_argument("--pacs", action="store_true",
+                   help="check only the DICOM network path: a C-ECHO to each pacs.destinations entry, and (with "
+                        "dicom_net.enabled) that the receiver's port can be bound or answers C-ECHO")
     p.add_argument("--write-reference", type=Path, metavar="FILE",
                    help="score the samples and write them as the reference (run on the CPU), then exit")
     _add_config_flags(p)
@@ -425,7 +428,10 @@ def _cmd_selftest(args) -> int:
         return 0
     broker = None if args.skip_broker else (cfg.mqtt.broker or None)
     st = SelfTest(cfg, samples, args.reference or samples / REFERENCE_NAME, args.repeats, broker, args.max_latency_ms)
-    st.run()
+    if args.pacs:
+        st.run_pacs()
+    else:
+        st.run()
     print(st.table())
     return 0 if st.passed else 1
 

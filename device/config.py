@@ -234,8 +234,8 @@ ANY_CALLER = "*"
 class DicomNetConfig:
     """The DICOM C-STORE receiver (device/dicom_net.py). Off by default; unknown callers are refused."""
 
-    enabled: bool = setting(False, "receive radiographs over DICOM C-STORE (the daemon does not start it yet: "
-                                   "`watch` refuses to start with it on)")
+    enabled: bool = setting(False, "`watch` also receives radiographs over DICOM C-STORE, spooled in the state "
+                                   "folder and scored like dropped files")
     listen: str = setting("0.0.0.0:11112", "HOST:PORT the receiver listens on")
     ae_title: str = setting("PNEUMOFLAG", "this appliance's AE title (1-16 characters)")
     allowed_callers: list = setting([], "calling AE titles accepted at association (needed when enabled: "
@@ -250,11 +250,12 @@ class DicomNetConfig:
 class PacsConfig:
     """Where results go back as DICOM (device/pacs.py)."""
 
-    destinations: list = setting([], "C-STORE destinations as `AE@HOST:PORT` (the daemon does not send yet)")
+    destinations: list = setting([], "C-STORE destinations as `AE@HOST:PORT`: each scored DICOM image's SR goes to "
+                                     "every one, in order, through a durable outbox")
     calling_ae: str = setting("PNEUMOFLAG", "the AE title this appliance calls with")
     timeout_seconds: float = setting(30.0, "connection, association and DIMSE timeout of one send", above=0)
-    send_heatmap: bool = setting(False, "also send the heat map as a Secondary Capture in its own series (once "
-                                                "the daemon sends)")
+    send_heatmap: bool = setting(False, "also send the heat map (flag and urgent DICOM images; needs "
+                                        "explain.enabled) as a Secondary Capture in its own series, after the SR")
 
 
 @dataclass
@@ -567,6 +568,8 @@ def _validate_dicom_net(cfg: Config) -> None:
     check_ae_title(cfg.pacs.calling_ae, "pacs.calling_ae")
     for dest in cfg.pacs.destinations:
         parse_destination(dest, "pacs.destinations")
+    if cfg.pacs.send_heatmap and not cfg.explain.enabled:
+        raise ConfigError("pacs.send_heatmap = true needs explain.enabled = true: without it no heat map is made")
 
 
 def parse_destination(value: str, key: str) -> tuple[str, str, int]:

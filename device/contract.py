@@ -473,6 +473,8 @@ class FlagMessage:
     #: this device's flag number, 1, 2, ... without gaps; given when the flag is journaled (``Store.record``)
     seq: Optional[int] = None
     schema: str = FLAG_SCHEMA
+    #: the calling AE title of the modality or PACS that sent the image over DICOM; absent for a file from the folder
+    received_from: Optional[str] = None
 
     #: ``written_at`` and ``scored_at`` as POSIX times, for the records of whoever holds it (not published)
     written_ts: Optional[float] = field(default=None, repr=False)
@@ -484,6 +486,8 @@ class FlagMessage:
         d["probability"] = round(self.probability, 6)
         if d["timings_ms"] is not None:
             d["timings_ms"] = {k: round(v, 2) for k, v in d["timings_ms"].items()}
+        if d["received_from"] is None:
+            del d["received_from"]
         ids = d.pop("dicom") or {}
         d.update(ids)  # study_instance_uid, sop_instance_uid, accession_number (+ patient ids if enabled)
         return d
@@ -506,7 +510,8 @@ class FlagMessage:
                    written_at=written_at, seen_at=when(msg, "seen_at")[0],
                    supersedes=event_id(msg, "supersedes", required=False), dicom=_dicom_ids(msg),
                    seq=integer(msg, "seq", 1, 2**53, required=False),  # absent from older daemons' flags
-                   schema=text(msg, "schema", False, 64) or FLAG_SCHEMA, written_ts=written_ts, scored_ts=scored_ts)
+                   schema=text(msg, "schema", False, 64) or FLAG_SCHEMA, written_ts=written_ts, scored_ts=scored_ts,
+                   received_from=text(msg, "received_from", False, 16))
 
 
 @dataclass

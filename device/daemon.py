@@ -25,6 +25,11 @@ Guarantees:
   the process with status 1 after publishing ``offline``: the file in hand is
   not journaled, so it is scored on the next start;
 - one daemon per state folder (``statelock``): a second one refuses to start;
+- with ``pacs.destinations`` a scored DICOM image's SR is queued in its flag's transaction and sent to each
+  destination in order, deleted only on the peer's success (``pacs_outbox``);
+- with ``dicom_net.enabled`` a DICOM receiver runs beside the watcher (``received``): an instance answered
+  "stored" is in the state folder and journaled, goes through the same intake, decoder, model and outbox as a
+  dropped file, is scored once (a resend too), and survives a kill -9 (handed over again at the next start);
 - SIGTERM finishes the image in hand, publishes ``offline`` and exits 0.
 """
 from __future__ import annotations
@@ -92,18 +97,14 @@ class Daemon:
         self.intake: Optional[Intake] = None  # made by _start, once the store and publisher exist
         self._wd: Optional[float] = None  # watchdog ping interval (None: no watchdog)
         self._next_wd = 0.0
+        self.received = None  # the DICOM receiver (dicom_net.enabled), started by _start
+        self.pacs_sender = None  # the SR sender (pacs.destinations), started by _start
 
     # ------------------------------------------------------------------ startup
     def _start(self) -> None:
         cfg = self.cfg
         if self.root is None:
             raise StartupError("no export folder: give `pneumoflag watch DIR` or set watch.dir")
-        if cfg.dicom_net.enabled:  # said, not ignored: a modality pointed at us would find nothing listening
-            raise StartupError("dicom_net.enabled = true: this version's `watch` does not start the DICOM receiver "
-                               "yet (see the README, DICOM network (preview)); set it to false")
-        if cfg.pacs.destinations:
-            log.warning("pacs.destinations is set, but this version's `watch` sends no structured report yet (see "
-                        "the README, DICOM network (preview))")
         self.ingest = Ingest(self.root, cfg.watch.recursive, cfg.watch.polling, cfg.watch.poll_interval,
                              cfg.watch.settle_seconds, cfg.watch.ignore,
                              exclude=[cfg.watch.archive_dir] if cfg.watch.archive_dir else [],
@@ -138,6 +139,8 @@ class Daemon:
             raise StartupError(f"state.dir {state}: {exc} (the daemon needs a writable state folder)") from None
         if cfg.watch.archive_dir:
             Path(cfg.watch.archive_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.dicom_net.enabled:
+            self._start_receiver()
         try:
             self.pipeline.decoder.start()
         except DecoderUnavailable as exc:
@@ -160,6 +163,11 @@ class Daemon:
                              self.heatmaps, self.drift)
         self.ingest.seen = self.intake.already_seen
         self.publisher.start()
+        if cfg.pacs.destinations:
+            from .pacs_outbox import PacsSender
+
+            self.pacs_sender = PacsSender(cfg)
+            self.pacs_sender.start()
         points = self.card.raw.get("operating_points", {}).get("source", {})
         log.info(
             "pneumoflag %s: model %s %s (card revision %d, operating points from %s) on %s (%s); %s; "
@@ -171,6 +179,23 @@ class Daemon:
         adapted = self.card.adaptation_summary()
         if adapted:
             log.info("%s", adapted)
+
+    def _start_receiver(self) -> None:
+        """The DICOM receiver, its spool recovered first; what it receives waits in the watcher's queue."""
+        from .dicom_net import DicomNetError
+        from .received import ReceivedInstances
+
+        try:
+            self.received = ReceivedInstances(self.cfg, self.ingest.hand_over)
+            self.received.start()
+        except (DicomNetError, StoreError) as exc:
+            raise StartupError(str(exc)) from None
+
+    def _stop_receiver(self) -> None:
+        """Stop taking instances (the unanswered ones are resent by their senders); before the store closes."""
+        if self.received is not None:
+            self.received.stop()
+            self.received = None
 
     def _start_embedded_broker(self) -> None:
         from .broker import BrokerStartError, EmbeddedBroker, port_in_use
@@ -202,6 +227,7 @@ class Daemon:
         try:
             self._start()
         except BaseException:
+            self._stop_receiver()
             if getattr(self, "pipeline", None) is not None and self.pipeline.decoder is not None:
                 self.pipeline.decoder.stop()  # the worker must not outlive a failed start
             if getattr(self, "state_lock", None) is not None:  # a refused start holds the state folder no longer
@@ -302,6 +328,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
+        self._stop_receiver()
         self.ingest.stop()
         if self.heatmaps is not None:
             self.heatmaps.stop()
@@ -315,6 +342,8 @@ class Daemon:
         except StoreError as exc:
             log.error("state database unusable at shutdown: %s", exc)
         self.publish_stats()
+        if self.pacs_sender is not None:
+            self.pacs_sender.stop()
         self.publisher.stop()
         if self.broker is not None:
             self.broker.stop()
@@ -340,6 +369,11 @@ class Daemon:
             health["delivered_seq"] = self.store.delivered_seq()
         except StoreError:
             pass
+        if self.cfg.pacs.destinations:
+            try:
+                health["pacs"] = self.store.pacs_status(self.cfg.pacs.destinations)
+            except StoreError:
+                pass
         try:
             ttn = time_to_notification(self.store.flag_times(time.time() - 86400))
         except StoreError:

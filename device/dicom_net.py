@@ -4,14 +4,16 @@ What it guarantees a sender:
 
 - **"Stored" means durable.** A C-STORE is answered success only once the instance is in the spool folder as
   ``<SOPInstanceUID>.dcm`` (Part 10, with its File Meta, the data set byte for byte as received): written under a
-  temporary dot-name, ``fsync``'d, renamed into place with ``os.replace``, and the folder ``fsync``'d. Then, and
-  only then, ``on_stored(path, dataset)`` runs (the daemon's intake takes the file from there).
+  temporary dot-name, ``fsync``'d, renamed into place with ``os.replace``, and the folder ``fsync``'d; with a
+  ``journal`` (the daemon's, see ``received``) it is journaled too before the answer, and a journal that cannot
+  be written takes the file away again and answers 0xA700. Then, and only then, ``on_stored(path, dataset)``
+  runs (the daemon's intake takes the file from there).
 - **Failures the sender understands, and nothing half-written.** A full disk or any other write failure is
   0xA700 (Out of Resources) with the temporary file removed; so is an instance over the size limit
   (``watch.max_file_mb``). A data set that cannot be parsed, or whose SOP Instance UID is missing, not a valid
   UID or not the one of the C-STORE request, is 0xC000 (Cannot Understand); one whose SOP class is not the
   request's is 0xA900. The sender's retry brings the instance back; a retry of an instance already in the spool
-  is answered success without writing it again.
+  (or, with a journal, ever journaled) is answered success without writing it again.
 - **Only what the model reads, only from whom it should.** The three radiograph storage SOP classes (CR, DX for
   presentation and for processing) in the transfer syntaxes pydicom has a decoder for on this machine
   (:func:`accepted_transfer_syntaxes`), and C-ECHO; anything else is refused at negotiation. The calling AE title
@@ -32,7 +34,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from .config import ANY_CALLER, Config, check_ae_title, parse_host_port
 from .dicom import RADIOGRAPH_STORAGE, is_uid
@@ -53,6 +55,16 @@ CANDIDATE_TRANSFER_SYNTAXES = (
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".part"
 
 OnStored = Callable[[Path, Any], None]
+
+
+class ReceiveJournal(Protocol):
+    """Where the receiver journals what it answers "stored" (called from its association threads)."""
+
+    def known(self, sop_instance_uid: str) -> bool:
+        """Answered "stored" before: a resend is answered success again, not kept twice."""
+
+    def add(self, sop_instance_uid: str, caller: str, peer: Optional[str]) -> None:
+        """Journal it durably; raise when that cannot be done (the instance is then refused)."""
 
 
 class DicomNetError(RuntimeError):
@@ -90,7 +102,7 @@ class DicomReceiver:
     def __init__(self, spool: Path | str, *, listen: str = "0.0.0.0:11112", ae_title: str = "PNEUMOFLAG",
                  allowed_callers: Sequence[str] = (), allowed_addresses: Sequence[str] = (),
                  timeout: float = 30.0, max_bytes: int = 100 * 2**20, max_associations: int = 8,
-                 on_stored: Optional[OnStored] = None):
+                 on_stored: Optional[OnStored] = None, journal: Optional[ReceiveJournal] = None):
         self.spool = Path(spool)
         if listen.endswith(":0"):  # any free port (tests); ``address`` tells which
             self.host, self.port = listen[:-2].strip("[]"), 0
@@ -106,19 +118,21 @@ class DicomReceiver:
         self.networks = [ipaddress.ip_network(a, strict=False) for a in allowed_addresses]
         self.timeout, self.max_bytes, self.max_associations = timeout, max_bytes, max_associations
         self.on_stored = on_stored
+        self.journal = journal
         self._lock = threading.Lock()  # the duplicate check and the rename into place, together
         self._ae: Any = None
         self._server: Any = None
         self._thread: Optional[threading.Thread] = None
 
     @classmethod
-    def from_config(cls, cfg: Config, spool: Path | str, on_stored: Optional[OnStored] = None) -> "DicomReceiver":
+    def from_config(cls, cfg: Config, spool: Path | str, on_stored: Optional[OnStored] = None,
+                    journal: Optional[ReceiveJournal] = None) -> "DicomReceiver":
         """The receiver ``[dicom_net]`` describes, with ``watch.max_file_mb`` as its size limit."""
         net = cfg.dicom_net
         return cls(spool, listen=net.listen, ae_title=net.ae_title, allowed_callers=net.allowed_callers,
                    allowed_addresses=net.allowed_addresses, timeout=net.timeout_seconds,
                    max_bytes=int(cfg.watch.max_file_mb * 2**20), max_associations=net.max_associations,
-                   on_stored=on_stored)
+                   on_stored=on_stored, journal=journal)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -237,15 +251,29 @@ class DicomReceiver:
 
     def _keep(self, uid: str, event: Any, caller: str, ds: Any) -> Any:
         final = self.spool / f"{uid}.dcm"
-        if final.exists():
+        try:
+            again = self.journal.known(uid) if self.journal is not None else final.exists()
+        except Exception as exc:  # noqa: BLE001 - a journal that cannot be read cannot say "stored"
+            log.error("DICOM instance %s from %s refused: cannot read the journal (%s)", uid, caller, exc)
+            return _status(OUT_OF_RESOURCES, "cannot read the journal")
+        if again:
             log.info("DICOM instance %s from %s is already stored: answered success again", uid, caller)
             return _status(SUCCESS, "")
+        commit = None
+        if self.journal is not None:
+            journal, peer = self.journal, event.assoc.requestor.address
+
+            def commit() -> None:
+                journal.add(uid, caller, peer)
         try:
-            self._write_durably(final, event.encoded_dataset(include_meta=True))
+            self._write_durably(final, event.encoded_dataset(include_meta=True), commit)
         except OSError as exc:
             log.error("DICOM instance %s from %s refused: cannot store it in %s (%s)", uid, caller, self.spool,
                       exc.strerror or exc)
             return _status(OUT_OF_RESOURCES, f"cannot store the instance ({exc.strerror or 'write failed'})")
+        except Exception as exc:  # noqa: BLE001 - the journal's failure (disk full, read-only): not stored
+            log.error("DICOM instance %s from %s refused: cannot journal it (%s)", uid, caller, exc)
+            return _status(OUT_OF_RESOURCES, "cannot journal the instance (state disk full?)")
         log.info("DICOM instance %s from %s stored", uid, caller)
         if self.on_stored is not None:
             try:
@@ -254,8 +282,10 @@ class DicomReceiver:
                 log.exception("on_stored failed for %s; the file stays in the spool", final)
         return _status(SUCCESS, "")
 
-    def _write_durably(self, final: Path, data: bytes) -> None:
-        """Temporary name, fsync, rename into place, fsync of the folder; on any failure nothing is left."""
+    def _write_durably(self, final: Path, data: bytes, commit: Optional[Callable[[], None]] = None) -> None:
+        """Temporary name, fsync, rename into place, fsync of the folder, then ``commit`` (the journal); on any
+        failure nothing is left. The rename and the commit hold one lock: a concurrent retry of the same
+        instance that finds the file in place knows it is journaled too."""
         fd, tmp = tempfile.mkstemp(dir=self.spool, prefix=f"{TEMP_PREFIX}{final.stem}.", suffix=TEMP_SUFFIX)
         placed = False
         try:
@@ -269,18 +299,23 @@ class DicomReceiver:
                     return
                 os.replace(tmp, final)
                 placed = True
-            dir_fd = os.open(self.spool, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
+                self._fsync_spool()
+                if commit is not None:
+                    commit()
+        except BaseException:
             for leftover in (tmp, final) if placed else (tmp,):
                 try:
                     os.unlink(leftover)
                 except FileNotFoundError:
                     pass
             raise
+
+    def _fsync_spool(self) -> None:
+        dir_fd = os.open(self.spool, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def _filtering_server_class() -> type:

@@ -85,6 +85,15 @@ class HeatmapWorker:
             except Exception:
                 log.exception("%s: heat map failed; the flag stands", printable(job.rel))
 
+    def _pacs(self, job: _Job):
+        """The map as a Secondary Capture for the PACS destinations (``pacs.send_heatmap``, DICOM sources)."""
+        if not self.cfg.pacs.send_heatmap:
+            return None
+        from .pacs_outbox import heatmap_item
+
+        return heatmap_item(self.cfg, job.data, {"name": self.card.name, "version": self.card.version,
+                                                 "sha256": self.card.tflite_sha256})
+
     def _display(self, job: _Job) -> np.ndarray:
         """A sharp view of the radiograph at the overlay's size (decoded again, off the scoring path)."""
         size = self.cfg.explain.size
@@ -106,7 +115,8 @@ class HeatmapWorker:
         tmp.write_bytes(ex.png)
         os.replace(tmp, path)
         try:
-            self.store.record_heatmap(job.event_id, path.name, self.cfg.topics.heatmap(job.event_id), ex.png)
+            self.store.record_heatmap(job.event_id, path.name, self.cfg.topics.heatmap(job.event_id), ex.png,
+                                      pacs=self._pacs(job))
         except StoreError as exc:
             log.error("%s: heat map made but not journaled or sent (%s)", printable(job.rel), exc)
             return

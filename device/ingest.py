@@ -43,7 +43,7 @@ class IngestError(RuntimeError):
 @dataclass(frozen=True)
 class Ready:
     path: Path
-    #: how it became ready: "closed" (after write), "moved", "settled", "backlog"
+    #: how it became ready: "closed" (after write), "moved", "settled", "backlog", "received" (over DICOM)
     how: str
     #: wall-clock time the watcher handed it over (for time-to-notification)
     seen_at: float = field(default_factory=time.time, compare=False)
@@ -343,6 +343,11 @@ class Ingest(FileSystemEventHandler):
             self._n += 1
             heapq.heappush(self._waiting, (time.monotonic() + (self.settle if delay is None else delay), self._n, path))
             self._cond.notify()
+
+    def hand_over(self, path: Path) -> None:
+        """A file from outside the folder that is complete already (a DICOM instance the receiver journaled):
+        queued like a ready file; thread-safe, for the receiver's threads."""
+        self._push(Ready(path, "received"))
 
     def retry_later(self, path: Path, delay: float) -> None:
         """The file failed to decode but may still be growing: look again later."""

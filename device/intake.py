@@ -24,6 +24,8 @@ from .config import Config
 from .contract import ErrorMessage, encode
 from .decoder import Decoded
 from .ingest import Ingest, Ready
+from . import received
+from .pacs_outbox import pacs_item
 from .pipeline import Pipeline, sha256_bytes
 from .preprocess import ImageDecodeError
 from .publisher import Publisher
@@ -85,9 +87,18 @@ class Intake:
         self.disk_full_since: Optional[float] = None
         self._backoff = 5.0
         self._arriving: dict[str, tuple[FileSig, float]] = {}  # rel -> (sig, monotonic time it last changed)
-        self._roots = [root] + ([Path(cfg.watch.archive_dir)] if cfg.watch.archive_dir else [])
+        #: the DICOM receiver's spool (``received``): its files are journaled as ``dicom-net/<SOPInstanceUID>.dcm``
+        self.spool = (Path(cfg.state.dir) / received.SPOOL).resolve() if cfg.dicom_net.enabled else None
+        self._roots = [root] + ([Path(cfg.watch.archive_dir)] if cfg.watch.archive_dir else []) + \
+            ([self.spool] if self.spool is not None else [])
+
+    def is_received(self, path: Path) -> bool:
+        """A DICOM instance from the receiver's spool, not a file of the export folder."""
+        return self.spool is not None and path.parent == self.spool
 
     def rel(self, path: Path) -> str:
+        if self.is_received(path):
+            return received.key(path.stem)
         try:
             return path_text(path.relative_to(self.root))
         except ValueError:
@@ -178,6 +189,9 @@ class Intake:
         file_mtime = job.read.sig.mtime_ns / 1e9
         msg = self.pipeline.message(d, p, infer_ms, total_ms, job.rel, job.sha, file_mtime=file_mtime,
                                     seen_at=job.item.seen_at, supersedes=job.supersedes)
+        if self.is_received(job.path):
+            msg.received_from = self._caller(job.rel)
+        pacs = pacs_item(self.cfg, job.read.data, msg) if self.cfg.pacs.destinations else None
         payload = encode(msg.to_dict())
         record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, msg.written_ts,
                             job.item.seen_at, time.time())
@@ -185,7 +199,7 @@ class Intake:
         # power cut must not leave it moved out of the export folder with its result unwritten
         if not self._record(job.path, job.rel, job.sha, job.read.sig, msg.priority, event_id=msg.event_id,
                             supersedes=job.supersedes, message=(self.cfg.topics.flag(msg.priority), payload, 1),
-                            flag=record, durable=bool(self.cfg.watch.archive_dir)):
+                            flag=record, pacs=pacs, durable=bool(self.cfg.watch.archive_dir)):
             return
         self._arriving.pop(job.rel, None)
         if self.heatmaps is not None and msg.priority != Priority.ROUTINE:
@@ -201,7 +215,8 @@ class Intake:
 
     def failed(self, job: Job, exc: ImageDecodeError) -> None:
         """The pipeline refused it: an error, unless it looks like a file still being written."""
-        if exc.reason in INCOMPLETE_REASONS and self._still_arriving(job.rel, job.read.sig):
+        if exc.reason in INCOMPLETE_REASONS and not self.is_received(job.path) and \
+                self._still_arriving(job.rel, job.read.sig):  # a received instance is whole: no wait
             log.debug("%s: %s; still being written? retrying", job.label, exc.reason)
             self.abandon(job)
             self.ingest.retry_later(job.path, max(self.cfg.watch.settle_seconds, 0.2))
@@ -273,7 +288,9 @@ class Intake:
     def _record(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, status: str, durable: bool = False,
                 **kw) -> bool:
         """Journal one outcome. Not fsync'd here: its message is sent only after the publisher's fsync, and
-        an outcome a power cut takes back is decided again on the next start (the file is still there)."""
+        an outcome a power cut takes back is decided again on the next start (the file is still there). A
+        received instance's is fsync'd at once: its spool file goes next, and the sender was told "stored"."""
+        durable = durable or self.is_received(path)
         try:
             self.store.record(rel, sha, sig, status, durable=durable, **kw)
         except StoreError as exc:
@@ -282,7 +299,16 @@ class Intake:
         self._store_ok()
         if kw.get("message"):
             self.publisher.wake()
+        if self.is_received(path):  # its result is journaled: the spool lets it go
+            received.finish(self.cfg, path)
         return True
+
+    def _caller(self, rel: str) -> Optional[str]:
+        try:
+            return self.store.received_from(rel)
+        except StoreError as exc:  # the flag goes out without it rather than not at all
+            log.warning("%s: calling AE title not read from the journal: %s", printable(rel), exc)
+            return None
 
     def _store_failed(self, path: Path, exc: StoreError) -> None:
         """Disk full or read-only state: keep the file, say so once per episode, retry with backoff."""
@@ -319,7 +345,7 @@ class Intake:
             self._backoff = 5.0
 
     def _archive(self, path: Path, rel: str) -> None:
-        if not self.cfg.watch.archive_dir:
+        if not self.cfg.watch.archive_dir or self.is_received(path):  # the spool's files: received.finish
             return
         dest = Path(self.cfg.watch.archive_dir) / path.relative_to(self.root)
         try:

@@ -77,6 +77,7 @@ def build_report(db_path: Path, since_s: float, now: Optional[float] = None) -> 
         except sqlite3.Error as exc:
             raise ReportError(f"{db_path}: {exc} (a database from an older pneumoflag? it records flags from "
                               "this version on)") from None
+        pacs = _pacs_outbox(db)
     finally:
         db.close()
     intervals = {}
@@ -101,6 +102,7 @@ def build_report(db_path: Path, since_s: float, now: Optional[float] = None) -> 
         "intervals_s": {k: v["seconds"] for k, v in intervals.items()},
         "unacknowledged_urgent": open_urgent,
         "drift": read_drift(db_path.parent / STATE_FILE),
+        "pacs_outbox": pacs,
         "_values": {k: v["values"] for k, v in intervals.items()},
     }
 
@@ -122,6 +124,19 @@ def read_drift(path: Path) -> Optional[dict]:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ReportError(f"{path}: unreadable drift state ({exc})") from None
+
+
+def _pacs_outbox(db: sqlite3.Connection) -> dict:
+    """Per PACS destination: SRs waiting, the tries of the oldest, and its last error (empty: nothing waits)."""
+    try:
+        rows = db.execute("SELECT destination, COUNT(*), MIN(id) FROM pacs_outbox GROUP BY destination").fetchall()
+        out = {}
+        for dest, depth, head in rows:
+            attempts, error = db.execute("SELECT attempts, last_error FROM pacs_outbox WHERE id=?", (head,)).fetchone()
+            out[dest] = {"depth": depth, "attempts": attempts, "last_error": error}
+        return out
+    except sqlite3.Error:  # a database from before the PACS outbox
+        return {}
 
 
 def _fmt_s(v: Optional[float]) -> str:
@@ -150,6 +165,9 @@ def format_report(r: dict) -> str:
     for u in r["unacknowledged_urgent"]:
         lines.append(f"  {printable(u['file'])}  p={u['probability']:.4f}  waiting {_fmt_s(u['waiting_s'])}"
                      f"  escalations {u['escalations']}  event {u['event_id']}")
+    for dest, w in r.get("pacs_outbox", {}).items():
+        lines.append(f"SRs waiting for PACS {printable(dest)}: {w['depth']} (the oldest tried {w['attempts']} times"
+                     + (f"; last error: {printable(w['last_error'])}" if w["last_error"] else "") + ")")
     return "\n".join(lines + format_drift(r.get("drift")))
 
 

@@ -4,13 +4,16 @@ Checks the environment (runtime, Edge TPU delegate, model/card integrity,
 state and export folders), scores the bundled sample radiographs and compares
 them with the reference probabilities made by the shipped model on the CPU,
 measures latency, and optionally round-trips one message through the broker.
+``--pacs`` checks the DICOM network path instead (:meth:`SelfTest.run_pacs`).
 Prints a PASS/FAIL table; any FAIL gives a non-zero exit.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -22,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .card import CardError, sha256_file
-from .config import Config
+from .config import ANY_CALLER, Config, parse_host_port
 from .pipeline import Pipeline, score_file
 from .preprocess import ImageDecodeError
 from .samples import SAMPLES_DIR
@@ -115,6 +118,54 @@ class SelfTest:
         if self.broker:
             self.check_broker()
         return self.passed
+
+    def run_pacs(self) -> bool:
+        """The field engineer's check of the DICOM network path: every PACS destination, and the receiver."""
+        self.check_pacs_destinations()
+        self.check_receiver()
+        return self.passed
+
+    def check_pacs_destinations(self) -> None:
+        from . import pacs
+
+        dests = pacs.destinations(self.cfg.pacs)
+        if not dests:
+            self.add("PACS destinations", "SKIP", "pacs.destinations is empty")
+        for dest in dests:
+            r = pacs.echo(dest, self.cfg.pacs.calling_ae, self.cfg.pacs.timeout_seconds)
+            self.add(f"C-ECHO {dest}", "PASS" if r.ok else "FAIL", r.message)
+
+    def check_receiver(self) -> None:
+        """The receiver's port: free to bind (the daemon is stopped), or answering C-ECHO as our AE title (it
+        runs; the echo calls as the first allowed caller, which the receiver accepts)."""
+        from . import pacs
+
+        net = self.cfg.dicom_net
+        name = "DICOM receiver port"
+        if not net.enabled:
+            self.add(name, "SKIP", "dicom_net.enabled = false")
+            return
+        host, port = parse_host_port(net.listen, "dicom_net.listen")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, port))
+            self.add(name, "PASS", f"{net.listen} is free: `watch` can listen there (not running now)")
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                self.add(name, "FAIL", f"dicom_net.listen {net.listen}: cannot listen ({exc.strerror or exc})")
+                return
+        local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        callers = [c for c in net.allowed_callers if c != ANY_CALLER]
+        dest = pacs.Destination(net.ae_title, local, port)
+        r = pacs.echo(dest, callers[0] if callers else self.cfg.pacs.calling_ae, self.cfg.pacs.timeout_seconds)
+        if r.ok:
+            self.add(name, "PASS", f"{net.listen}: listening, {net.ae_title} answers C-ECHO")
+        else:
+            self.add(name, "FAIL", f"{net.listen} is taken by something that does not answer C-ECHO as "
+                                   f"{net.ae_title}: {r.message}")
 
     def check_runtime(self) -> None:
         try:

@@ -207,8 +207,11 @@ def _equipment(model: ModelIdentity) -> Any:
 
 
 def build_sr(images: Sequence[Dataset], finding: StudyFinding, model: ModelIdentity, *,
-             series_instance_uid: Optional[str] = None, instance_number: int = 1) -> Dataset:
-    """The study's result as a Comprehensive 3D SR (TID 1500) referencing every source image; new SOP UID each call.
+             series_instance_uid: Optional[str] = None, instance_number: int = 1,
+             sop_instance_uid: Optional[str] = None) -> Dataset:
+    """The study's result as a Comprehensive 3D SR (TID 1500) referencing every source image; a new SOP UID each
+    call unless ``sop_instance_uid`` is given (the PACS outbox derives it from the result's event id, so a resend
+    after a crash is the same instance).
 
     ``images`` are the study's source data sets (pixel data not needed); ``series_instance_uid`` lets a
     later SR of the same study join the first one's series. A ``ValueError`` says what is missing.
@@ -229,9 +232,9 @@ def build_sr(images: Sequence[Dataset], finding: StudyFinding, model: ModelIdent
     root.ContentSequence.insert(at, _library(headers))  # before "Imaging Measurements", as TID 1500 orders them
     return hd.sr.Comprehensive3DSR(
         evidence=headers, content=root, series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=SR_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=instance_number,
-        manufacturer=MANUFACTURER, manufacturer_model_name=model.name, software_versions=model.version,
-        series_description=f"pneumoflag: {DISCLAIMER}",
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=instance_number, manufacturer=MANUFACTURER, manufacturer_model_name=model.name,
+        software_versions=model.version, series_description=f"pneumoflag: {DISCLAIMER}",
         is_complete=True, is_final=False,  # preliminary: a triage aid's result is never the definitive report
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
             designator=SCHEME, name="pneumoflag triage codes", responsible_organization=MANUFACTURER)],
@@ -240,7 +243,8 @@ def build_sr(images: Sequence[Dataset], finding: StudyFinding, model: ModelIdent
 
 
 def build_heatmap_sc(image: Dataset, overlay_rgb: np.ndarray, model: ModelIdentity, *,
-                     series_instance_uid: Optional[str] = None, instance_number: int = 1) -> Dataset:
+                     series_instance_uid: Optional[str] = None, instance_number: int = 1,
+                     sop_instance_uid: Optional[str] = None) -> Dataset:
     """The heat map overlay (an RGB uint8 array) as a Secondary Capture in its own series of the image's study."""
     header = _check_images([image])[0]
     rgb = np.ascontiguousarray(overlay_rgb)
@@ -249,7 +253,8 @@ def build_heatmap_sc(image: Dataset, overlay_rgb: np.ndarray, model: ModelIdenti
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=HEATMAP_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=instance_number,
+        series_number=HEATMAP_SERIES_NUMBER, sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=instance_number,
         manufacturer=MANUFACTURER, series_description=f"pneumoflag heat map: {DISCLAIMER}",
         patient_orientation=("L", "F"))
     sc.Laterality = ""  # type 2C: a chest is not a paired body part; dciodvfy asks for the element

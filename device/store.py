@@ -89,6 +89,32 @@ CREATE TABLE IF NOT EXISTS acks (
     received_at REAL NOT NULL,
     known_flag  INTEGER NOT NULL     -- 0: no flag of this daemon has that event id
 );
+-- every instance the DICOM receiver answered "stored" (device/received.py), written before the answer: its
+-- result is the journal row of ``path``; kept after that, so a resend is answered success and not scored again
+CREATE TABLE IF NOT EXISTS received (
+    sop_instance_uid TEXT PRIMARY KEY,
+    path             TEXT NOT NULL,  -- its journal key, dicom-net/<SOPInstanceUID>.dcm
+    calling_ae       TEXT NOT NULL,
+    peer             TEXT,           -- the sender's address
+    received_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS received_path ON received(path);
+-- results waiting to go back to PACS as a structured report (device/pacs_outbox.py), one row per result and
+-- destination, queued with the flag; ``id`` is the order per destination. Keyed by the event the SR reports
+-- (today a flag; a study result can take its place), whose id also gives the SR its SOP Instance UID.
+CREATE TABLE IF NOT EXISTS pacs_outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL,
+    destination TEXT NOT NULL,      -- AE@HOST:PORT, as in pacs.destinations
+    kind        TEXT NOT NULL DEFAULT 'sr',  -- sr | heatmap (a Secondary Capture, pacs.send_heatmap)
+    payload     BLOB,               -- heatmap: the overlay PNG
+    header      BLOB NOT NULL,      -- the source image's DICOM header (Part 10, no pixel data): what the SR copies
+    finding     TEXT NOT NULL,      -- JSON: probability, priority, threshold, model (name, version, sha256)
+    created     REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT,
+    UNIQUE (event_id, destination, kind)
+);
 """
 #: columns added after the first release: (table, column, type)
 MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"), ("journal", "heatmap", "TEXT"),
@@ -139,6 +165,27 @@ class FlagRecord:
     written_at: Optional[float]
     seen_at: Optional[float]
     scored_at: float
+
+
+@dataclass(frozen=True)
+class PacsItem:
+    """What an SR is built from later, queued with its flag for every destination."""
+
+    header: bytes
+    finding: str  # JSON
+    destinations: tuple[str, ...]
+
+
+@dataclass
+class PacsRow:
+    id: int
+    event_id: str
+    destination: str
+    header: bytes
+    finding: str
+    attempts: int
+    kind: str = "sr"
+    payload: Optional[bytes] = None
 
 
 @dataclass
@@ -385,6 +432,7 @@ class Store:
         supersedes: Optional[str] = None,
         flag: Optional[FlagRecord] = None,
         durable: bool = True,
+        pacs: Optional[PacsItem] = None,
     ) -> Optional[int]:
         """Journal a processed file and (atomically) queue its message; returns the outbox seq.
 
@@ -394,7 +442,8 @@ class Store:
 
         A flag gets the next number of this device's flag sequence (``seq`` in its message) in the same
         transaction, so the numbers have no gaps and no repeats, whatever fails: a station that misses one
-        can tell, and ask for it again (:meth:`flags_between`).
+        can tell, and ask for it again (:meth:`flags_between`). ``pacs`` queues the result's SR for each PACS
+        destination in the same transaction.
         """
 
         def tx(db: sqlite3.Connection) -> Optional[int]:
@@ -417,6 +466,11 @@ class Store:
                 )
                 if message is not None:  # a flag's message is the flag
                     message = (message[0], payload, message[2])
+            if pacs is not None:
+                now = time.time()
+                db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, header, finding, created) "
+                               "VALUES (?,?,?,?,?)", [(event_id, d, pacs.header, pacs.finding, now)
+                                                      for d in pacs.destinations])
             if message is None:
                 return None
             topic, payload, qos = message
@@ -531,14 +585,20 @@ class Store:
 
         self._write(tx)
 
-    def record_heatmap(self, event_id: str, name: str, topic: str, png: bytes) -> None:
-        """Name a flag's heat map in the journal and queue it (after the flag, by outbox order)."""
+    def record_heatmap(self, event_id: str, name: str, topic: str, png: bytes,
+                       pacs: Optional[PacsItem] = None) -> None:
+        """Name a flag's heat map in the journal and queue it (after the flag, by outbox order); ``pacs``: also
+        for each PACS destination as a Secondary Capture (after the flag's SR, by id)."""
 
         def tx(db: sqlite3.Connection) -> None:
             db.execute("UPDATE journal SET heatmap=? WHERE event_id=?", (name, event_id))
             db.execute("UPDATE flags SET heatmap=? WHERE event_id=?", (name, event_id))
             db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
                        (f"{event_id}#heatmap", topic, png, 1, time.time()))
+            if pacs is not None:
+                db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, kind, payload, header, "
+                               "finding, created) VALUES (?,?,'heatmap',?,?,?,?)",
+                               [(event_id, d, png, pacs.header, pacs.finding, time.time()) for d in pacs.destinations])
 
         self._write(tx)
 
@@ -581,6 +641,54 @@ class Store:
 
     def outbox_depth(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM outbox", one=True)[0])
+
+    # ------------------------------------------------------------------ results back to PACS
+    def pacs_head(self, destination: str) -> Optional[PacsRow]:
+        """The oldest result waiting for ``destination`` (they go in order: nothing passes it)."""
+        row = self._read("SELECT id, event_id, destination, header, finding, attempts, kind, payload FROM pacs_outbox "
+                         "WHERE destination=? ORDER BY id LIMIT 1", (destination,), one=True)
+        return PacsRow(*row) if row else None
+
+    def pacs_sent(self, row_id: int) -> None:
+        """The peer answered success: only now does the row go."""
+        self._write(lambda db: db.execute("DELETE FROM pacs_outbox WHERE id=?", (row_id,)))
+
+    def pacs_failed(self, row_id: int, error: str) -> None:
+        """A try that did not end in success: counted, its reason kept for stats and the report (no fsync: a
+        lost count only changes a number)."""
+        self._write(lambda db: db.execute("UPDATE pacs_outbox SET attempts=attempts+1, last_error=? WHERE id=?",
+                                          (error[:500], row_id)), durable=False)
+
+    def pacs_status(self, destinations: list[str]) -> dict[str, dict]:
+        """Per destination: results waiting, and the last error of the one at the head (None: none or no error)."""
+        out = {}
+        for d in destinations:
+            depth = self._read("SELECT COUNT(*) FROM pacs_outbox WHERE destination=?", (d,), one=True)[0]
+            head = self._read("SELECT last_error FROM pacs_outbox WHERE destination=? ORDER BY id LIMIT 1", (d,),
+                              one=True)
+            out[d] = {"depth": int(depth), "last_error": head[0] if head else None}
+        return out
+
+    # ------------------------------------------------------------------ instances received over DICOM
+    def receive(self, sop_instance_uid: str, path: str, calling_ae: str, peer: Optional[str]) -> None:
+        """Journal a received instance (fsync'd) before the receiver answers "stored"; a repeat adds nothing."""
+        self._write(lambda db: db.execute(
+            "INSERT OR IGNORE INTO received (sop_instance_uid, path, calling_ae, peer, received_at) VALUES (?,?,?,?,?)",
+            (sop_instance_uid, path, calling_ae, peer, time.time())))
+
+    def was_received(self, sop_instance_uid: str) -> bool:
+        """This instance was answered "stored" once already (its result may be journaled or still to come)."""
+        return self._read("SELECT 1 FROM received WHERE sop_instance_uid=?", (sop_instance_uid,), one=True) is not None
+
+    def received_from(self, path: str) -> Optional[str]:
+        """The calling AE title of the instance journaled under ``path``; None for a file from the folder."""
+        row = self._read("SELECT calling_ae FROM received WHERE path=?", (path,), one=True)
+        return row[0] if row else None
+
+    def received_unscored(self) -> list[tuple[str, str]]:
+        """(SOP Instance UID, path) of received instances without a journaled result, oldest first."""
+        return self._read("SELECT sop_instance_uid, path FROM received r WHERE NOT EXISTS "
+                          "(SELECT 1 FROM journal j WHERE j.path = r.path) ORDER BY received_at")
 
 
 def numbered(payload: bytes, seq: int) -> bytes:

@@ -297,16 +297,3 @@ def test_bench_stages_include_the_daemons_decode_with_the_gate_and_its_journal_c
     assert re.search(r"^daemon: decode \+ gate +\d+\.\d\d", run.stdout, re.M), run.stdout
     assert re.search(r"^daemon: journal commit +\d+\.\d\d", run.stdout, re.M), run.stdout
     assert re.search(r"^publisher: log fsync +\d+\.\d\d", run.stdout, re.M), run.stdout
-
-
-def test_watch_refuses_a_dicom_receiver_it_does_not_start_yet(tmp_path: Path):
-    """``[dicom_net] enabled`` is read: this version's daemon says it cannot honour it instead of ignoring it."""
-    export = tmp_path / "export"
-    export.mkdir()
-    conf = tmp_path / "pneumoflag.toml"
-    conf.write_text('[dicom_net]\nenabled = true\nallowed_callers = ["CR_ROOM2"]\n')
-    run = subprocess.run([*CLI, "watch", str(export), "--once", "--config", str(conf), "--state-dir",
-                          str(tmp_path / "state"), "--broker", "127.0.0.1:1"], capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 2 and "dicom_net.enabled = true" in run.stderr and "set it to false" in run.stderr, \
-        run.stderr
