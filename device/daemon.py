@@ -166,7 +166,7 @@ class Daemon:
         if cfg.pacs.destinations:
             from .pacs_outbox import PacsSender
 
-            self.pacs_sender = PacsSender(cfg)
+            self.pacs_sender = PacsSender(cfg, self.store)
             self.pacs_sender.start()
         points = self.card.raw.get("operating_points", {}).get("source", {})
         log.info(

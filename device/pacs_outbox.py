@@ -129,17 +129,18 @@ def build(row: PacsRow) -> Any:
 class PacsSender:
     """One thread per destination, each emptying that destination's rows of the outbox, in order."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, store: Store):
         from .pacs import Destination
 
         self.cfg = cfg
         self.destinations = {d: Destination.parse(d, "pacs.destinations") for d in cfg.pacs.destinations}
-        self.store: Optional[Store] = None
+        #: the daemon's store: its fsync watermark says which rows are on disk (a result is sent, over MQTT
+        #: or to PACS, only once it is); a send holds its lock only to read or delete a row
+        self.store = store
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self.store = Store(self.cfg.state.dir)  # a connection of its own: sends never wait on the main loop
         for key, dest in self.destinations.items():
             t = threading.Thread(target=self._run, args=(key, dest), name=f"pacs:{dest}", daemon=True)
             t.start()
@@ -154,9 +155,6 @@ class PacsSender:
         for t in self._threads:
             t.join(timeout=timeout)
         self._threads.clear()
-        if self.store is not None:
-            self.store.close()
-            self.store = None
 
     def _run(self, key: str, dest: Any) -> None:
         from . import pacs

@@ -227,6 +227,7 @@ class Store:
         self._lock = threading.Lock()
         self._wal: Optional[str] = None  # the write-ahead log :meth:`sync` flushes (None: not in WAL mode)
         self._synced_seq = 0  # every outbox row up to this seq is on disk (fsync'd): only those are sent
+        self._synced_pacs = 0  # the same for the PACS outbox
         self._unsynced = True  # a commit since the last sync has not been fsync'd (at open: who knows)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -343,14 +344,18 @@ class Store:
                     if not durable:
                         self._db.execute("PRAGMA synchronous=FULL")
                 if durable:  # the commit's fsync of the log covered every commit before it
-                    self._synced_seq = self._top_seq()
+                    self._synced(self._tops())
                 return out
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
 
-    def _top_seq(self) -> int:
-        return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name='outbox'")
-                   .fetchone()[0] or 0)
+    def _tops(self) -> dict[str, int]:
+        """The last row id each outbox (MQTT, PACS) has handed out."""
+        return dict(self._db.execute("SELECT name, seq FROM sqlite_sequence WHERE name IN ('outbox', 'pacs_outbox')"))
+
+    def _synced(self, tops: dict[str, int]) -> None:
+        self._synced_seq = max(self._synced_seq, int(tops.get("outbox", 0)))
+        self._synced_pacs = max(self._synced_pacs, int(tops.get("pacs_outbox", 0)))
 
     def sync(self) -> int:
         """Group commit: one fsync of the write-ahead log makes every result committed before it durable;
@@ -365,7 +370,7 @@ class Store:
                 return self._synced_seq
             self._unsynced = False
             try:
-                top = self._top_seq()
+                tops = self._tops()
             except sqlite3.Error as exc:
                 self._unsynced = True
                 raise self._error(exc) from None
@@ -381,7 +386,7 @@ class Store:
                 self._unsynced = True
             raise self._error(exc) from None
         with self._lock:
-            self._synced_seq = max(self._synced_seq, top)
+            self._synced(tops)
             return self._synced_seq
 
     def _transaction(self, fn):
@@ -644,9 +649,9 @@ class Store:
 
     # ------------------------------------------------------------------ results back to PACS
     def pacs_head(self, destination: str) -> Optional[PacsRow]:
-        """The oldest result waiting for ``destination`` (they go in order: nothing passes it)."""
+        """The oldest result waiting for ``destination`` (they go in order: nothing passes it), once on disk."""
         row = self._read("SELECT id, event_id, destination, header, finding, attempts, kind, payload FROM pacs_outbox "
-                         "WHERE destination=? ORDER BY id LIMIT 1", (destination,), one=True)
+                         "WHERE destination=? AND id <= ? ORDER BY id LIMIT 1", (destination, self._synced_pacs), one=True)
         return PacsRow(*row) if row else None
 
     def pacs_sent(self, row_id: int) -> None:

@@ -240,3 +240,21 @@ def new_daemon(registry: list, *args, **kwargs) -> DaemonProc:
     d = DaemonProc(*args, **kwargs)
     registry.append(d)
     return d
+
+
+def private_tmpfs(state: Path, size: str = "3m") -> tuple:
+    """A wrapper that gives the daemon a small state disk of its own (a tmpfs in a private mount namespace)."""
+    return ("unshare", "--mount", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs {state} && exec "$@"', "sh")
+
+
+def fill_state_disk(daemon: "DaemonProc", state: Path) -> Path:
+    """Fill the daemon's private state disk (see :func:`private_tmpfs`) to the last byte; the filling file."""
+    filler = Path(f"/proc/{daemon.proc.pid}/root") / str(state).lstrip("/") / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler

@@ -22,7 +22,7 @@ from dicom_helpers import (  # noqa: E402
     DEFLATED, EXPLICIT, IMPLICIT, JPEG_LOSSLESS_SV1, JPEG_LS_LOSSLESS, PROPOSE, RLE, encode, make_radiograph,
     require_tools, sample_pixels, storescu,
 )
-from mqtt_helpers import Subscriber, free_port, new_daemon, wait_until  # noqa: E402
+from mqtt_helpers import Subscriber, fill_state_disk, free_port, new_daemon, private_tmpfs, wait_until  # noqa: E402
 from pneumoflag.device.dicom_net import accepted_transfer_syntaxes  # noqa: E402
 
 CALLER = "CR_ROOM2"
@@ -167,27 +167,19 @@ def test_a_full_state_disk_answers_a_failure_and_the_resend_after_space_is_freed
     watch, state = dirs
     port = free_port()
     sub = Subscriber(broker.address, "pneumoflag/#")
-    wrapper = ("unshare", "--mount", "sh", "-c", f'mount -t tmpfs -o size=3m tmpfs {state} && exec "$@"', "sh")
+    wrapper = private_tmpfs(state)
     d = new_daemon(daemons, watch, state, broker.address, env=_env(port), wrapper=wrapper).start()
     first, second = _images(tmp_path / "imgs", 2)
     out = storescu("127.0.0.1", port, [first], CALLER, "PNEUMOFLAG")
     assert out.returncode == 0 and SUCCESS_LINE in out.stderr, out.stderr
     sub.wait_flags(1, timeout=60)
-    inside = Path(f"/proc/{d.proc.pid}/root") / str(state).lstrip("/")
-    filler = inside / "filler"
-    with open(filler, "wb") as f:  # fill the daemon's private state disk
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    filler = fill_state_disk(d, state)
     refused = storescu("127.0.0.1", port, [second], CALLER, "PNEUMOFLAG")
     said = refused.stderr + refused.stdout
     assert SUCCESS_LINE not in said, said
     assert "Received Store Response (Refused: OutOfResources)" in said, said
     assert "refused: cannot" in d.output()
-    assert not [p for p in (inside / "received").iterdir() if p.name != f"{_sop(first)}.dcm"]  # nothing half-written
+    assert not [p for p in (filler.parent / "received").iterdir() if p.name != f"{_sop(first)}.dcm"]  # nothing half-written
     time.sleep(2)
     assert len(sub.flags()) == 1
     filler.unlink()

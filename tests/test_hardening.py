@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from conftest import MINI, run_cli
-from mqtt_helpers import REPO, SHIPPED_MODEL, Subscriber, drop, new_daemon, wait_until
+from mqtt_helpers import REPO, SHIPPED_MODEL, Subscriber, drop, fill_state_disk, new_daemon, private_tmpfs, wait_until
 from test_daemon import SAMPLE_FILES, _journal
 
 GOOD = SAMPLE_FILES[0]
@@ -418,19 +418,11 @@ def test_a_full_state_disk_is_said_once_and_nothing_is_lost(broker, dirs, daemon
         pytest.skip("needs unshare and mount (a private tmpfs) to make a real full disk")
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
-    wrapper = ("unshare", "--mount", "sh", "-c", f'mount -t tmpfs -o size=3m tmpfs {state} && exec "$@"', "sh")
+    wrapper = private_tmpfs(state)
     d = new_daemon(daemons, watch, state, broker.address, wrapper=wrapper).start()
     drop(GOOD, watch, "first.jpeg")
     sub.wait_flags(1)
-    inside = Path(f"/proc/{d.proc.pid}/root") / str(state).lstrip("/")
-    filler = inside / "filler"
-    with open(filler, "wb") as f:  # fill the daemon's private state disk
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    filler = fill_state_disk(d, state)
     for i in range(1, 5):
         drop(SAMPLE_FILES[i], watch, f"during-{i}.jpeg")
     wait_until(lambda: "state disk full" in d.output(), 20, "the disk-full report")

@@ -21,7 +21,7 @@ from mqtt_helpers import Subscriber, drop, free_port, new_daemon, wait_until  # 
 from orthanc_helpers import ORTHANC_AE, Orthanc  # noqa: E402
 from pneumoflag.device.pacs_outbox import derived_uid  # noqa: E402
 from pneumoflag.device.sr import DISCLAIMER, device_uid  # noqa: E402
-from test_sr import ALLOWED_WARNINGS, COMPREHENSIVE_3D_SR  # noqa: E402
+from test_sr import ALLOWED_WARNINGS, COMPREHENSIVE_3D_SR, _content  # noqa: E402
 
 CALLER = "CR_ROOM2"
 
@@ -66,14 +66,6 @@ def _srs_in_arrival_order(orthanc: Orthanc) -> list[str]:
             if tags.get("Modality") == "SR":
                 uids.append(tags["SOPInstanceUID"])
     return uids
-
-
-def _content(ds) -> list:
-    out = []
-    for item in getattr(ds, "ContentSequence", []):
-        out.append(item)
-        out.extend(_content(item))
-    return out
 
 
 def _outbox(state: Path) -> list[tuple]:
