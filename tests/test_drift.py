@@ -29,6 +29,9 @@ from pneumoflag.device.scorer import load_scorer
 SITE = REPO.parent / "shared" / "data" / "chest_xray" / "site_dev"
 FULLRES = REPO.parent / "shared" / "data" / "fullres"
 SMALL = {"PNEUMOFLAG_DRIFT_WINDOW": "20", "PNEUMOFLAG_DRIFT_MIN_IMAGES": "10"}
+#: the site's labelled images and the scanner images are data, not part of the repository (as in test_adapt)
+needs_site = pytest.mark.skipif(not SITE.is_dir(), reason=f"the site data {SITE} is not on this machine")
+needs_fullres = pytest.mark.skipif(not FULLRES.is_dir(), reason=f"the scanner images {FULLRES} are not on this machine")
 
 
 def site_images(offset: int, n: int) -> list[Path]:
@@ -64,6 +67,8 @@ def first_alarm_refusals(window: int, site: int) -> int:
 # ----------------------------------------------------------------------------- the reference and the device agree
 
 
+@needs_site
+@needs_fullres
 def test_the_reference_and_the_daemons_decoder_compute_the_same_figures(tmp_path):
     """One function: the figures the reference is made of are the ones the daemon's worker gives each image."""
     card = ModelCard.load(card_path_for(SHIPPED_MODEL))
@@ -110,6 +115,7 @@ def test_a_drift_message_parses_back_and_a_bad_one_is_refused():
             DriftMessage.parse(msg.to_dict() | bad, "xray-1")
 
 
+@needs_site
 def test_new_equipment_reaches_alarm_at_its_third_image(tmp_path):
     """A reference made from DICOM exports that name their equipment (the real decoder and model), then
     another manufacturer's images: watch at the first, alarm at the third."""
@@ -139,6 +145,7 @@ def test_new_equipment_reaches_alarm_at_its_third_image(tmp_path):
     assert "new equipment: ACME DR-9 (3 images)" in monitor.current.reason
 
 
+@needs_fullres
 def test_a_sites_full_resolution_exports_do_not_alarm_for_their_size_against_the_shipped_reference():
     """The shipped reference is 224 px copies, all one size: the source size is not compared (it says nothing
     of a site's exports), and the 24 scanner images, whose other figures are like the copies', raise no
@@ -168,6 +175,7 @@ def drift_messages(sub: Subscriber) -> list[dict]:
     return sub.of_kind("drift")
 
 
+@needs_site
 def test_site_images_keep_ok_inverted_ones_reach_alarm_which_survives_a_restart_and_the_report_says_so(
         dirs, broker, daemons, subscribers, tmp_path, capsys):
     watch, state = dirs
@@ -218,6 +226,7 @@ def test_site_images_keep_ok_inverted_ones_reach_alarm_which_survives_a_restart_
     assert (plots / "drift_logits.png").stat().st_size > 1000
 
 
+@needs_site
 def test_a_strong_gamma_change_reaches_alarm_through_the_daemon(dirs, broker, daemons, subscribers):
     """Radiographs the gate passes but exported with gamma 2.2: the input figures and the scores move."""
     watch, state = dirs

@@ -10,7 +10,7 @@ import pytest
 from mqtt_helpers import Subscriber, drop, new_daemon, wait_until
 from pneumoflag.device.contract import DriftCheck, DriftMessage, Topics, encode
 from selenium.webdriver.common.by import By
-from test_drift import SMALL, grey, png_bytes, site_images, write_bytes
+from test_drift import SMALL, grey, needs_site, png_bytes, site_images, write_bytes
 from test_station import StationProc, new_browser, open_page, publish, screenshot
 
 pytestmark = pytest.mark.slow
@@ -27,6 +27,7 @@ def banner(driver) -> dict:
     return driver.execute_script(BANNER_JS)
 
 
+@needs_site
 def test_the_station_shows_watch_in_the_panel_and_alarm_in_a_banner_nobody_can_dismiss(dirs, broker, daemons,
                                                                                        subscribers, tmp_path):
     watch, state = dirs
