@@ -20,7 +20,7 @@ the gate), none older than ``drift.max_age_hours``. Five checks, each ``ok``, ``
 
 The distribution checks need ``drift.min_images`` scored images; with fewer, and no count check in alarm or
 watch, the state is ``unknown`` ("window too small to judge"). The state is the worst check's; the reason
-names every check that is not ok. It is recomputed after each image (about 0.1 ms for a window of 200: no
+names every check that is not ok. It is recomputed after each image (after the flag is queued: no
 second model), logged once per change, published retained on ``{prefix}/{device}/drift`` at each change and
 with every stats message, and saved to ``drift.json`` in the state folder (at each change and stats message,
 and at a clean stop), so a restart continues the window: an alarm does not clear by restarting. It clears when

@@ -5,7 +5,6 @@ model's size *before* the contrast step (histogram equalisation hides a change o
 window from the model's input, not from these figures). The device's decoder calls it for every image it
 scores (``Decoded.inputs``); the reference that ``calibrate`` and ``adapt`` store in the card is made by the
 same decoder function (``device/drift_reference.py``), so the two cannot disagree on how a figure is made.
-About 0.2 ms an image at 128 x 128.
 """
 from __future__ import annotations
 
