@@ -114,7 +114,10 @@ class ModelConfig:
                         shown="the bundled model")
     accelerator: str = setting("auto", "where the model runs (auto: the Edge TPU when usable, else the CPU)",
                                choices=ACCELERATORS)
-    threads: int = setting(2, "CPU threads of the interpreter", above=0)
+    threads: int = setting(2, "CPU threads of the interpreter for a file on its own", above=0)
+    burst_threads: int = setting(1, "CPU threads while more files wait (a burst: the decoder worker has the other "
+                                    "core); the watch daemon keeps a second interpreter for it when it differs",
+                                 above=0)
 
 
 @dataclass

@@ -30,7 +30,7 @@ Guarantees:
 - with ``dicom_net.enabled`` a DICOM receiver runs beside the watcher (``received``): an instance answered
   "stored" is in the state folder and journaled, goes through the same intake, decoder, model and outbox as a
   dropped file, is scored once (a resend too), and survives a kill -9 (handed over again at the next start);
-- SIGTERM finishes the image in hand, publishes ``offline`` and exits 0.
+- SIGTERM finishes the images in hand, publishes ``offline`` and exits 0.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -63,7 +64,6 @@ from .sdnotify import Notifier
 from .store import Store, StoreError
 from .statelock import StateLock, StateLocked
 from .stats import Stats, time_to_notification
-from .vocab import Reason
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class Daemon:
         self.broker = None
         self.root = Path(cfg.watch.dir).resolve() if cfg.watch.dir else None
         self._fatal: Optional[str] = None  # set by a dying worker thread: the main loop exits 1
-        self._decoding: Optional[tuple[Job, float]] = None  # (the file in the decoder, perf_counter at submit)
+        #: the files in the decoder, oldest first: (job, perf_counter at submit)
+        self._decoding: deque[tuple[Job, float]] = deque()
         self.intake: Optional[Intake] = None  # made by _start, once the store and publisher exist
         self._wd: Optional[float] = None  # watchdog ping interval (None: no watchdog)
         self._next_wd = 0.0
@@ -121,7 +122,8 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"state.dir {cfg.state.dir}: {exc} (the daemon needs a writable state folder)") from None
         try:
-            self.scorer, self.card = load_scorer(cfg.model.path, cfg.model.accelerator, cfg.model.threads)
+            self.scorer, self.card = load_scorer(cfg.model.path, cfg.model.accelerator, cfg.model.threads,
+                                                 burst_threads=cfg.model.burst_threads)
         except (CardError, OSError) as exc:
             raise StartupError(f"model refused: {exc}") from None
         self.pipeline = Pipeline(cfg, self.scorer, self.card)
@@ -247,6 +249,8 @@ class Daemon:
         try:
             while not self.stop_event.is_set():
                 self._advance(self._next_file())
+                if self.drift is not None and not self._decoding:
+                    self.drift.judge()  # no file in hand: the window as it is now
                 self.acks.journal_received()
                 self.resends.serve_requests()
                 now = time.monotonic()
@@ -266,7 +270,7 @@ class Daemon:
                     break
         finally:
             try:
-                self._advance(None)  # the image in hand is finished
+                self._drain()  # the images in hand are finished
             finally:
                 self._shutdown()
         return status
@@ -310,7 +314,7 @@ class Daemon:
         if self.exit_after is not None and self.processed >= self.exit_after:
             log.info("processed %d files (--exit-after): stopping", self.processed)
             return True
-        if self.once and self.ingest.depth() == 0 and self._decoding is None:
+        if self.once and self.ingest.depth() == 0 and not self._decoding:
             log.info("backlog done (--once): stopping")
             return True
         return False
@@ -341,6 +345,8 @@ class Daemon:
                             self.store.outbox_depth())
         except StoreError as exc:
             log.error("state database unusable at shutdown: %s", exc)
+        if self.drift is not None:
+            self.drift.judge()
         self.publish_stats()
         if self.pacs_sender is not None:
             self.pacs_sender.stop()
@@ -394,30 +400,37 @@ class Daemon:
 
     # ------------------------------------------------------------------ files: ingest -> intake -> pipeline
     def _next_file(self) -> Optional[Ready]:
-        """The next ready file; no wait while one is in the decoder, and none past ``--exit-after``."""
-        if self.exit_after is not None and self.processed + (self._decoding is not None) >= self.exit_after:
+        """The next ready file; no wait while files are in the decoder, and none past ``--exit-after``."""
+        if self.exit_after is not None and self.processed + len(self._decoding) >= self.exit_after:
             return None
-        return self.ingest.get(timeout=0.0 if self._decoding is not None else 0.5)
+        return self.ingest.get(timeout=0.0 if self._decoding else 0.5)
 
     def _advance(self, item: Optional[Ready]) -> None:
-        """One step, overlapped: admit ``item`` while the worker decodes the file before it; collect that
-        decode, hand the worker ``item``, and infer and journal the earlier file while it decodes.
-        ``None`` finishes the file in the decoder."""
+        """One step, overlapped: admit ``item`` while the worker decodes the files before it; once the
+        worker holds :data:`Pipeline.DEPTH` files (or no file is ready: ``None``), collect the oldest, hand the
+        worker ``item``, and infer and journal the oldest while the worker decodes the next."""
         job = self.intake.admit(item) if item is not None else None
-        if job is not None and self._decoding is not None and job.depends_on(self._decoding[0]):
-            self._advance(None)  # this file's rules need the earlier one's result: journal that first
+        if job is not None and any(job.depends_on(earlier) for earlier, _ in self._decoding):
+            self._drain()  # this file's rules need an earlier one's result: journal those first
             job = self.intake.recheck(job)
-        done, self._decoding = self._decoding, None
+        done = None
+        if self._decoding and (job is None or len(self._decoding) >= self.pipeline.DEPTH):
+            done = self._decoding.popleft()
         decoded = self._collect(*done) if done is not None else None
         if job is not None and self.intake.start(job):
             self._submit(job)
         if decoded is not None:
             self._finish(done[0], decoded, done[1])
 
+    def _drain(self) -> None:
+        """Finish every file in the decoder."""
+        while self._decoding:
+            self._advance(None)
+
     def _handle(self, item: Ready) -> None:
         """One file, start to end (nothing else in the decoder)."""
         self._advance(item)
-        self._advance(None)
+        self._drain()
 
     def _submit(self, job: Job) -> None:
         try:
@@ -429,20 +442,12 @@ class Daemon:
             self.intake.abandon(job)
             self._fatal = f"the decoder worker cannot be started ({exc})"
             return
-        self._decoding = (job, time.perf_counter())
+        self._decoding.append((job, time.perf_counter()))
 
     def _collect(self, job: Job, t_submit: float):
-        """The decode, once more in a fresh worker when the worker died on the file: one death may be the
-        machine's (the OOM killer, a kill by hand), two in a row are the file's (``crashed-decoder``).
-        None when the file ended here (refused, or kept for after a restart)."""
+        """The decode (the worker gives a file a second try when it died on it), or None when the file
+        ended here (refused, or kept for after a restart)."""
         try:
-            try:
-                return self.pipeline.collect()
-            except ImageDecodeError as exc:
-                if exc.reason != Reason.CRASHED_DECODER:
-                    raise
-                log.warning("%s: the decoder worker died on it (%s); once more in a new worker", job.label, exc)
-            self.pipeline.submit(job.read.data, job.rel)
             return self.pipeline.collect()
         except DecoderUnavailable as exc:
             self.intake.abandon(job)
@@ -455,7 +460,7 @@ class Daemon:
 
     def _finish(self, job: Job, decoded, t_submit: float) -> None:
         try:
-            p, infer_ms = self.pipeline.infer(decoded, job.rel)
+            p, infer_ms = self.pipeline.infer(decoded, job.rel, busy=bool(self._decoding))
         except ImageDecodeError as exc:
             self.intake.failed(job, exc)
             return

@@ -50,6 +50,8 @@ from .vocab import Priority
 log = logging.getLogger(__name__)
 
 STATE_FILE = "drift.json"
+#: the daemon judges the window at most this often while files come back to back (``DriftMonitor.judge``)
+JUDGE_SECONDS = 1.0
 STATE_SCHEMA = "pneumoflag.drift-state/1"
 #: the tests' levels: rechecked after every image, over windows that overlap, so far below the usual 0.05
 #: (``drift_study measure`` gives the false-alarm rate these make)
@@ -134,6 +136,11 @@ class DriftMonitor:
         self.path = Path(state_dir) / STATE_FILE if state_dir is not None else None
         self.window: deque[Observation] = deque(maxlen=cfg.window)
         self.on_change: Optional[Callable[[Assessment], None]] = None
+        #: judge at most this often (the daemon's: :data:`JUDGE_SECONDS`); 0: after every image
+        self.judge_seconds = 0.0
+        self.monotonic = time.monotonic
+        self._pending = False  # an image came since the last judgement
+        self._next_judgement = 0.0
         self.since: float = clock()
         self.current: Assessment = Assessment("unknown", "no image yet", [], 0, 0)
         if reference is not None:
@@ -158,8 +165,10 @@ class DriftMonitor:
         if card.drift_reference is None:
             log.warning("drift: the card of %s %s has no drift_reference: drift is not judged (run calibrate, adapt "
                         "or drift_study's reference command: README, Drift)", card.name, card.version)
-        return cls(cfg.drift, card.drift_reference, cfg.mqtt.device_id, f"{card.name} {card.version}",
-                   Path(cfg.state.dir))
+        monitor = cls(cfg.drift, card.drift_reference, cfg.mqtt.device_id, f"{card.name} {card.version}",
+                      Path(cfg.state.dir))
+        monitor.judge_seconds = JUDGE_SECONDS
+        return monitor
 
     # ------------------------------------------------------------------ the daemon's hooks
     def scored(self, p: float, priority: str, inputs: Optional[InputSignature]) -> None:
@@ -176,6 +185,20 @@ class DriftMonitor:
         if self.reference is None:
             return
         self.window.append(obs)
+        self._pending = True
+        if self.monotonic() >= self._next_judgement:
+            self.judge()
+
+    def judge(self) -> None:
+        """Judge the window now, if an image came since the last judgement (the daemon calls it when idle).
+
+        Judging sorts the window, so the daemon judges at most every :data:`JUDGE_SECONDS` in a burst rather
+        than after every image: the state follows at most that much behind, and the last image is judged the
+        moment the daemon has no file in hand. Images that come one at a time are each judged as they come."""
+        if not self._pending:
+            return
+        self._pending = False
+        self._next_judgement = self.monotonic() + self.judge_seconds
         new = self.evaluate()
         changed = new.state != self.current.state
         self.current = new

@@ -1,7 +1,8 @@
 """Watch the export folder and hand over files that are completely written.
 
 A file is ready when the OS says the writer closed it (inotify close-after-
-write), when it is renamed/moved in (write-to-temp-then-rename), or - where
+write), when it is renamed/moved in (write-to-temp-then-rename, the temporary
+file in the folder or outside it), or - where
 no close event exists (polling on SMB/NFS) - when its size and mtime have not
 changed for ``settle_seconds``. Temporary names are ignored. Files that were
 there before the daemon started come first, oldest first.
@@ -85,6 +86,20 @@ class _OverflowWatch(logging.Handler):
             self.ingest.rescan_wanted.set()
 
 
+def _native_observer():
+    """inotify where there is one, reporting a rename from outside the folder as a move (its source empty),
+    not as a new file that must settle first: an exporter that writes elsewhere and renames in is served at
+    once, as one that renames within the folder is."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+
+        return InotifyObserver(generate_full_events=True)
+    except ImportError:  # not Linux: the platform's own events
+        from watchdog.observers import Observer
+
+        return Observer()
+
+
 class Ingest(FileSystemEventHandler):
     def __init__(
         self,
@@ -143,9 +158,7 @@ class Ingest(FileSystemEventHandler):
 
             self._observer = PollingObserver(timeout=self.poll_interval)
         else:
-            from watchdog.observers import Observer
-
-            self._observer = Observer()
+            self._observer = _native_observer()
         self._observer.schedule(self, str(self.root), recursive=self.recursive)
         self._observer.start()
         self._root_id = _folder_id(self.root)
@@ -404,11 +417,16 @@ class Ingest(FileSystemEventHandler):
 
     @_never_raise
     def on_moved(self, event: FileMovedEvent) -> None:
+        """A rename within the folder, or (an empty source) a file renamed in from outside it: complete
+        either way, as a writer renames only what it has written. An empty destination: moved out."""
         if event.is_directory:
             return
+        if event.src_path:
+            with self._cond:
+                self._sigs.pop(Path(os.fsdecode(event.src_path)), None)
+        if not event.dest_path:
+            return
         p = Path(os.fsdecode(event.dest_path))
-        with self._cond:
-            self._sigs.pop(Path(os.fsdecode(event.src_path)), None)
         if not self.ignored(p):
             self._push(Ready(p, "moved"))
 

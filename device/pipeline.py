@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import deque
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +33,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 class Pipeline:
+    #: files decoding at once (submitted, not yet collected)
+    DEPTH = DecodeWorker.DEPTH
+
     def __init__(self, cfg: Config, scorer: Scorer, card: ModelCard):
         self.cfg = cfg
         self.scorer = scorer
@@ -43,7 +47,7 @@ class Pipeline:
                                        int(cfg.watch.max_decode_mb * 2**20), self.dicom_options())
         #: set by the daemon: decode in a reused worker process with a deadline
         self.decoder: Optional[DecodeWorker] = None
-        self._local: Optional[tuple[bytes, str]] = None  # submitted, without a worker
+        self._local: deque[tuple[bytes, str]] = deque()  # submitted, without a worker
 
     def dicom_options(self) -> dict:
         """What ``read_dicom`` takes from the configuration (shared with the heat-map worker)."""
@@ -60,24 +64,25 @@ class Pipeline:
         return self.collect()
 
     def submit(self, data: bytes, name: str) -> None:
-        """Start decoding one file; :meth:`collect` gives its result. With a worker the call returns at
-        once, so the caller can infer the previous file meanwhile."""
+        """Start decoding one more file (up to :data:`DEPTH` at once); :meth:`collect` gives the results in
+        order. With a worker the call returns at once, so the caller can infer an earlier file meanwhile."""
         if self.decoder is not None:
             self.decoder.submit(data, name)
         else:
-            self._local = (data, name)
+            self._local.append((data, name))
 
     def collect(self) -> Decoded:
+        """The oldest submitted file's decode."""
         if self.decoder is not None:
             return self.decoder.collect()
-        data, name = self._local
-        self._local = None
+        data, name = self._local.popleft()
         return decode_bytes(data, name, self.settings)
 
-    def infer(self, d: Decoded, rel_path: str) -> tuple[float, float]:
-        """(probability, inference ms). Raises :class:`ImageDecodeError` for a non-finite output."""
+    def infer(self, d: Decoded, rel_path: str, busy: bool = False) -> tuple[float, float]:
+        """(probability, inference ms); ``busy``: other files are in the decoder (:meth:`Scorer.score`).
+        Raises :class:`ImageDecodeError` for a non-finite output."""
         t0 = time.perf_counter()
-        p = self.scorer.score(d.pixels)
+        p = self.scorer.score(d.pixels, busy)
         infer_ms = (time.perf_counter() - t0) * 1000.0
         if not np.isfinite(p):
             raise ImageDecodeError(Reason.MODEL_OUTPUT, f"{rel_path}: the model returned {p}")

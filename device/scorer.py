@@ -50,6 +50,7 @@ class Scorer:
                 f"model takes {list(self.input_shape[1:])} but preprocessing makes {list(spec.shape)}"
             )
         self._in_fn = self._make_input_fn()
+        self._burst = None  # add_burst_interpreter
         scale, zp = self._out.get("quantization", (0.0, 0))
         self._out_scale, self._out_zp = float(scale), int(zp)
 
@@ -77,22 +78,29 @@ class Scorer:
         """Exactly what ``set_tensor`` receives for preprocessed ``pixels`` (batch of one, model dtype)."""
         return self._in_fn(pixels)
 
-    def raw(self, pixels: np.ndarray) -> tuple[int | float, float]:
+    def add_burst_interpreter(self, interpreter) -> None:
+        """A second interpreter of the same model (fewer threads) for :meth:`score` with ``busy``: in a burst
+        the decoder worker needs the other core, and threads that spin waiting for it cost more than they give."""
+        self._burst = interpreter
+
+    def raw(self, pixels: np.ndarray, busy: bool = False) -> tuple[int | float, float]:
         """The output tensor's value as stored (a quantized level) and dequantized."""
-        self.interp.set_tensor(self._in["index"], self._in_fn(pixels))
-        self.interp.invoke()
-        q = self.interp.get_tensor(self._out["index"]).reshape(-1)[0]
+        interp = self._burst if busy and self._burst is not None else self.interp
+        interp.set_tensor(self._in["index"], self._in_fn(pixels))
+        interp.invoke()
+        q = interp.get_tensor(self._out["index"]).reshape(-1)[0]
         if self._out_scale:  # widen before subtracting the zero point
             return int(q), float((int(q) - self._out_zp) * self._out_scale)
         return float(q), float(q)
 
-    def score(self, pixels: np.ndarray) -> float:
-        """Probability of pneumonia for one preprocessed image (H, W, C) uint8.
+    def score(self, pixels: np.ndarray, busy: bool = False) -> float:
+        """Probability of pneumonia for one preprocessed image (H, W, C) uint8; ``busy``: more files wait
+        (the burst interpreter, when there is one: the same model, the same result).
 
         A logit model's output is mapped to a probability here, in float, so
         the int8 graph never quantizes a saturating sigmoid.
         """
-        value = self.raw(pixels)[1]
+        value = self.raw(pixels, busy)[1]
         if self.output_kind == "logit":
             return 1.0 / (1.0 + math.exp(-min(max(value, -500.0), 500.0)))
         return value
@@ -110,12 +118,14 @@ def load_scorer(
     card: Optional[ModelCard] = None,
     runtime: Optional[Runtime] = None,
     verify: bool = True,
+    burst_threads: Optional[int] = None,
 ) -> tuple[Scorer, ModelCard]:
     """Load a model with its card, on the Edge TPU when asked/available, else the CPU.
 
     ``auto`` uses the Edge TPU only when both the delegate and ``NAME_edgetpu.tflite``
     exist; ``edgetpu`` fails when either is missing; ``cpu`` never tries.
-    Refuses a model whose sha256 or input does not match its card.
+    Refuses a model whose sha256 or input does not match its card. ``burst_threads`` (on the CPU, when it
+    differs from ``num_threads``): a second interpreter for files scored while others wait.
     """
     if accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator must be one of {', '.join(ACCELERATORS)}, not {accelerator!r}")
@@ -144,6 +154,8 @@ def load_scorer(
     report = LoadReport("edgetpu" if delegates else "cpu", chosen, f"{rt.name} {rt.version}", reason)
     scorer = Scorer(interp, card.preprocessing, report, card.output_kind)
     card.verify_io(scorer.input_shape, scorer.input_dtype)
+    if burst_threads and not delegates and burst_threads != num_threads:
+        scorer.add_burst_interpreter(make_interpreter(chosen, rt, num_threads=burst_threads))
     if reason and accelerator == "auto":
         log.info("Edge TPU not used: %s", reason)
     log.info("model %s %s on %s (%s)", card.name, card.version, report.accelerator, report.runtime)

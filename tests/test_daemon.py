@@ -406,7 +406,7 @@ def test_a_file_whose_rules_need_the_one_in_the_decoder_waits_for_its_result(sta
     d, watch = started
     first = drop(SAMPLE_FILES[0], watch, "a.jpeg")
     d._advance(Ready(first, "closed"))
-    assert d._decoding is not None  # in the worker, not journaled yet
+    assert len(d._decoding) == 1  # in the worker, not journaled yet
     drop(SAMPLE_FILES[1], watch, "a.jpeg")
     d._advance(Ready(first, "closed"))  # a new version of the path in the decoder
     copy = drop(SAMPLE_FILES[1], watch, "copy.jpeg")
@@ -419,4 +419,4 @@ def test_a_file_whose_rules_need_the_one_in_the_decoder_waits_for_its_result(sta
         supersedes = [r[0] for r in db.execute("SELECT supersedes FROM journal ORDER BY id")]
     assert supersedes[:2] == [None, rows[0].event_id]
     assert (rows[2].status, rows[2].reason) == ("duplicate", "duplicate-of")
-    assert d.processed == 2 and d._decoding is None
+    assert d.processed == 2 and not d._decoding

@@ -190,6 +190,7 @@ def test_site_images_keep_ok_inverted_ones_reach_alarm_which_survives_a_restart_
     now = [m for m in drift_messages(sub) if m["scored"] == 12][-1]
     assert now["state"] == "ok", now["reason"]
     assert all(m["state"] in ("ok", "unknown") for m in drift_messages(sub)), [m["reason"] for m in drift_messages(sub)]
+    wait_until(lambda: sub.of_kind("stats"), 15, "a stats message")
     stats = sub.of_kind("stats")[-1]
     assert stats["drift"]["state"] in ("ok", "unknown")
 
