@@ -34,6 +34,7 @@ from .decoder import decode_bytes
 from .preprocess import decode, prepare
 from .scorer import load_scorer
 from .selftest import sample_files
+from .stats import STEPS
 
 log = logging.getLogger(__name__)
 
@@ -119,25 +120,31 @@ class _BenchBroker:
 
 
 class _Collector:
-    """Subscriber that timestamps each flag's arrival by file name."""
+    """Subscriber that timestamps each flag's arrival by file name, and keeps the last stats message."""
 
-    def __init__(self, broker: str, topic: str):
+    def __init__(self, broker: str, topic: str, stats_topic: Optional[str] = None):
         import paho.mqtt.client as mqtt
 
         host, port = broker.rsplit(":", 1)
         self.arrivals: dict[str, float] = {}
+        self.stats: Optional[dict] = None
+        self.stats_at = 0.0
         self.lock = threading.Lock()
         self.ready = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}")
 
         def on_connect(c, u, f, rc, p=None):
-            c.subscribe(topic, qos=1)
+            c.subscribe([(topic, 1)] + ([(stats_topic, 0)] if stats_topic else []))
 
         def on_subscribe(c, u, mid, rcs, p=None):
             self.ready.set()
 
         def on_message(c, u, m):
             t = time.monotonic()
+            if m.topic == stats_topic:
+                with self.lock:
+                    self.stats, self.stats_at = json.loads(m.payload), t
+                return
             try:
                 name = json.loads(m.payload)["file"]
             except (ValueError, KeyError):
@@ -241,6 +248,16 @@ def bench_stages(cfg: BenchConfig, files: list[Path], broker: Optional[str]) -> 
         if client is not None:
             client.disconnect()
             client.loop_stop()
+    # the model after 50 ms of an idle machine, as a single drop meets it (the loop above runs it back to back)
+    cold = []
+    for f in files:
+        px = prepare(decode(f.read_bytes(), spec, name=f.name), spec)
+        for _ in range(2):
+            time.sleep(0.05)
+            t0 = time.perf_counter()
+            scorer.score(px)
+            cold.append((time.perf_counter() - t0) * 1000.0)
+    stages["infer after 50ms idle"] = cold
     per_image = [sum(v) for v in zip(*(stages[k] for k in ("read", "decode", "preprocess", "infer")), strict=True)]
     heat = None
     if cfg.explain:
@@ -302,7 +319,8 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
            "--state-dir", str(state), "--model", str(cfg.model), "--device-id", "bench", "--accelerator", "cpu"]
     logf = open(work / "daemon.log", "wb")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    col = _Collector(broker, Topics("pneumoflag", "bench").filter("flag"))
+    topics = Topics("pneumoflag", "bench")
+    col = _Collector(broker, topics.filter("flag"), topics.stats())
     try:
         time.sleep(3.0)  # imports, model load, connect
         if proc.poll() is not None:
@@ -344,8 +362,10 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
         cpu0, _ = _proc_stat(proc.pid)
         time.sleep(cfg.idle_seconds)
         cpu1, _ = _proc_stat(proc.pid)
+        steps = _final_steps(proc, col)
         return {
             "e2e_ms": _summary(e2e),
+            "steps_ms": steps,
             "burst": {"files": cfg.burst, "seconds": round(t_last - t0, 2),
                       "images_per_s": round(cfg.burst / (t_last - t0), 1),
                       "rename_seconds": round(t_moved - t0, 3),
@@ -365,6 +385,24 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
             except subprocess.TimeoutExpired:
                 proc.kill()
         logf.close()
+
+
+def _final_steps(proc: subprocess.Popen, col: _Collector) -> Optional[dict]:
+    """The daemon's own per-step times (``stats`` ``steps_ms``) from the stats message it publishes as it
+    stops: "alone" are the single drops (a file with nothing else in hand), "busy" the burst's files."""
+    t_term = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        return None  # the finally block kills it
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        with col.lock:
+            if col.stats is not None and col.stats_at >= t_term:
+                return col.stats.get("steps_ms")
+        time.sleep(0.05)
+    return None
 
 
 def _source_keras_paths(cfg: BenchConfig) -> list[Path]:
@@ -439,6 +477,26 @@ def run_bench(cfg: BenchConfig) -> dict:
     return res
 
 
+def _timeline(d: dict) -> list[str]:
+    """One file's way through the daemon, step by step (its ``stats``), and what the steps leave of the
+    end-to-end time: the watcher's event, thread wake-ups and the broker's delivery."""
+    steps = d.get("steps_ms")
+    if not steps:
+        return ["daemon steps: no stats message from the stopping daemon"]
+    out = [f"{'daemon step (its stats)':<26}{'alone p50':>10}{'p95':>8}{'burst p50':>11}"]
+    total = 0.0
+    for k in STEPS:
+        a, b = steps["alone"].get(k) or {}, steps["busy"].get(k) or {}
+        if a.get("p50") is None:
+            continue
+        total += a["p50"]
+        busy = f"{b['p50']:>11.2f}" if b.get("p50") is not None else f"{'-':>11}"
+        out.append(f"{'  ' + k:<26}{a['p50']:>10.2f}{a['p95']:>8.2f}{busy}")
+    out.append(f"{'  sum of the steps':<26}{total:>10.2f}")
+    out.append(f"{'  the rest (events, wake-ups, broker)':<26}{d['e2e_ms']['p50'] - total:>6.2f}")
+    return out + [""]
+
+
 def format_report(r: dict) -> str:
     s, d = r["stages"], r.get("daemon")
     src = r.get("source_path", {})
@@ -463,7 +521,7 @@ def format_report(r: dict) -> str:
                      f"{h['invokes_per_map']} runs of the model; overlay +{h['overlay_p50_ms']:.0f} ms")
     if d is None:
         return "\n".join(lines)
-    lines += ["", f"{'figure':<40}{'measured':>12}{'target':>12}"]
+    lines += [""] + _timeline(d) + [f"{'figure':<40}{'measured':>12}{'target':>12}"]
 
     def row(name, value, target, unit, lower_is_better=True):
         ok = value <= target if lower_is_better else value >= target

@@ -149,7 +149,7 @@ class Daemon:
             raise StartupError(str(exc)) from None
         if not cfg.mqtt.broker:
             self._start_embedded_broker()
-        self.publisher = Publisher(cfg, self.store)
+        self.publisher = Publisher(cfg, self.store, self.stats.steps)
         self.acks = AckDesk(cfg, self.store, self.publisher)
         self.resends = ResendDesk(cfg, self.store, self.publisher)
         self.heatmaps = None
@@ -410,6 +410,8 @@ class Daemon:
         worker holds :data:`Pipeline.DEPTH` files (or no file is ready: ``None``), collect the oldest, hand the
         worker ``item``, and infer and journal the oldest while the worker decodes the next."""
         job = self.intake.admit(item) if item is not None else None
+        if job is not None:
+            job.alone = not self._decoding and self.ingest.depth() == 0
         if job is not None and any(job.depends_on(earlier) for earlier, _ in self._decoding):
             self._drain()  # this file's rules need an earlier one's result: journal those first
             job = self.intake.recheck(job)
@@ -417,6 +419,8 @@ class Daemon:
         if self._decoding and (job is None or len(self._decoding) >= self.pipeline.DEPTH):
             done = self._decoding.popleft()
         decoded = self._collect(*done) if done is not None else None
+        if decoded is not None:
+            done[0].t_decoded = time.perf_counter()
         if job is not None and self.intake.start(job):
             self._submit(job)
         if decoded is not None:
@@ -442,7 +446,8 @@ class Daemon:
             self.intake.abandon(job)
             self._fatal = f"the decoder worker cannot be started ({exc})"
             return
-        self._decoding.append((job, time.perf_counter()))
+        job.t_submit = time.perf_counter()
+        self._decoding.append((job, job.t_submit))
 
     def _collect(self, job: Job, t_submit: float):
         """The decode (the worker gives a file a second try when it died on it), or None when the file

@@ -48,6 +48,8 @@ class Ready:
     how: str
     #: wall-clock time the watcher handed it over (for time-to-notification)
     seen_at: float = field(default_factory=time.time, compare=False)
+    #: perf_counter at the hand-over (the ``queue`` step of stats)
+    t_ready: float = field(default_factory=time.perf_counter, compare=False)
 
 
 def _never_raise(fn: Callable) -> Callable:

@@ -55,6 +55,9 @@ class Job:
     sha: str
     prev: Optional[JournalRow]  # the last result for this path, which a new one supersedes
     t_start: float  # perf_counter when intake took it
+    alone: bool = False  # nothing else was in hand when it came (stats' steps)
+    t_submit: float = 0.0  # perf_counter when it went to the decoder
+    t_decoded: float = 0.0  # perf_counter when its decode came back
 
     @property
     def path(self) -> Path:
@@ -206,12 +209,22 @@ class Intake:
             self.heatmaps.submit(msg.event_id, job.rel, job.read.data, d.pixels)  # the flag is queued already
         self.processed += 1
         self.stats.by_priority[msg.priority] += 1
-        self.stats.latencies.append((time.perf_counter() - job.t_start) * 1000.0)
+        now = time.perf_counter()
+        self.stats.latencies.append((now - job.t_start) * 1000.0)
+        self._steps(job, infer_ms, now)
         if self.drift is not None:  # after the flag is queued: no latency added to it
             self.drift.scored(p, msg.priority, d.inputs)
         log.info("%s: %s (p=%.4f, %.1f ms)%s", job.label, msg.priority.upper(), msg.probability, total_ms,
                  f", supersedes {job.supersedes}" if job.supersedes else "")
         self._archive(job.path, job.rel)
+
+    def _steps(self, job: Job, infer_ms: float, journaled: float) -> None:
+        add = self.stats.steps.add
+        for step, ms in (("queue", job.t_start - job.item.t_ready), ("admit", job.t_submit - job.t_start),
+                         ("decode", job.t_decoded - job.t_submit),
+                         ("journal", journaled - job.t_decoded - infer_ms / 1000.0)):
+            add(step, ms * 1000.0, job.alone)
+        add("infer", infer_ms, job.alone)
 
     def failed(self, job: Job, exc: ImageDecodeError) -> None:
         """The pipeline refused it: an error, unless it looks like a file still being written."""

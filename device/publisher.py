@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 
 from .config import Config
 from .mqtt_client import connect_kwargs, describe_connect_error, make_client
+from .stats import StepTimes
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,10 @@ MAX_INFLIGHT = 20
 
 
 class Publisher:
-    def __init__(self, cfg: Config, store: Store):
+    def __init__(self, cfg: Config, store: Store, steps: Optional[StepTimes] = None):
         self.cfg = cfg
         self.store = store
+        self.steps = steps  # the daemon's stats: the fsync and send steps of each round
         self.status_topic = cfg.topics.status()
         self.client = make_client(cfg, cfg.client_id, will_topic=self.status_topic, clean=False)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
@@ -204,14 +206,15 @@ class Publisher:
             log.error("could not remove %d acknowledged messages from the outbox: %s", len(seqs), exc)
 
     # ------------------------------------------------------------------ the pump
-    def _sync(self) -> None:
+    def _sync(self) -> bool:
         """The results committed since the last round, fsync'd together (group commit): done here, not by
         the daemon's loop, which scores the next file while the disk works. Connected or not: a result
-        waiting out a broker outage is as durable as a sent one."""
+        waiting out a broker outage is as durable as a sent one. True when it made new results sendable."""
         if self.sync_error is not None:
-            return
+            return False
         try:
-            self.store.sync()
+            before = self.store.synced_seq
+            return self.store.sync() != before
         except StoreError as exc:
             self.sync_error = f"fsync of the state database failed ({exc})"
             log.critical("%s: the results it held are not sent", self.sync_error)
@@ -221,7 +224,9 @@ class Publisher:
             self._wake.wait(0.5)
             self._wake.clear()
             self._process_acks()
-            self._sync()
+            t_sync = time.perf_counter()
+            synced = self._sync()
+            t_synced = time.perf_counter()
             if not self.connected.is_set() or len(self._inflight) >= MAX_INFLIGHT * 4:
                 continue
             try:
@@ -241,6 +246,9 @@ class Publisher:
                     break
                 self._handed_up_to = row.seq
                 self._inflight[info.mid] = row.seq
+            if synced and rows and self.steps is not None:  # one row: a file that came alone
+                self.steps.add("fsync", (t_synced - t_sync) * 1000.0, len(rows) == 1)
+                self.steps.add("send", (time.perf_counter() - t_synced) * 1000.0, len(rows) == 1)
             if len(rows) == MAX_INFLIGHT * 2:
                 self._wake.set()
             self._process_acks()

@@ -17,6 +17,35 @@ from .vocab import PRIORITIES
 TTN_WINDOW_S = 86400
 
 
+#: one scored file's steps, in order (``stats`` ``steps_ms``): watcher -> intake queue, reading and the journal's
+#: rules, the decoder worker (with any wait behind an earlier file), inference, message and journal commit, the
+#: publisher's fsync of the commit, and the publisher's hand-over to the MQTT client
+STEPS = ("queue", "admit", "decode", "infer", "journal", "fsync", "send")
+
+
+@dataclass
+class StepTimes:
+    """Each step's last :data:`window` durations, apart for a file that came ``alone`` (nothing else in hand:
+    the path one radiograph takes on a quiet ward) and one that came while others waited (``busy``: a burst).
+
+    Filled by the daemon's loop and the publisher thread (a deque's append is atomic).
+    """
+
+    window: int = 1000
+    alone: dict = field(init=False)
+    busy: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.alone = {k: deque(maxlen=self.window) for k in STEPS}
+        self.busy = {k: deque(maxlen=self.window) for k in STEPS}
+
+    def add(self, step: str, ms: float, alone: bool) -> None:
+        (self.alone if alone else self.busy)[step].append(ms)
+
+    def summary(self) -> dict:
+        return {kind: {k: _percentiles(list(v)) for k, v in getattr(self, kind).items()} for kind in ("alone", "busy")}
+
+
 @dataclass
 class Stats:
     started: float = field(default_factory=time.monotonic)
@@ -24,6 +53,7 @@ class Stats:
     errors: int = 0
     duplicates: int = 0
     latencies: deque = field(default_factory=lambda: deque(maxlen=1000))
+    steps: StepTimes = field(default_factory=StepTimes)
 
     def snapshot(self, cfg: Config, queue_depth: int, outbox: int, accelerator: str, model: str,
                  health: dict, ttn: dict, drift: Optional[dict] = None) -> dict:
@@ -43,6 +73,7 @@ class Stats:
                 "p95": round(float(np.percentile(lat, 95)), 2) if lat is not None else None,
                 "n": len(self.latencies),
             },
+            "steps_ms": self.steps.summary(),
             "accelerator": accelerator,
             "model": model,
             "version": __version__,

@@ -357,6 +357,11 @@ class Store:
         self._synced_seq = max(self._synced_seq, int(tops.get("outbox", 0)))
         self._synced_pacs = max(self._synced_pacs, int(tops.get("pacs_outbox", 0)))
 
+    @property
+    def synced_seq(self) -> int:
+        """The outbox seq up to which rows are on disk (:meth:`sync`)."""
+        return self._synced_seq
+
     def sync(self) -> int:
         """Group commit: one fsync of the write-ahead log makes every result committed before it durable;
         returns the outbox seq up to which rows may now be sent (:meth:`pending` gives no other).

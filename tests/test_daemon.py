@@ -72,6 +72,14 @@ def test_drop_folder_to_mqtt_end_to_end(broker, dirs, daemons):
     for key in ("scored", "errors", "queue_depth", "latency_ms", "uptime_s", "outbox"):
         assert key in stats
     assert stats["latency_ms"]["p50"] > 0 and stats["errors"] == 0
+    from pneumoflag.device.stats import STEPS
+
+    steps = stats["steps_ms"]  # where a file's time goes: every scored file in "alone" or "busy", once
+    assert set(steps) == {"alone", "busy"} and all(list(v) == list(STEPS) for v in steps.values())
+    for step in ("queue", "admit", "decode", "infer", "journal"):
+        assert steps["alone"][step]["n"] + steps["busy"][step]["n"] == len(SAMPLE_FILES), step
+    assert steps["alone"]["fsync"]["n"] + steps["busy"]["fsync"]["n"] >= 1
+    assert all(v["p50"] > 0 for kind in steps.values() for k, v in kind.items() if k in ("decode", "infer") and v["n"])
     # SIGTERM: exits 0 and leaves the retained status at "offline"
     assert d.terminate() == 0
     wait_until(lambda: sub.where(lambda m: m.topic == "pneumoflag/test/status")[-1].payload == "offline", 10,

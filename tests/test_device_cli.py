@@ -297,3 +297,31 @@ def test_bench_stages_include_the_daemons_decode_with_the_gate_and_its_journal_c
     assert re.search(r"^daemon: decode \+ gate +\d+\.\d\d", run.stdout, re.M), run.stdout
     assert re.search(r"^daemon: journal commit +\d+\.\d\d", run.stdout, re.M), run.stdout
     assert re.search(r"^publisher: log fsync +\d+\.\d\d", run.stdout, re.M), run.stdout
+
+
+def test_bench_shows_one_files_way_through_the_daemon_step_by_step(tmp_path: Path):
+    """The daemon's own step times (its stats as it stops) beside the end-to-end figure: the single drops are
+    the "alone" column, the burst's files the "burst" one."""
+    from pneumoflag.device.stats import STEPS
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in SAMPLES[:3]:
+        shutil.copy(f, images)
+    out = tmp_path / "bench.json"
+    run = subprocess.run([*CLI, "-q", "bench", "--images", str(images), "--no-source", "--no-explain", "--repeats", "1",
+                          "--burst", "20", "--e2e-rounds", "2", "--idle-seconds", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    d = json.loads(out.read_text())["daemon"]
+    steps = d["steps_ms"]
+    for step in ("queue", "admit", "decode", "infer", "journal"):
+        assert steps["alone"][step]["n"] + steps["busy"][step]["n"] == 6 + 20, step
+        assert steps["alone"][step]["n"] >= 5, step  # single drops, 50 ms apart (the first burst file may join)
+    assert steps["alone"]["decode"]["p50"] > 0 and steps["busy"]["infer"]["p50"] > 0
+    for step in STEPS:
+        assert re.search(rf"^  {step} +\d+\.\d\d +\d+\.\d\d", run.stdout, re.M), (step, run.stdout)
+    total = sum(steps["alone"][k]["p50"] for k in STEPS if steps["alone"][k]["p50"] is not None)
+    m = re.search(r"^  sum of the steps +(\d+\.\d\d)", run.stdout, re.M)
+    assert m and abs(float(m.group(1)) - total) < 0.011
+    assert re.search(r"^infer after 50ms idle +\d+\.\d\d", run.stdout, re.M), run.stdout

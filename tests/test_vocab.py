@@ -46,3 +46,11 @@ def test_the_device_never_imports_the_toolchain_by_name():
                  if re.search(r"from \.\.(convert|station)\b|pneumoflag\.(convert|station)\b", line)
                  and not line.strip().startswith("#")]
     assert offenders == []
+
+
+def test_the_readme_names_the_steps_of_stats_as_the_code_does():
+    from pneumoflag.device.stats import STEPS
+
+    stats_row = next(line for line in _section("MQTT contract").splitlines() if line.startswith("| `{prefix}/{device}/stats`"))
+    named = re.search(r"`steps_ms` \(p50/p95/n in ms of each step of a scored file: (.*?);", stats_row).group(1)
+    assert re.findall(r"`([a-z]+)`", named) == list(STEPS)
