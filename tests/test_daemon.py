@@ -163,11 +163,12 @@ def test_broker_outage_delivers_everything_once_in_order(broker, dirs, daemons):
 def test_killed_mid_backlog_restart_skips_nothing_and_realerts_nothing(broker, dirs, daemons):
     watch, state = dirs
     names = []
-    for i in range(16):
+    n_files = 120  # enough that a burst at the machine's rate is still going when the kill lands
+    for i in range(n_files):
         src = SAMPLE_FILES[i % len(SAMPLE_FILES)]
         # same pixels, different bytes: a JPEG comment makes each file distinct content
         img = Image.open(src)
-        dst = watch / f"backlog-{i:02d}.jpeg"
+        dst = watch / f"backlog-{i:03d}.jpeg"
         img.save(dst, quality=90, comment=f"copy {i}".encode())
         os.utime(dst, (time.time() - 100 + i, time.time() - 100 + i))
         names.append(dst.name)
@@ -176,7 +177,7 @@ def test_killed_mid_backlog_restart_skips_nothing_and_realerts_nothing(broker, d
     wait_until(lambda: len(sub.flags()) >= 4, 30, "a few flags before the kill")
     d1.kill()  # SIGKILL: no clean shutdown
     n_before = len(sub.flags())
-    assert n_before < 16, "the backlog finished before the kill; the test proves nothing"
+    assert n_before < n_files, "the backlog finished before the kill; the test proves nothing"
     d2 = new_daemon(daemons, watch, state, broker.address).start()
     wait_until(lambda: {f["file"] for f in sub.flags()} == set(names), 40, "every backlog file flagged")
     time.sleep(1.5)
