@@ -40,6 +40,7 @@ from .drift_inputs import InputSignature, describe
 from .gate import GateLimits, check_pixels, check_source
 from .preprocess import (ImageDecodeError, PreprocessSpec, SourceInfo, decode_with_info, finish, resize,
                          scan_header)
+from .safe_text import printable
 from .vocab import Reason
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ class _InFlight:
 
     data: bytes
     name: str
-    deadline: Optional[float] = None  # set once the worker is on it: when it is the oldest in flight
+    # set when it becomes the oldest in flight (the one before it collected); the worker may have begun it up
+    # to one inference earlier, so a decode's budget is max_seconds plus at most that
+    deadline: Optional[float] = None
     deaths: int = 0  # workers that died while on it
 
 
@@ -229,7 +232,7 @@ class DecodeWorker:
                     raise ImageDecodeError(
                         Reason.CRASHED_DECODER,
                         f"{f.name}: the decoder crashed on this file twice ({died}); refused") from None
-                log.warning("%s: the decoder worker died on it (%s); once more in a new worker", f.name, died)
+                log.warning("%s: the decoder worker died on it (%s); once more in a new worker", printable(f.name), died)
                 self._restart()
                 continue
             except ImageDecodeError:
