@@ -415,6 +415,12 @@ class Daemon:
         if job is not None and any(job.depends_on(earlier) for earlier, _ in self._decoding):
             self._drain()  # this file's rules need an earlier one's result: journal those first
             job = self.intake.recheck(job)
+        if job is not None and job.suspect:  # a stopped daemon had it: alone in hand, so a stop on it is its own
+            self._drain()
+            if self.intake.start(job):
+                self._submit(job)
+            self._drain()
+            return
         done = None
         if self._decoding and (job is None or len(self._decoding) >= self.pipeline.DEPTH):
             done = self._decoding.popleft()

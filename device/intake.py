@@ -56,6 +56,9 @@ class Job:
     prev: Optional[JournalRow]  # the last result for this path, which a new one supersedes
     t_start: float  # perf_counter when intake took it
     alone: bool = False  # nothing else was in hand when it came (stats' steps)
+    #: a daemon stopped while it was in hand: it is decoded and scored with no other file in hand, so that
+    #: another stop blames it alone (not the files that happened to be in the worker beside it)
+    suspect: bool = False
     t_submit: float = 0.0  # perf_counter when it went to the decoder
     t_decoded: float = 0.0  # perf_counter when its decode came back
 
@@ -92,6 +95,8 @@ class Intake:
         self._arriving: dict[str, tuple[FileSig, float]] = {}  # rel -> (sig, monotonic time it last changed)
         #: the DICOM receiver's spool (``received``): its files are journaled as ``dicom-net/<SOPInstanceUID>.dcm``
         self.spool = (Path(cfg.state.dir) / received.SPOOL).resolve() if cfg.dicom_net.enabled else None
+        #: paths a stopped daemon had in hand (read once: every later mark is this daemon's own)
+        self._interrupted = store.interrupted()
         self._roots = [root] + ([Path(cfg.watch.archive_dir)] if cfg.watch.archive_dir else []) + \
             ([self.spool] if self.spool is not None else [])
 
@@ -141,7 +146,7 @@ class Intake:
             if exc.reason != Reason.NOT_FOUND:
                 self._error(path, rel, None, sig, exc.reason, str(exc), prev)
             return None
-        job = Job(item, rel, label, fr, sha256_bytes(fr.data), prev, t_start)
+        job = Job(item, rel, label, fr, sha256_bytes(fr.data), prev, t_start, suspect=rel in self._interrupted)
         return job if self._new_content(job) else None
 
     def recheck(self, job: Job) -> Optional[Job]:
@@ -178,6 +183,7 @@ class Intake:
         except StoreError as exc:
             self._store_failed(job.path, exc)
             return False
+        self._interrupted.discard(job.rel)  # from here on, a mark on it is this daemon's own
         if interrupted >= MAX_INTERRUPTED:
             self._error(job.path, job.rel, job.sha, job.read.sig, Reason.CRASHED_DECODER,
                         f"{job.rel}: the daemon stopped {interrupted} times while this file was being decoded or "

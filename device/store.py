@@ -513,6 +513,10 @@ class Store:
 
         return self._write(tx, durable=False)
 
+    def interrupted(self) -> set[str]:
+        """The paths whose processing began and never ended: left by a daemon that stopped on them."""
+        return {row[0] for row in self._read("SELECT path FROM in_progress")}
+
     def end(self, path: str) -> None:
         """The file's processing ended without a result (it is retried later): no longer in progress."""
         self._write(lambda db: db.execute("DELETE FROM in_progress WHERE path=?", (path,)))

@@ -8,6 +8,7 @@ first is scored once, when its pixels have arrived.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -230,3 +231,31 @@ def test_large_header_floods_are_refused_without_decoding(broker, dirs, daemons,
     drop(tmp_path / "com.jpeg", watch)
     (err,) = sub.wait_errors(1, timeout=60)
     assert err["reason"] == "too-large" and "more than 1,000 JPEG segments" in err["message"], err
+
+
+def test_a_stop_blames_only_the_file_it_stopped_on_not_the_one_beside_it(broker, dirs, daemons):
+    """The worker holds two files, so a daemon killed mid-decode leaves two marks; after that stop, a marked
+    file is decoded with nothing else in hand, and a second stop on it does not refuse its neighbour too."""
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    env = {"PNEUMOFLAG_WATCH_MAX_DECODE_SECONDS": "120"}  # so that only the kill ends the decode
+    (watch / "slow.jpeg").write_bytes(slow_jpeg())
+    shutil.copyfile(GOOD, watch / "beside.jpeg")
+    os.utime(watch / "slow.jpeg", (time.time() - 20, time.time() - 20))  # the backlog goes oldest first
+    os.utime(watch / "beside.jpeg", (time.time() - 10, time.time() - 10))
+    d = new_daemon(daemons, watch, state, broker.address, env=env).start()
+    wait_until(lambda: _in_progress(state, "slow.jpeg") == 1 and _in_progress(state, "beside.jpeg") == 1, 60,
+               "both files in the worker")
+    d.kill()
+    d = new_daemon(daemons, watch, state, broker.address, env=env).start()
+    wait_until(lambda: _in_progress(state, "slow.jpeg") == 2, 60, "the second decode of slow.jpeg")
+    time.sleep(1.0)  # time enough for beside.jpeg to be taken up too, were it taken beside slow.jpeg
+    assert _in_progress(state, "beside.jpeg") == 1
+    d.kill()
+    assert sub.errors() == [] and sub.flags() == []
+    d = new_daemon(daemons, watch, state, broker.address, env=env).start()
+    (err,) = sub.wait_errors(1, timeout=60)
+    assert err["file"] == "slow.jpeg" and err["reason"] == "crashed-decoder", err
+    (flag,) = sub.wait_flags(1, timeout=60)
+    assert flag["file"] == "beside.jpeg"
+    assert _in_progress(state, "beside.jpeg") == 0 and d.proc.poll() is None
