@@ -198,9 +198,11 @@ def test_site_images_keep_ok_inverted_ones_reach_alarm_which_survives_a_restart_
     # refuses each one, and the surge of refusals is drift
     stated = first_alarm_refusals(20, 12)
     assert stated == 4
+    # one at a time, as a modality exports: each is judged as it comes (a burst is judged at most once a
+    # second, so there the alarm may name a few more images than the stated number)
     for i, p in enumerate(site_images(1, 8)):
         write_bytes(png_bytes(255 - grey(p).astype(np.int16)), watch, f"inverted-{i}.png")
-    sub.wait_errors(8, 30)
+        sub.wait_errors(i + 1, 30)
     assert all(e["reason"] == "not-a-radiograph" for e in sub.errors())
     wait_until(lambda: any(m["state"] == "alarm" for m in drift_messages(sub)), 15, "the drift alarm")
     alarm = next(m for m in drift_messages(sub) if m["state"] == "alarm")
