@@ -321,10 +321,17 @@ def test_a_flag_is_sent_only_after_an_fsync_has_put_its_journal_entry_on_disk(br
     assert d.proc.wait(30) == 0
     flag_topic = Topics("pneumoflag", "test").flag("routine").rsplit("/", 1)[0] + "/"  # any priority
     events = []
+    waiting = set()  # threads whose fsync of the log strace split ("<unfinished ...>", later "<... resumed>")
     for line in trace.read_text(errors="replace").splitlines():
-        if "-wal>" in line and ("fsync(" in line or "fdatasync(" in line or "fsync resumed>" in line):
-            if "unfinished" not in line:
+        pid = line.split(None, 1)[0]
+        if "-wal>" in line and ("fsync(" in line or "fdatasync(" in line):
+            if "unfinished" in line:
+                waiting.add(pid)
+            else:
                 events.append("fsync")  # completed
+        elif "sync resumed>" in line and pid in waiting:  # the resumed half names no file: the thread does
+            waiting.discard(pid)
+            events.append("fsync")
         elif "-wal>" in line and "write" in line and "resumed>" not in line:
             events.append("write")
         elif ("sendto(" in line or "sendmsg(" in line) and flag_topic in line:
