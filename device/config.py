@@ -148,6 +148,9 @@ class DicomConfig:
     accept_modalities: list = setting(["CR", "DX"], "DICOM modalities scored; others are dicom-modality")
     accept_body_parts: list = setting(["CHEST"], "body parts scored; others are dicom-body-part")
     accept_views: list = setting(["PA", "AP"], "ViewPosition values scored, when the tag is present")
+    study_quiet_seconds: float = setting(120.0, "a study (images sharing a StudyInstanceUID) is closed, and its SR "
+                                                "queued for PACS, after this long without a new image of it",
+                                         above=0)
 
 
 @dataclass

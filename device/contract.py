@@ -43,6 +43,7 @@ ACK_SCHEMA = "pneumoflag.ack/1"
 ESCALATION_SCHEMA = "pneumoflag.escalation/1"
 RESEND_SCHEMA = "pneumoflag.resend/1"
 DRIFT_SCHEMA = "pneumoflag.drift/1"
+STUDY_SCHEMA = "pneumoflag.study/1"
 #: the drift monitor's states, best first; ``unknown``: the window holds too few images to judge
 DRIFT_STATES = ("ok", "watch", "alarm", "unknown")
 #: the most checks a drift message may carry
@@ -123,6 +124,7 @@ TOPICS: dict[str, tuple[str, Optional[str]]] = {
     "replay": ("replay", "station"),
     "heatmap": ("heatmaps", "event_id"),
     "drift": ("drift", None),
+    "study": ("studies", None),
 }
 _KIND_OF_LEVEL = {level: kind for kind, (level, _) in TOPICS.items()}
 
@@ -180,6 +182,10 @@ class Topics:
     def drift(self) -> str:
         """Retained: whether what the device scores still looks like its card's reference (``device/drift.py``)."""
         return self.build("drift")
+
+    def study(self) -> str:
+        """A study's news that alerts nobody: an image that did not raise its priority, a view refused, its close."""
+        return self.build("study")
 
     def filter(self, kind: str) -> str:
         """A subscriber's filter for every topic of ``kind`` (any priority, station or event id)."""
@@ -443,6 +449,51 @@ def _dicom_ids(msg: dict) -> Optional[dict[str, str]]:
     return ids or None
 
 
+#: the most rejected views a study result names (the rest are counted in the journal only)
+MAX_REJECTED = 32
+#: the most images a study may count
+MAX_STUDY_IMAGES = 10**6
+
+
+@dataclass
+class RejectedView:
+    """An image of a study that was not scored (a lateral, a non-chest view): its file and its reason code."""
+
+    file: str
+    reason: str
+
+    @classmethod
+    def parse(cls, value: Any) -> RejectedView:
+        d = _object(value, "a rejected view")
+        return cls(file=text(d, "file"), reason=text(d, "reason", max_len=64))
+
+
+@dataclass
+class StudyInfo:
+    """What a study result says about its study (``device/studies.py``): its StudyInstanceUID, how many of its
+    images were scored, which were refused and why, and whether it is closed (no new image for
+    ``dicom.study_quiet_seconds``)."""
+
+    uid: str
+    images: int
+    rejected: list[RejectedView] = field(default_factory=list)
+    closed: bool = False
+
+    @classmethod
+    def parse(cls, value: Any) -> Optional[StudyInfo]:
+        if value is None:
+            return None
+        d = _object(value, "'study'")
+        rejected = d.get("rejected", [])
+        if not isinstance(rejected, list) or len(rejected) > MAX_REJECTED:
+            raise ContractError(f"'rejected' must be a list of at most {MAX_REJECTED}")
+        closed = d.get("closed", False)
+        if not isinstance(closed, bool):
+            raise ContractError("'closed' must be true or false")
+        return cls(uid=text(d, "uid", max_len=64), images=integer(d, "images", 0, MAX_STUDY_IMAGES),
+                   rejected=[RejectedView.parse(r) for r in rejected], closed=closed)
+
+
 @dataclass
 class FlagMessage:
     """One scored radiograph. Published on ``Topics.flag(priority)``, QoS 1.
@@ -475,6 +526,8 @@ class FlagMessage:
     schema: str = FLAG_SCHEMA
     #: the calling AE title of the modality or PACS that sent the image over DICOM; absent for a file from the folder
     received_from: Optional[str] = None
+    #: the image's study (a DICOM image with a StudyInstanceUID): this flag is the study's current result
+    study: Optional[StudyInfo] = None
 
     #: ``written_at`` and ``scored_at`` as POSIX times, for the records of whoever holds it (not published)
     written_ts: Optional[float] = field(default=None, repr=False)
@@ -486,8 +539,9 @@ class FlagMessage:
         d["probability"] = round(self.probability, 6)
         if d["timings_ms"] is not None:
             d["timings_ms"] = {k: round(v, 2) for k, v in d["timings_ms"].items()}
-        if d["received_from"] is None:
-            del d["received_from"]
+        for optional in ("received_from", "study"):
+            if d[optional] is None:
+                del d[optional]
         ids = d.pop("dicom") or {}
         d.update(ids)  # study_instance_uid, sop_instance_uid, accession_number (+ patient ids if enabled)
         return d
@@ -511,7 +565,48 @@ class FlagMessage:
                    supersedes=event_id(msg, "supersedes", required=False), dicom=_dicom_ids(msg),
                    seq=integer(msg, "seq", 1, 2**53, required=False),  # absent from older daemons' flags
                    schema=text(msg, "schema", False, 64) or FLAG_SCHEMA, written_ts=written_ts, scored_ts=scored_ts,
-                   received_from=text(msg, "received_from", False, 16))
+                   received_from=text(msg, "received_from", False, 16), study=StudyInfo.parse(msg.get("study")))
+
+
+@dataclass
+class StudyUpdate:
+    """A study's news that alerts nobody, on ``Topics.study()``, QoS 1: an image that did not raise its
+    priority (the new count), a view refused while it has a result (named), or its close.
+
+    ``flag`` is the event id of the study's current flag (None: no image of it scored yet), whose row a station
+    updates in place: no new alert, no acknowledgement cleared.
+    """
+
+    device: str
+    study: StudyInfo
+    flag: Optional[str]
+    priority: Optional[str]  # the study's, as its flag says
+    event_id: str = field(default_factory=new_event_id)
+    at: Optional[str] = field(default_factory=utc_now)
+    accession_number: Optional[str] = None
+    schema: str = STUDY_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["accession_number"] is None:
+            del d["accession_number"]
+        return d
+
+    @classmethod
+    def parse(cls, payload: Any, device: Optional[str] = None) -> StudyUpdate:
+        """A received study update, checked; ``device``: its topic's, which the message's own must match."""
+        msg = _object(payload, "a study update")
+        eid = event_id(msg)
+        study = StudyInfo.parse(msg.get("study"))
+        if study is None:
+            raise ContractError("'study' is missing")
+        priority = msg.get("priority")
+        if priority is not None and priority not in PRIORITIES:
+            raise ContractError(f"priority {str(priority)[:40]!r} is not one of {', '.join(PRIORITIES)}")
+        at, _ = when(msg, "at")
+        return cls(device=_device(msg, device), study=study, flag=event_id(msg, "flag", required=False),
+                   priority=priority, event_id=eid, at=at, accession_number=text(msg, "accession_number", False, 64),
+                   schema=text(msg, "schema", False, 64) or STUDY_SCHEMA)
 
 
 @dataclass

@@ -257,6 +257,7 @@ class Daemon:
                 if now >= next_escalation:
                     next_escalation = now + 1.0
                     self.acks.escalate_due()
+                    self._close_studies()
                 if now >= next_health:
                     next_health = now + HEALTH_INTERVAL
                     if not self._healthy():
@@ -274,6 +275,14 @@ class Daemon:
             finally:
                 self._shutdown()
         return status
+
+    def _close_studies(self) -> None:
+        """Close the studies that went quiet (``dicom.study_quiet_seconds``): their news and SRs queued."""
+        try:
+            if self.intake.studies.close_quiet():
+                self.publisher.wake()
+        except StoreError as exc:  # tried again in a second; the files' own journaling says the disk's state
+            log.debug("quiet studies not closed yet: %s", exc)
 
     def _watchdog_tick(self) -> None:
         """Ping the watchdog when due, from the main loop or while it waits on a (bounded) decode;

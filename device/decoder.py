@@ -92,9 +92,13 @@ def decode_bytes(data: bytes, name: str, s: DecodeSettings) -> Decoded:
         # Pillow repairs a damaged JPEG stream silently; the strict decode refuses it (``corrupt``)
         gray, src = decode_with_info(data, s.spec, s.max_pixels, name=name, max_bytes=s.max_bytes,
                                      strict_jpeg=s.gate.enabled and s.gate.strict_jpeg)
-    check_source(src, s.gate, name)
-    small = resize(gray, s.spec)
-    check_pixels(small, s.gate, name)
+    try:
+        check_source(src, s.gate, name)
+        small = resize(gray, s.spec)
+        check_pixels(small, s.gate, name)
+    except ImageDecodeError as exc:  # a DICOM image's study names it as a refused view
+        exc.ids = ids
+        raise
     pixels = finish(small, s.spec, gray)
     del gray
     return Decoded(pixels, ids, (time.perf_counter() - t0) * 1000.0, acquired,
@@ -353,7 +357,7 @@ def _serve(fd: int, parent: int, jobs_fd: int) -> int:
             try:
                 out: tuple = ("ok", decode_bytes(data, name, settings))
             except ImageDecodeError as exc:
-                out = ("error", (exc.reason, str(exc)))
+                out = ("error", (exc.reason, str(exc), exc.ids))
             except Exception as exc:  # noqa: BLE001 - reported to the daemon, which logs it as internal-error
                 out = ("internal", f"{type(exc).__name__}: {exc}")
             del data

@@ -261,19 +261,21 @@ def read_dicom(
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     ds = _parse(source, name, _import_pydicom(name), max_bytes)
     info = _header_info(ds, include_patient_identifiers)
-
-    # Refuse what the model was not trained on, cheapest checks first.
-    _require(info.modality, accept_modalities, Reason.DICOM_MODALITY,
-             f"{name}: modality {info.modality} is not a radiograph")
-    _require(info.body_part, accept_body_parts, Reason.DICOM_BODY_PART,
-             f"{name}: body part {info.body_part} is not accepted")
-    _plausible_radiograph(ds, accept_views, name)
-    frames = _check_single_grey_frame(ds, info.photometric, name)
-    rows, cols, bits = _check_raster_size(ds, frames, name, max_pixels, max_bytes)
-    _check_decodable(ds, name)
-    _check_pixel_data_size(ds, rows, cols, bits, name, max_bytes)
-
-    out = _decode_display(ds, info.photometric, name)
+    try:
+        # Refuse what the model was not trained on, cheapest checks first.
+        _require(info.modality, accept_modalities, Reason.DICOM_MODALITY,
+                 f"{name}: modality {info.modality} is not a radiograph")
+        _require(info.body_part, accept_body_parts, Reason.DICOM_BODY_PART,
+                 f"{name}: body part {info.body_part} is not accepted")
+        _plausible_radiograph(ds, accept_views, name)
+        frames = _check_single_grey_frame(ds, info.photometric, name)
+        rows, cols, bits = _check_raster_size(ds, frames, name, max_pixels, max_bytes)
+        _check_decodable(ds, name)
+        _check_pixel_data_size(ds, rows, cols, bits, name, max_bytes)
+        out = _decode_display(ds, info.photometric, name)
+    except ImageDecodeError as exc:  # its study names it as a refused view
+        exc.ids = info.ids()
+        raise
     log.debug("%s: DICOM %s %s %dx%d %s", name, info.modality, info.body_part, cols, rows, info.photometric)
     return out, info
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config
-from .contract import ErrorMessage, encode
+from .contract import ErrorMessage, FlagMessage, encode
 from .decoder import Decoded
 from .ingest import Ingest, Ready
 from . import received
@@ -32,7 +32,8 @@ from .publisher import Publisher
 from .reader import FileRead, file_sig, read_export_file
 from .safe_text import path_text, printable
 from .stats import Stats
-from .store import FileSig, FlagRecord, JournalRow, Store, StoreError
+from .store import FileSig, FlagRecord, JournalRow, PacsItem, Store, StoreError
+from .studies import Plan, Studies
 from .vocab import Priority, Reason
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Job:
 
 class Intake:
     def __init__(self, cfg: Config, root: Path, store: Store, publisher: Publisher, ingest: Ingest,
-                 pipeline: Pipeline, stats: Stats, heatmaps=None, drift=None):
+                 pipeline: Pipeline, stats: Stats, heatmaps=None, drift=None, studies: Optional[Studies] = None):
         self.cfg = cfg
         self.root = root
         self.store = store
@@ -87,6 +88,8 @@ class Intake:
         self.stats = stats
         self.heatmaps = heatmaps
         self.drift = drift  # device/drift.py's monitor, or None
+        #: one result per DICOM study (device/studies.py)
+        self.studies = studies if studies is not None else Studies(cfg, store)
         self.processed = 0  # files that ended in a flag or an error
         #: set when the state database can no longer be written or is corrupt: the daemon exits 1
         self.fatal: Optional[str] = None
@@ -194,24 +197,26 @@ class Intake:
 
     # ------------------------------------------------------------------ the ends
     def scored(self, job: Job, d: Decoded, p: float, infer_ms: float, total_ms: float) -> None:
-        """A scored file: its message, whole; journaled and queued in one transaction; then the heat map."""
+        """A scored file: its message, whole (a flag, or a study's news: ``device/studies.py``); journaled and
+        queued in one transaction; then the heat map."""
         file_mtime = job.read.sig.mtime_ns / 1e9
         msg = self.pipeline.message(d, p, infer_ms, total_ms, job.rel, job.sha, file_mtime=file_mtime,
                                     seen_at=job.item.seen_at, supersedes=job.supersedes)
         if self.is_received(job.path):
             msg.received_from = self._caller(job.rel)
         pacs = pacs_item(self.cfg, job.read.data, msg) if self.cfg.pacs.destinations else None
-        payload = encode(msg.to_dict())
-        record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, msg.written_ts,
-                            job.item.seen_at, time.time())
-        # fsync'd by the publisher before it sends (group commit), unless the file is archived right away: a
-        # power cut must not leave it moved out of the export folder with its result unwritten
-        if not self._record(job.path, job.rel, job.sha, job.read.sig, msg.priority, event_id=msg.event_id,
-                            supersedes=job.supersedes, message=(self.cfg.topics.flag(msg.priority), payload, 1),
-                            flag=record, pacs=pacs, durable=bool(self.cfg.watch.archive_dir)):
+        try:
+            plan = self.studies.scored(msg, job.supersedes, pacs)
+        except StoreError as exc:
+            self._store_failed(job.path, exc)
+            return
+        if plan is not None and not plan.alert:
+            if not self._study_news(job, plan, msg.priority):
+                return
+        elif not self._flag(job, msg, plan, pacs):
             return
         self._arriving.pop(job.rel, None)
-        if self.heatmaps is not None and msg.priority != Priority.ROUTINE:
+        if self.heatmaps is not None and msg.priority != Priority.ROUTINE and (plan is None or plan.alert):
             self.heatmaps.submit(msg.event_id, job.rel, job.read.data, d.pixels)  # the flag is queued already
         self.processed += 1
         self.stats.by_priority[msg.priority] += 1
@@ -220,9 +225,34 @@ class Intake:
         self._steps(job, infer_ms, now)
         if self.drift is not None:  # after the flag is queued: no latency added to it
             self.drift.scored(p, msg.priority, d.inputs)
-        log.info("%s: %s (p=%.4f, %.1f ms)%s", job.label, msg.priority.upper(), msg.probability, total_ms,
-                 f", supersedes {job.supersedes}" if job.supersedes else "")
+        log.info("%s: %s (p=%.4f, %.1f ms)%s%s", job.label, msg.priority.upper(), msg.probability, total_ms,
+                 f", supersedes {msg.supersedes}" if msg.supersedes and (plan is None or plan.alert) else "",
+                 "" if plan is None else f"; study {plan.row.uid}: image {plan.row.images}, "
+                 f"{'its new result' if plan.alert else 'its result stays ' + str(plan.row.priority).upper()}")
         self._archive(job.path, job.rel)
+
+    def _flag(self, job: Job, msg: FlagMessage, plan: Optional[Plan], pacs: Optional[PacsItem]) -> bool:
+        """Journal the flag and queue it (with its SR, unless its study sends one when it closes)."""
+        if plan is not None:  # the study's current result now: its SR is queued when the study closes
+            msg.study, msg.supersedes = plan.info, plan.supersedes
+            pacs = None
+        payload = encode(msg.to_dict())
+        record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, msg.written_ts,
+                            job.item.seen_at, time.time())
+        # fsync'd by the publisher before it sends (group commit), unless the file is archived right away: a
+        # power cut must not leave it moved out of the export folder with its result unwritten
+        return self._record(job.path, job.rel, job.sha, job.read.sig, msg.priority, event_id=msg.event_id,
+                            supersedes=msg.supersedes, message=(self.cfg.topics.flag(msg.priority), payload, 1),
+                            flag=record, pacs=pacs, durable=bool(self.cfg.watch.archive_dir),
+                            study=plan.row if plan is not None else None)
+
+    def _study_news(self, job: Job, plan: Plan, priority: str) -> bool:
+        """An image that does not raise its study's priority: journaled with the study's news, no alert."""
+        assert plan.news is not None
+        q = self.studies.queued(plan.news)
+        return self._record(job.path, job.rel, job.sha, job.read.sig, priority, event_id=q.event_id,
+                            message=(q.topic, q.payload, q.qos), durable=bool(self.cfg.watch.archive_dir),
+                            study=plan.row)
 
     def _steps(self, job: Job, infer_ms: float, journaled: float) -> None:
         add = self.stats.steps.add
@@ -240,7 +270,7 @@ class Intake:
             self.abandon(job)
             self.ingest.retry_later(job.path, max(self.cfg.watch.settle_seconds, 0.2))
             return
-        self._error(job.path, job.rel, job.sha, job.read.sig, exc.reason, str(exc), job.prev)
+        self._error(job.path, job.rel, job.sha, job.read.sig, exc.reason, str(exc), job.prev, ids=exc.ids)
 
     def internal_error(self, job: Job, exc: Exception) -> None:
         log.error("%s: scoring failed", job.label, exc_info=exc)
@@ -284,7 +314,8 @@ class Intake:
                      what)
 
     def _error(self, path: Path, rel: str, sha: Optional[str], sig: FileSig, reason: str, message: str,
-               prev: Optional[JournalRow]) -> None:
+               prev: Optional[JournalRow], ids: Optional[dict[str, str]] = None) -> None:
+        """An error message for the file; ``ids``: a DICOM image's, whose study then names it as refused."""
         if prev is not None and prev.status == "error" and prev.reason == str(reason) and prev.sha256 == sha:
             # the same error for the same content (or, unread, the same reason again after a touch or
             # chmod): said once already
@@ -295,8 +326,14 @@ class Intake:
         err = ErrorMessage(device=self.cfg.mqtt.device_id, file=rel, reason=str(reason), message=message,
                            sha256=sha, supersedes=supersedes)
         log.warning("rejected %s: %s", printable(rel), printable(message))
+        try:
+            study = self.studies.refused(rel, reason, ids)
+        except StoreError as exc:
+            self._store_failed(path, exc)
+            return
         if self._record(path, rel, sha, sig, "error", reason=str(reason), event_id=err.event_id,
-                        supersedes=supersedes, message=(self.cfg.topics.error(), encode(err.to_dict()), 1)):
+                        supersedes=supersedes, message=(self.cfg.topics.error(), encode(err.to_dict()), 1),
+                        study=study[0] if study else None, also=study[1] if study else None):
             self._arriving.pop(rel, None)
             self.processed += 1
             self.stats.errors += 1

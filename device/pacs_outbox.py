@@ -1,14 +1,13 @@
-"""Results back to PACS: a structured report for each scored DICOM image, through a durable outbox of its own.
+"""Results back to PACS: a structured report for each scored DICOM study, through a durable outbox of its own.
 
 What it guarantees:
 
-- **Queued with the flag.** For a scored image that came as DICOM (from the folder or the network) with its
-  study identity, :func:`pacs_item` gives :meth:`Store.record <pneumoflag.device.store.Store.record>` what the
-  SR is built from later (the source's DICOM header without pixel data, and the finding as JSON), and the rows
-  for every ``pacs.destinations`` entry are inserted in the flag's own transaction: no flag without its SR
-  queued, and no SR queued for a flag that was not journaled. The header costs the flag's path about 0.6 ms
-  (measured on a 2048 px CR with /work/scratch/dicomwire/time_sr.py); the SR itself (about 14 ms with highdicom)
-  is built by the sender thread.
+- **Queued with the result.** For a scored image that came as DICOM (from the folder or the network) with its
+  study identity, :func:`pacs_item` gives what the SR is built from later (the source's DICOM header without
+  pixel data, and the finding as JSON). The study keeps it with its current result (``device/studies.py``),
+  and the rows for every ``pacs.destinations`` entry are inserted in the transaction that closes the study:
+  no SR queued for a result that was not journaled, and one SR per study result. Only the header is read on
+  the scoring thread; the SR itself (highdicom) is built by the sender thread.
 - **In order, deleted only on success.** One thread per destination sends the oldest row; only the peer's
   success (or warning) status deletes it. Anything else (the PACS down, a refused association, a failure
   status) keeps the row, counts the attempt, keeps its reason (``stats`` and ``report`` show it), and the same
@@ -17,8 +16,8 @@ What it guarantees:
   result's event id (:func:`derived_uid`): a row sent, stored by the PACS, and not deleted because the daemon
   died before the answer arrived is the same instance when it is sent again, which the PACS keeps once.
 
-The outbox is keyed by the event id of the result it reports: a study-level result (one per study) can take the
-flag's place there without changing the sender.
+The outbox is keyed by the event id of the study's flag whose result it reports: a study closed again with the
+same result queues nothing again.
 """
 from __future__ import annotations
 
@@ -49,6 +48,29 @@ UID_NAMESPACE = uuid.UUID("0f6d2a51-93c4-4e8b-b7d2-5a1c9e3f7b60")
 def derived_uid(event_id: str, what: str) -> str:
     """A DICOM UID (``2.25.`` and a UUIDv5) that only ``event_id`` and ``what`` ("sr", "series") decide."""
     return f"2.25.{uuid.uuid5(UID_NAMESPACE, f'{event_id}/{what}').int}"
+
+
+#: marks a study's headers packed together (``pack_headers``); a single Part 10 header starts with its preamble
+PACKED = b"PFH1"
+#: the most images a study's SR references (the study's result and the images scored before it, in order)
+MAX_SR_IMAGES = 64
+
+
+def pack_headers(headers: list[bytes]) -> bytes:
+    """Several Part 10 headers as one outbox value: each with its length, after :data:`PACKED`."""
+    return PACKED + b"".join(len(h).to_bytes(4, "big") + h for h in headers)
+
+
+def unpack_headers(value: bytes) -> list[bytes]:
+    """The headers of :func:`pack_headers`, or ``[value]`` for one header as rows queued before studies hold."""
+    if not value.startswith(PACKED):
+        return [value]
+    out, at = [], len(PACKED)
+    while at < len(value):
+        n = int.from_bytes(value[at:at + 4], "big")
+        out.append(value[at + 4:at + 4 + n])
+        at += 4 + n
+    return out
 
 
 def source_header(data: bytes) -> Optional[Any]:
@@ -112,7 +134,8 @@ def build(row: PacsRow) -> Any:
     from .sr import ModelIdentity, StudyFinding, build_heatmap_sc, build_sr
 
     f = json.loads(row.finding)
-    source = pydicom.dcmread(io.BytesIO(row.header))
+    sources = [pydicom.dcmread(io.BytesIO(h)) for h in unpack_headers(row.header)]
+    source = sources[0]  # the image whose result it reports
     if row.kind == "heatmap":
         from PIL import Image
 
@@ -121,7 +144,7 @@ def build(row: PacsRow) -> Any:
         return build_heatmap_sc(source, rgb, ModelIdentity(**f["model"]),
                                 series_instance_uid=derived_uid(row.event_id, "heatmap-series"),
                                 sop_instance_uid=derived_uid(row.event_id, "heatmap"))
-    return build_sr([source], StudyFinding(f["probability"], f["priority"], f["threshold"]),
+    return build_sr(sources, StudyFinding(f["probability"], f["priority"], f["threshold"]),
                     ModelIdentity(**f["model"]), series_instance_uid=derived_uid(row.event_id, "series"),
                     sop_instance_uid=derived_uid(row.event_id, "sr"))
 

@@ -78,11 +78,13 @@ Source = Union[str, os.PathLike, bytes, np.ndarray, Image.Image]
 
 
 class ImageDecodeError(ValueError):
-    """An input that cannot become a model tensor; ``reason`` is a stable code."""
+    """An input that cannot become a model tensor; ``reason`` is a stable code; ``ids``: a DICOM image's
+    identifiers when its header was read before it was refused (its study names the refused view)."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, ids: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.reason = str(reason)
+        self.ids = ids
 
 
 @dataclass(frozen=True)

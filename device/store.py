@@ -23,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -99,9 +99,9 @@ CREATE TABLE IF NOT EXISTS received (
     received_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS received_path ON received(path);
--- results waiting to go back to PACS as a structured report (device/pacs_outbox.py), one row per result and
--- destination, queued with the flag; ``id`` is the order per destination. Keyed by the event the SR reports
--- (today a flag; a study result can take its place), whose id also gives the SR its SOP Instance UID.
+-- results waiting to go back to PACS as a structured report (device/pacs_outbox.py), one row per study result
+-- and destination, queued when the study closes; ``id`` is the order per destination. Keyed by the study's flag
+-- the SR reports, whose event id also gives the SR its SOP Instance UID.
 CREATE TABLE IF NOT EXISTS pacs_outbox (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id    TEXT NOT NULL,
@@ -115,10 +115,27 @@ CREATE TABLE IF NOT EXISTS pacs_outbox (
     last_error  TEXT,
     UNIQUE (event_id, destination, kind)
 );
+-- one row per DICOM study (device/studies.py): its current result, what its images were, and its SR's makings
+CREATE TABLE IF NOT EXISTS studies (
+    uid         TEXT PRIMARY KEY,   -- StudyInstanceUID
+    flag_event  TEXT,               -- the study's current flag (NULL: none of its images scored yet)
+    priority    TEXT,               -- that flag's priority: the highest of its images'
+    images      INTEGER NOT NULL,   -- images scored
+    rejected    TEXT NOT NULL,      -- JSON [{file, reason}]: its images refused (a lateral, a non-chest view)
+    accession   TEXT,
+    header      BLOB,               -- the current flag's image's DICOM header and finding: its SR, at the close
+    finding     TEXT,
+    last_image  REAL NOT NULL,      -- when its newest image was journaled (wall clock: it survives a restart)
+    closed_at   REAL                -- NULL while open
+);
+CREATE INDEX IF NOT EXISTS studies_open ON studies(closed_at, last_image);
 """
-#: columns added after the first release: (table, column, type)
+#: columns added after the first release: (table, column, type). ``flags.study``: the StudyInstanceUID of a study's
+#: flag; ``pacs_outbox.held_for``: a heat map of an open study's result, held (that study's uid) until its close
+#: queues it after the study's SR
 MIGRATIONS = (("journal", "ctime_ns", "INTEGER"), ("journal", "supersedes", "TEXT"), ("journal", "heatmap", "TEXT"),
-              ("flags", "heatmap", "TEXT"), ("flags", "seq", "INTEGER"))
+              ("flags", "heatmap", "TEXT"), ("flags", "seq", "INTEGER"), ("flags", "study", "TEXT"),
+              ("pacs_outbox", "held_for", "TEXT"))
 #: indexes on migrated columns, made after the migrations
 LATE_INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS flags_seq ON flags(seq)"
 
@@ -186,6 +203,36 @@ class PacsRow:
     attempts: int
     kind: str = "sr"
     payload: Optional[bytes] = None
+
+
+@dataclass
+class StudyRow:
+    """A study as the studies table keeps it (``device/studies.py`` decides what goes in)."""
+
+    uid: str
+    flag_event: Optional[str]
+    priority: Optional[str]
+    images: int
+    rejected: str  # JSON
+    accession: Optional[str]
+    header: Optional[bytes]
+    finding: Optional[str]
+    last_image: float
+    closed_at: Optional[float] = None
+
+
+#: the studies columns a :class:`StudyRow` is made of, in its field order
+STUDY_COLUMNS = "uid, flag_event, priority, images, rejected, accession, header, finding, last_image, closed_at"
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A message queued in a result's own transaction beside its main one (a study's news)."""
+
+    event_id: str
+    topic: str
+    payload: bytes
+    qos: int = 1
 
 
 @dataclass
@@ -443,6 +490,8 @@ class Store:
         flag: Optional[FlagRecord] = None,
         durable: bool = True,
         pacs: Optional[PacsItem] = None,
+        study: Optional[StudyRow] = None,
+        also: Optional[Queued] = None,
     ) -> Optional[int]:
         """Journal a processed file and (atomically) queue its message; returns the outbox seq.
 
@@ -453,7 +502,8 @@ class Store:
         A flag gets the next number of this device's flag sequence (``seq`` in its message) in the same
         transaction, so the numbers have no gaps and no repeats, whatever fails: a station that misses one
         can tell, and ask for it again (:meth:`flags_between`). ``pacs`` queues the result's SR for each PACS
-        destination in the same transaction.
+        destination in the same transaction; ``study`` writes the image's study as it now stands, and ``also``
+        queues a second message (a study's news, after the main one).
         """
 
         def tx(db: sqlite3.Connection) -> Optional[int]:
@@ -470,9 +520,9 @@ class Store:
                 payload = numbered(flag.payload, seq)
                 db.execute(
                     "INSERT INTO flags (event_id, path, priority, probability, payload, written_at, seen_at, "
-                    "scored_at, seq) VALUES (?,?,?,?,?,?,?,?,?)",
+                    "scored_at, seq, study) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (flag.event_id, path, flag.priority, flag.probability, payload, flag.written_at,
-                     flag.seen_at, flag.scored_at, seq),
+                     flag.seen_at, flag.scored_at, seq, study.uid if study is not None else None),
                 )
                 if message is not None:  # a flag's message is the flag
                     message = (message[0], payload, message[2])
@@ -481,14 +531,18 @@ class Store:
                 db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, header, finding, created) "
                                "VALUES (?,?,?,?,?)", [(event_id, d, pacs.header, pacs.finding, now)
                                                       for d in pacs.destinations])
-            if message is None:
-                return None
-            topic, payload, qos = message
-            cur = db.execute(
-                "INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
-                (event_id, topic, payload, qos, time.time()),
-            )
-            return cur.lastrowid
+            if study is not None:
+                db.execute(f"INSERT OR REPLACE INTO studies ({STUDY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           astuple(study))
+            seq = None
+            if message is not None:
+                topic, payload, qos = message
+                seq = db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
+                                 (event_id, topic, payload, qos, time.time())).lastrowid
+            if also is not None:
+                seq = db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
+                                 (also.event_id, also.topic, also.payload, also.qos, time.time())).lastrowid
+            return seq
 
         if durable or self._wal is None:  # without a write-ahead log each commit pays its own fsync
             return self._write(tx)
@@ -609,10 +663,19 @@ class Store:
             db.execute("UPDATE flags SET heatmap=? WHERE event_id=?", (name, event_id))
             db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
                        (f"{event_id}#heatmap", topic, png, 1, time.time()))
-            if pacs is not None:
-                db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, kind, payload, header, "
-                               "finding, created) VALUES (?,?,'heatmap',?,?,?,?)",
-                               [(event_id, d, png, pacs.header, pacs.finding, time.time()) for d in pacs.destinations])
+            if pacs is None:
+                return
+            held = None  # a study's flag: its Secondary Capture follows its SR, at the study's close
+            row = db.execute("SELECT s.uid, s.flag_event, s.closed_at FROM flags f JOIN studies s ON s.uid = f.study "
+                             "WHERE f.event_id=?", (event_id,)).fetchone()
+            if row is not None:
+                if row[1] != event_id:
+                    return  # superseded already: its study's SR reports another image
+                held = row[0] if row[2] is None else None
+            db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, kind, payload, header, "
+                           "finding, created, held_for) VALUES (?,?,'heatmap',?,?,?,?,?)",
+                           [(event_id, d, png, pacs.header, pacs.finding, time.time(), held)
+                            for d in pacs.destinations])
 
         self._write(tx)
 
@@ -660,7 +723,8 @@ class Store:
     def pacs_head(self, destination: str) -> Optional[PacsRow]:
         """The oldest result waiting for ``destination`` (they go in order: nothing passes it), once on disk."""
         row = self._read("SELECT id, event_id, destination, header, finding, attempts, kind, payload FROM pacs_outbox "
-                         "WHERE destination=? AND id <= ? ORDER BY id LIMIT 1", (destination, self._synced_pacs), one=True)
+                         "WHERE destination=? AND id <= ? AND held_for IS NULL ORDER BY id LIMIT 1",
+                         (destination, self._synced_pacs), one=True)
         return PacsRow(*row) if row else None
 
     def pacs_sent(self, row_id: int) -> None:
@@ -682,6 +746,44 @@ class Store:
                               one=True)
             out[d] = {"depth": int(depth), "last_error": head[0] if head else None}
         return out
+
+    # ------------------------------------------------------------------ studies
+    def study(self, uid: str) -> Optional[StudyRow]:
+        row = self._read(f"SELECT {STUDY_COLUMNS} FROM studies WHERE uid=?", (uid,), one=True)
+        return StudyRow(*row) if row else None
+
+    def quiet_studies(self, before: float) -> list[StudyRow]:
+        """Open studies whose newest image was journaled before ``before``, oldest first."""
+        rows = self._read(f"SELECT {STUDY_COLUMNS} FROM studies WHERE closed_at IS NULL AND last_image < ? "
+                          "ORDER BY last_image", (before,))
+        return [StudyRow(*r) for r in rows]
+
+    def close_study(self, study: StudyRow, news: Queued, pacs: Optional[PacsItem]) -> bool:
+        """Close a study, queue its news and (``pacs``) its SR for every destination, in one transaction;
+        False when an image came meanwhile (it stays open). The SR's rows are keyed by the study's flag: a study
+        closed again with the same result queues none again."""
+
+        def tx(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            cur = db.execute("UPDATE studies SET closed_at=? WHERE uid=? AND closed_at IS NULL AND last_image=?",
+                             (now, study.uid, study.last_image))
+            if not cur.rowcount:
+                return False
+            db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
+                       (news.event_id, news.topic, news.payload, news.qos, now))
+            if pacs is not None and study.flag_event is not None:
+                db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, header, finding, created) "
+                               "VALUES (?,?,?,?,?)", [(study.flag_event, d, pacs.header, pacs.finding, now)
+                                                      for d in pacs.destinations])
+            # the heat map of its result follows the SR (a new id: after it); those of results it replaced go
+            held = db.execute("SELECT event_id, destination, payload, header, finding, created FROM pacs_outbox "
+                              "WHERE held_for=? ORDER BY id", (study.uid,)).fetchall()
+            db.execute("DELETE FROM pacs_outbox WHERE held_for=?", (study.uid,))
+            db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, kind, payload, header, finding, "
+                           "created) VALUES (?,?,'heatmap',?,?,?,?)", [r for r in held if r[0] == study.flag_event])
+            return True
+
+        return self._write(tx)
 
     # ------------------------------------------------------------------ instances received over DICOM
     def receive(self, sop_instance_uid: str, path: str, calling_ae: str, peer: Optional[str]) -> None:

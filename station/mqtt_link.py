@@ -38,7 +38,7 @@ from .settings import StationSettings
 log = logging.getLogger(__name__)
 
 #: the kinds of topic the station subscribes to for every device (and "replay", for its own station id only)
-KINDS = ("flag", "error", "status", "stats", "ack", "escalation", "heatmap", "drift")
+KINDS = ("flag", "error", "status", "stats", "ack", "escalation", "heatmap", "drift", "study")
 #: the longest device name (a topic level) the station stores
 MAX_DEVICE = 200
 #: a status is "online" or "offline"; anything much longer is not one
@@ -49,7 +49,7 @@ MAX_STATUS_BYTES = 64
 class Incoming:
     """One message off the broker, parsed on paho's thread and handled on the event loop's."""
 
-    kind: str  # flag | replay | error | status | stats | ack | escalation | heatmap | drift
+    kind: str  # flag | replay | error | status | stats | ack | escalation | heatmap | drift | study
     device: str  # from the topic
     payload: dict[str, Any] | str | bytes  # JSON object, the status text, or a heat map's PNG bytes
     retained: bool

@@ -144,6 +144,10 @@ class Station:
             row = wl.row(event_id) if event_id else None
             if row:
                 self.hub.publish("row", row.to_json())
+        elif item.kind == "study":  # a study's news: its flag's row changes in place, no alert
+            row = wl.add_study_update(payload, item.device)
+            if row:
+                self.hub.publish("row", row.to_json())
         elif item.kind == "escalation":
             self.hub.publish("row", wl.add_escalation(payload, item.device).to_json())
         elif item.kind == "error":

@@ -30,7 +30,7 @@ from typing import Any
 
 from pneumoflag.device import contract
 from pneumoflag.device.contract import (MAX_TEXT, PRIORITIES, AckMessage, ContractError, ErrorMessage,
-                                        EscalationMessage, FlagMessage, utc_iso)
+                                        EscalationMessage, FlagMessage, StudyInfo, StudyUpdate, utc_iso)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ CREATE TABLE IF NOT EXISTS heatmaps (
 );
 """
 #: columns added after the first release of this file, for databases made before them
-LATER_COLUMNS = {"flags": ("supersedes",), "errors": ("supersedes",), "devices": ("drift",)}
+LATER_COLUMNS = {"flags": ("supersedes", "study"), "errors": ("supersedes",), "devices": ("drift",)}
 #: the acks table before acks were kept per device: rebuilt with the device in its key
 _ACKS_BY_DEVICE = """
 BEGIN;
@@ -191,6 +191,8 @@ class Row:
     ack: Ack | None
     superseded_by: str | None  # a newer result (flag or error) for the same file replaced this one
     heatmap: bool  # the appliance's heat-map overlay is here (GET /heatmap/EVENT_ID.png)
+    #: the flag is its study's result: {uid, images, rejected: [{file, reason}], closed} (``device/studies.py``)
+    study: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,7 +233,8 @@ SELECT f.event_id, f.device, f.priority, f.probability, f.file, f.accession_numb
        COALESCE((SELECT s.event_id FROM flags s WHERE s.supersedes = f.event_id LIMIT 1),
                 (SELECT e.event_id FROM errors e WHERE e.supersedes = f.event_id LIMIT 1)) AS superseded_by,
        f.rank,
-       EXISTS (SELECT 1 FROM heatmaps h WHERE h.event_id = f.event_id) AS heatmap
+       EXISTS (SELECT 1 FROM heatmaps h WHERE h.event_id = f.event_id) AS heatmap,
+       f.study
 FROM flags f
 LEFT JOIN (SELECT k.event_id, k.by_name, k.station, MIN(k.at) AS at, k.received_epoch FROM acks k
            JOIN flags g ON g.event_id = k.event_id AND (k.device IS NULL OR k.device = g.device)
@@ -245,7 +248,7 @@ def _row(r: tuple) -> Row:
     return Row(event_id=r[0], device=r[1], priority=r[2], probability=r[3], file=r[4], accession_number=r[5],
                written_at=r[6], scored_at=r[7], received_at=r[8], ttn_s=r[9], sort_at=utc_iso(r[10]),
                escalation=r[11], max_escalations=r[12], escalated_at=r[13], ack=ack, superseded_by=r[18],
-               heatmap=bool(r[20]))
+               heatmap=bool(r[20]), study=contract.loads(r[21]) if r[21] else None)
 
 
 def _valid_row(r: tuple) -> Row | None:
@@ -322,6 +325,10 @@ def _stored_drift(device: str, drift: str | None) -> dict[str, str] | None:
     return value if isinstance(value, dict) else None
 
 
+def _study_json(study: StudyInfo | None) -> str | None:
+    return contract.dumps(_bounded(asdict(study))) if study is not None else None
+
+
 class Worklist:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -361,11 +368,11 @@ class Worklist:
         sort_epoch = next(t for t in (written, msg.scored_ts, received) if t is not None)
         cur = self.db.execute(
             "INSERT OR IGNORE INTO flags (event_id, device, priority, rank, probability, file, accession_number, "
-            "written_at, scored_at, received_at, ttn_s, sort_epoch, supersedes, payload) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "written_at, scored_at, received_at, ttn_s, sort_epoch, supersedes, payload, study) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (event_id, device, msg.priority, PRIORITIES.index(msg.priority), msg.probability, msg.file,
              (msg.dicom or {}).get("accession_number"), msg.written_at, msg.scored_at, utc_iso(received), ttn,
-             sort_epoch, msg.supersedes, contract.dumps(_bounded(payload))))
+             sort_epoch, msg.supersedes, contract.dumps(_bounded(payload)), _study_json(msg.study)))
         if msg.seq is not None:
             self.note_seq(device, msg.seq, received)
         return self.row(event_id) if cur.rowcount else None
@@ -486,6 +493,24 @@ class Worklist:
         row = self.row(esc.event_id)
         assert row is not None
         return row
+
+    def add_study_update(self, payload: dict, topic_device: str) -> Row | None:
+        """A study's news (an image that did not raise it, a refused view, its close): the row of its flag
+        changes in place, no new row, no alert; None when this station does not have that flag, or the news is
+        older than what the row shows (MQTT may deliver a copy again later: the counts only grow)."""
+        msg = StudyUpdate.parse(payload, topic_device)
+        if msg.flag is None:
+            return None  # none of its images scored yet: no row to show it on
+        r = self.db.execute("SELECT study FROM flags WHERE event_id = ? AND device = ?",
+                            (msg.flag, msg.device)).fetchone()
+        if r is None:
+            return None
+        shown = contract.loads(r[0]) if r[0] else None
+        if shown and (msg.study.images, len(msg.study.rejected)) < (shown.get("images", 0),
+                                                                    len(shown.get("rejected", []))):
+            return None
+        self.db.execute("UPDATE flags SET study = ? WHERE event_id = ?", (_study_json(msg.study), msg.flag))
+        return self.row(msg.flag)
 
     def add_error(self, payload: dict, topic_device: str, received: float | None = None) -> ErrorRow | None:
         msg = ErrorMessage.parse(payload, topic_device)

@@ -38,9 +38,10 @@ def orthanc(tmp_path):
     o.stop()
 
 
-def _env(orthanc: Orthanc, port: int | None = None) -> dict:
+def _env(orthanc: Orthanc, port: int | None = None, quiet: float = 1.0) -> dict:
+    """A study's SR is queued when it closes: ``quiet`` seconds after its last image."""
     env = {"PNEUMOFLAG_PACS_DESTINATIONS": f"{ORTHANC_AE}@127.0.0.1:{orthanc.dicom_port}",
-           "PNEUMOFLAG_PACS_TIMEOUT_SECONDS": "5"}
+           "PNEUMOFLAG_PACS_TIMEOUT_SECONDS": "5", "PNEUMOFLAG_DICOM_STUDY_QUIET_SECONDS": str(quiet)}
     if port:
         env.update({"PNEUMOFLAG_DICOM_NET_ENABLED": "true", "PNEUMOFLAG_DICOM_NET_LISTEN": f"127.0.0.1:{port}",
                     "PNEUMOFLAG_DICOM_NET_ALLOWED_CALLERS": CALLER})
@@ -158,6 +159,44 @@ def test_results_wait_while_orthanc_is_down_and_arrive_in_order_once_it_is_back(
     wait_until(lambda: _outbox(state) == [], 120, f"the outbox to empty\n{d.output()[-3000:]}")
     assert _srs_in_arrival_order(orthanc) == [derived_uid(f["event_id"], "sr") for f in flags]
     assert "takes results again" in d.output()
+    assert d.terminate() == 0
+    sub.stop()
+
+
+def test_a_study_of_several_images_gets_one_sr_at_its_close_with_its_highest_result(broker, dirs, daemons, orthanc,
+                                                                                   tmp_path):
+    watch, state = dirs
+    orthanc.start()
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    d = new_daemon(daemons, watch, state, broker.address, env=_env(orthanc, quiet=3.0)).start()
+    study = pydicom.uid.generate_uid()
+    images = [make_radiograph(tmp_path / f"img{k}.dcm", sample_pixels(i, side=256), StudyInstanceUID=study,
+                              InstanceNumber=k + 1) for k, i in enumerate((0, 4, 1))]  # routine, urgent, routine
+    for k, img in enumerate(images[:2]):
+        drop(img, watch, f"CR{k}.dcm")
+        sub.wait_flags(k + 1, timeout=60)
+    drop(images[2], watch, "CR2.dcm")
+    wait_until(lambda: [m for m in sub.of_kind("study") if m["study"]["images"] == 3], 30, "the third image counted")
+    assert _srs(orthanc) == {}  # open: nothing sent yet
+    wait_until(lambda: len(_srs(orthanc)) == 1, 60, f"the study's SR in Orthanc\n{d.output()[-3000:]}")
+    flags = sub.flags()
+    assert [f["priority"] for f in flags] == ["routine", "urgent"]
+    (uid, data), = _srs(orthanc).items()
+    assert uid == derived_uid(flags[1]["event_id"], "sr")  # the study's current result: the urgent image's
+    f = tmp_path / "study-sr.dcm"
+    f.write_bytes(data)
+    sr = pydicom.dcmread(f)
+    (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence  # every image of the study that was scored
+    assert {r.ReferencedSOPInstanceUID for s in evidence.ReferencedSeriesSequence for r in s.ReferencedSOPSequence} \
+        == {pydicom.dcmread(i).SOPInstanceUID for i in images}
+    (tier,) = [i.ConceptCodeSequence[0].CodeValue for i in _content(sr)
+               if i.ConceptNameCodeSequence[0].CodeMeaning == "Priority"]
+    assert tier == "URGENT" and sr.StudyInstanceUID == study
+    # a late routine image reopens the study; it closes again with the same result: no second SR
+    drop(make_radiograph(tmp_path / "late.dcm", sample_pixels(2, side=256), StudyInstanceUID=study), watch, "late.dcm")
+    wait_until(lambda: len([m for m in sub.of_kind("study") if m["study"]["closed"]]) == 2, 60, "the second close")
+    wait_until(lambda: _outbox(state) == [], 10, "the outbox to empty")
+    assert len(_srs(orthanc)) == 1 and len(sub.flags()) == 2
     assert d.terminate() == 0
     sub.stop()
 

@@ -125,9 +125,12 @@ def open_page(driver: webdriver.Chrome, url: str) -> None:
     wait_until(lambda: driver.execute_script("return document.body.dataset.ready === 'true'"), 15, "page ready")
 
 
-ROWS_JS = """return [...document.querySelectorAll('#rows tr')].map(tr => ({
+ROWS_JS = """const text = (tr, sel) => { const e = tr.querySelector(sel); return e ? e.textContent : null; };
+return [...document.querySelectorAll('#rows tr')].map(tr => ({
     id: tr.dataset.eventId, priority: tr.dataset.priority, cls: tr.className,
-    file: tr.querySelector('td.file').textContent, device: tr.querySelector('td.device').textContent,
+    file: text(tr, 'td.file .path, td.file .path-main'), accession: text(tr, 'td.file .acc'),
+    study: text(tr, 'td.file .study'), refused: text(tr, 'td.file .rejected-views'),
+    device: tr.querySelector('td.device').textContent,
     ttn: tr.querySelector('td.ttn').textContent, status: tr.querySelector('td.status').textContent}));"""
 
 
@@ -451,6 +454,41 @@ def test_a_file_overwritten_with_other_content_replaces_its_row(ward):
     assert wait_row(ward.page_b, name, where=lambda r: r["id"] == second["event_id"])["status"] == "open"
     assert ward.page_b.find_element(By.CSS_SELECTOR, f'tr[data-event-id="{first["event_id"]}"] button').get_attribute(
         "disabled")
+
+
+def test_a_study_of_several_images_is_one_row_that_counts_them_and_names_the_refused_view(ward, tmp_path):
+    pytest.importorskip("pydicom")
+    from dicom_helpers import make_radiograph, sample_pixels
+    from pydicom.uid import generate_uid
+
+    study = generate_uid()
+
+    def image(name: str, index: int, **tags) -> None:
+        src = make_radiograph(tmp_path / name, sample_pixels(index, side=256), StudyInstanceUID=study,
+                              AccessionNumber="ACC-STUDY7", **tags)
+        drop_bytes(src.read_bytes(), ward.export, name)
+
+    def study_rows() -> list[dict]:
+        return [r for r in page_rows(ward.page_a) if r["accession"] == "Acc. ACC-STUDY7"]
+
+    image("study7-pa.dcm", 0)  # routine
+    wait_until(lambda: [r["study"] for r in study_rows()] == ["Study · 1 image"], 30, "the study's row")
+    (first,) = study_rows()
+    image("study7-repeat.dcm", 1)  # routine again: the same row counts it, no second row
+    wait_until(lambda: [r["study"] for r in study_rows()] == ["Study · 2 images"], 30, "the count on the same row")
+    assert study_rows()[0]["id"] == first["id"] and study_rows()[0]["status"] == "open"
+    image("study7-lateral.dcm", 2, ViewPosition="LL")  # refused: named on the row, not a row of its own
+    wait_until(lambda: study_rows() and (study_rows()[0]["refused"] or "").endswith("(not-a-radiograph)"), 30,
+               "the refused view named")
+    assert len(study_rows()) == 1 and study_rows()[0]["refused"].startswith("not scored: study7-lateral.dcm")
+    image("study7-urgent.dcm", 4)  # urgent: the study's new result replaces the row
+    wait_until(lambda: len(study_rows()) == 2, 30, "the study's new result")
+    new, old = sorted(study_rows(), key=lambda r: r["id"] == first["id"])
+    assert new["priority"] == "urgent" and new["study"] == "Study · 3 images" and new["status"] == "open"
+    assert old["id"] == first["id"] and "replaced by a newer result for this study" in old["status"]
+    assert [f["file"] for f in ward.sub.flags() if f.get("accession_number") == "ACC-STUDY7"] == [
+        "study7-pa.dcm", "study7-urgent.dcm"]  # two flags for four images
+    screenshot(ward.page_a, "station-study.png")
 
 
 def test_errors_panel_shows_the_rejected_file(ward):
@@ -914,7 +952,7 @@ def test_a_heat_map_that_arrives_while_the_row_is_open_shows_at_once(ward):
             "sha256": "0" * 64, "probability": 0.93, "priority": "flag", "accession_number": "<b>A77</b>",
             "scored_at": datetime.now(timezone.utc).isoformat()}
     publish(ward.broker.address, "pneumoflag/xray-1/flags/flag", encode(flag))
-    wait_row(page, "Acc. <b>A77</b>late-map.jpeg")
+    wait_row(page, "late-map.jpeg", where=lambda r: r["accession"] == "Acc. <b>A77</b>")  # as text, not markup
     click_cell(page, flag["event_id"], "prob")
     wait_until(lambda: panel(page)["open"], 5, "the panel")
     shown = panel(page)

@@ -386,3 +386,57 @@ def test_the_daemon_and_the_station_accept_the_same_event_ids(wl, event_id, vali
             parse_ack(ack)
         with pytest.raises(BadMessage, match="event id"):
             wl.add_heatmap(event_id, "xray-1", png())
+
+
+def _study(uid: str, images: int, rejected: tuple = (), closed: bool = False) -> dict:
+    return {"uid": uid, "images": images, "rejected": [{"file": f, "reason": r} for f, r in rejected],
+            "closed": closed}
+
+
+def _news(flag_id: str | None, study: dict, device: str = "xray-1") -> dict:
+    return {"schema": "pneumoflag.study/1", "event_id": str(uuid.uuid4()), "device": device, "study": study,
+            "flag": flag_id, "priority": "routine", "at": utc_iso(T0)}
+
+
+def test_a_studys_news_updates_its_flags_row_in_place_and_an_older_copy_changes_nothing(wl):
+    uid = "1.2.826.0.1.3680043.2.1125.7"
+    payload = flag("routine", study=_study(uid, 1))
+    row = wl.add_flag(payload, "xray-1", received=T0)
+    assert row.study == _study(uid, 1)
+    two = _news(payload["event_id"], _study(uid, 2))
+    assert wl.add_study_update(two, "xray-1").study == _study(uid, 2)
+    refused = _news(payload["event_id"], _study(uid, 2, (("lat.dcm", "not-a-radiograph"),)))
+    assert wl.add_study_update(refused, "xray-1").study["rejected"] == [{"file": "lat.dcm",
+                                                                         "reason": "not-a-radiograph"}]
+    assert wl.add_study_update(two, "xray-1") is None  # delivered again after the newer one: older, ignored
+    assert wl.row(payload["event_id"]).study["rejected"]
+    closed = _news(payload["event_id"], _study(uid, 2, (("lat.dcm", "not-a-radiograph"),), closed=True))
+    assert wl.add_study_update(closed, "xray-1").study["closed"] is True
+    assert [r.event_id for r in wl.rows(now=T0)] == [payload["event_id"]]  # still one row, still open
+    assert wl.rows(now=T0)[0].ack is None and wl.rows(now=T0)[0].superseded_by is None
+
+
+def test_a_studys_news_for_a_flag_it_does_not_have_or_another_devices_is_not_stored(wl):
+    uid = "1.2.826.0.1.3680043.2.1125.8"
+    payload = flag("routine", study=_study(uid, 1))
+    wl.add_flag(payload, "xray-1", received=T0)
+    assert wl.add_study_update(_news(str(uuid.uuid4()), _study(uid, 2)), "xray-1") is None
+    assert wl.add_study_update(_news(None, _study(uid, 0, (("a.dcm", "dicom-body-part"),))), "xray-1") is None
+    other = _news(payload["event_id"], _study(uid, 5), device="xray-2")
+    assert wl.add_study_update(other, "xray-2") is None  # its flag is xray-1's
+    assert wl.row(payload["event_id"]).study == _study(uid, 1)
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda m: m.pop("study"), "'study' is missing"),
+    (lambda m: m["study"].update(rejected=[{"file": "x", "reason": "r"}] * 33), "at most 32"),
+    (lambda m: m["study"].update(closed="yes"), "'closed' must be true or false"),
+    (lambda m: m["study"].update(images=-1), "images"),
+    (lambda m: m.update(priority="panic"), "is not one of"),
+    (lambda m: m.update(flag="not an id"), "flag"),
+])
+def test_a_bad_study_update_is_refused_with_its_reason(wl, change, why):
+    msg = _news(str(uuid.uuid4()), _study("1.2.3", 1))
+    change(msg)
+    with pytest.raises(BadMessage, match=why):
+        wl.add_study_update(msg, "xray-1")

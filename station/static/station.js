@@ -139,6 +139,7 @@
     } else {
       file.append(el("span", "path-main", row.file));
     }
+    if (row.study) file.append(...studyParts(row.study));
     cells.push(file);
 
     cells.push(el("td", "device", row.device));
@@ -151,7 +152,7 @@
 
     const status = el("td", "status");
     if (row.escalation) status.append(el("span", "escalated", `escalated (${row.escalation})`));
-    if (row.superseded_by) status.append(el("span", "replaced", "replaced by a newer result for this file"));
+    if (row.superseded_by) status.append(el("span", "replaced", replacedText(row)));
     if (row.ack) {
       status.append(el("span", "ackinfo", `acknowledged by ${row.ack.by} (${row.ack.station}) at ${clock(row.ack.at)}`));
     } else if (row.superseded_by) {
@@ -173,6 +174,20 @@
     cells.push(action);
 
     tr.replaceChildren(...cells);
+  }
+
+  // a study's flag: the study's current result (the highest of its images), how many were scored, which views
+  // were refused and why, and whether the study closed (no new image for a while)
+  function studyParts(study) {
+    const n = Number(study.images);
+    const parts = [el("span", "study", `Study · ${n} image${n === 1 ? "" : "s"}${study.closed ? " · closed" : ""}`)];
+    const refused = (study.rejected || []).map((v) => `${v.file} (${v.reason})`);
+    if (refused.length) parts.push(el("span", "rejected-views", `not scored: ${refused.join(", ")}`));
+    return parts;
+  }
+
+  function replacedText(row) {
+    return row.study ? "replaced by a newer result for this study" : "replaced by a newer result for this file";
   }
 
   function renderRows() {
@@ -231,7 +246,7 @@
   function statusText(row) {
     const parts = [];
     if (row.escalation) parts.push(`escalated (${row.escalation})`);
-    if (row.superseded_by) parts.push("replaced by a newer result for this file");
+    if (row.superseded_by) parts.push(replacedText(row));
     if (row.ack) parts.push(`acknowledged by ${row.ack.by} (${row.ack.station}) at ${clock(row.ack.at)}`);
     else if (!row.superseded_by) parts.push(state.pending.has(row.event_id) ? "sending acknowledgement…" : "open");
     return parts.join(" · ");
