@@ -177,21 +177,23 @@ def _variant(data: bytes, i: int) -> bytes:
     return data + b"\0pneumoflag-bench-" + str(i).encode()
 
 
-def _proc_stat(pid: int) -> tuple[float, float]:
-    """(cpu seconds, peak RSS MB) of the daemon and its decoder worker (its children), from /proc."""
+def _proc_stat(pid: int) -> tuple[float, float, float]:
+    """(cpu seconds, peak RSS MB) of the daemon and its decoder worker (its children) together, from /proc, and
+    the children's cpu seconds alone."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = [int(c) for c in f.read().split()]
     except OSError:
         children = []
     cpu, hwm = _one_proc_stat(pid)
+    worker = 0.0
     for child in children:
         try:
             c, h = _one_proc_stat(child)
         except OSError:  # ended meanwhile
             continue
-        cpu, hwm = cpu + c, hwm + h
-    return cpu, hwm
+        cpu, hwm, worker = cpu + c, hwm + h, worker + c
+    return cpu, hwm, worker
 
 
 def _one_proc_stat(pid: int) -> tuple[float, float]:
@@ -348,7 +350,7 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
             name = f"burst-{k:04d}{files[i].suffix}"
             (staging / name).write_bytes(_variant(blobs[i], 10_000 + k))
             names.append(name)
-        cpu_before, _ = _proc_stat(proc.pid)
+        cpu_before, _, worker_before = _proc_stat(proc.pid)
         t0 = time.monotonic()
         for name in names:
             os.rename(staging / name, watch / name)
@@ -356,12 +358,13 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
         if not col.wait(names, 300):
             raise RuntimeError(f"burst: {sum(n in col.arrivals for n in names)} of {len(names)} flags in 300 s")
         t_last = max(col.arrivals[n] for n in names)
-        cpu_after, rss = _proc_stat(proc.pid)
+        cpu_after, rss, worker_after = _proc_stat(proc.pid)
         cpu_ms = (cpu_after - cpu_before) / cfg.burst * 1000.0
+        worker_ms = (worker_after - worker_before) / cfg.burst * 1000.0
         time.sleep(2.0)
-        cpu0, _ = _proc_stat(proc.pid)
+        cpu0, _, _ = _proc_stat(proc.pid)
         time.sleep(cfg.idle_seconds)
-        cpu1, _ = _proc_stat(proc.pid)
+        cpu1, _, _ = _proc_stat(proc.pid)
         steps = _final_steps(proc, col)
         return {
             "e2e_ms": _summary(e2e),
@@ -371,7 +374,10 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
                       "rename_seconds": round(t_moved - t0, 3),
                       # daemon + decoder CPU per image: what the cores allow at most is cpus / that
                       "cpu_ms_per_image": round(cpu_ms, 2),
-                      "cpu_ceiling_per_s": round((os.cpu_count() or 1) * 1000.0 / cpu_ms, 1) if cpu_ms > 0 else None},
+                      "cpu_ceiling_per_s": round((os.cpu_count() or 1) * 1000.0 / cpu_ms, 1) if cpu_ms > 0 else None,
+                      # the decoder worker's share: one process, so one core's worth at most, 1000 / that per s
+                      "worker_cpu_ms_per_image": round(worker_ms, 2),
+                      "worker_ceiling_per_s": round(1000.0 / worker_ms, 1) if worker_ms > 0 else None},
             "peak_rss_mb": round(rss, 1),
             "idle_cpu_percent": round((cpu1 - cpu0) / cfg.idle_seconds * 100.0, 2),
             "idle_seconds": cfg.idle_seconds,
@@ -539,6 +545,9 @@ def format_report(r: dict) -> str:
     if b.get("cpu_ms_per_image"):
         lines.append(f"{'  daemon + decoder CPU per image':<40}{b['cpu_ms_per_image']:>10.2f} ms  "
                      f"(the cores allow {b['cpu_ceiling_per_s']:g}/s at most)")
+    if b.get("worker_cpu_ms_per_image"):
+        lines.append(f"{'  of which the decoder worker':<40}{b['worker_cpu_ms_per_image']:>10.2f} ms  "
+                     f"(one process: {b['worker_ceiling_per_s']:g}/s at most)")
     q = r["ratios"]
     row("burst x compute p50 (cores' worth)", q["burst_x_compute"], TARGETS["burst_x_compute"], "x",
         lower_is_better=False)

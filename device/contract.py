@@ -568,6 +568,56 @@ class FlagMessage:
                    received_from=text(msg, "received_from", False, 16), study=StudyInfo.parse(msg.get("study")))
 
 
+#: the largest figure a stats message may show (a count, seconds, milliseconds): beyond it, not the daemon's
+MAX_FIGURE = 1e15
+
+
+def _figure(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= MAX_FIGURE
+
+
+@dataclass
+class StatsSummary:
+    """What a station takes of a device's stats (``Topics.stats()``, made by ``device/stats.py``): the figures of
+    its devices panel and the highest flag number the broker has taken. The rest of the message is for
+    dashboards. A figure that is not a finite number in range is left out (None), not refused: one bad figure
+    must not hide the others; ``delivered_seq`` out of range is refused (it decides what a station asks for)."""
+
+    scored: Optional[float] = None  # images scored, all priorities
+    errors: Optional[float] = None
+    queue_depth: Optional[float] = None
+    outbox: Optional[float] = None
+    uptime_s: Optional[float] = None
+    p50_ms: Optional[float] = None  # file seen -> flag queued, p50
+    delivered_seq: Optional[int] = None
+    at: Optional[float] = None  # when the device sent it (a retained copy may be old)
+
+    @classmethod
+    def parse(cls, payload: Any) -> StatsSummary:
+        msg = _object(payload, "stats")
+        out = cls(delivered_seq=integer(msg, "delivered_seq", 0, 2**53, required=False))
+        scored = msg.get("scored")
+        if isinstance(scored, dict) and all(_figure(v) for v in scored.values()) and \
+                _figure(total := sum(scored.values())):
+            out.scored = total
+        for key in ("errors", "queue_depth", "outbox", "uptime_s"):
+            if _figure(msg.get(key)):
+                setattr(out, key, msg[key])
+        latency = msg.get("latency_ms")
+        if isinstance(latency, dict) and _figure(latency.get("p50")):
+            out.p50_ms = latency["p50"]
+        try:
+            out.at = when(msg, "at")[1]
+        except ContractError:
+            out.at = None  # only dates a retained copy
+        return out
+
+    def figures(self) -> dict[str, float]:
+        """The panel's figures that the message had."""
+        return {k: v for k in ("scored", "errors", "queue_depth", "outbox", "uptime_s", "p50_ms")
+                if (v := getattr(self, k)) is not None}
+
+
 @dataclass
 class StudyUpdate:
     """A study's news that alerts nobody, on ``Topics.study()``, QoS 1: an image that did not raise its

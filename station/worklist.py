@@ -30,7 +30,8 @@ from typing import Any
 
 from pneumoflag.device import contract
 from pneumoflag.device.contract import (MAX_TEXT, PRIORITIES, AckMessage, ContractError, ErrorMessage,
-                                        EscalationMessage, FlagMessage, StudyInfo, StudyUpdate, utc_iso)
+                                        EscalationMessage, FlagMessage, StatsSummary, StudyInfo, StudyUpdate,
+                                        utc_iso)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ MAX_ROWS = 1000
 #: acks for a flag this station has not seen (it may still come) are kept this long, and at most this many
 ORPHAN_ACK_KEEP_S = 24 * 3600
 MAX_ORPHAN_ACKS = 1000
-#: the largest figure a stats message may show (a count, seconds, milliseconds): beyond it, not the daemon's
-MAX_FIGURE = 1e15
 #: heat maps: the most a payload may weigh (the daemon's are ~100-200 KB), and the PNG signature
 MAX_HEATMAP_BYTES = 2 * 1024 * 1024
 MAX_HEATMAP_SIDE = 4096  # pixels: a small file may still decompress to a huge image in the browser
@@ -139,17 +138,6 @@ MAX_JUMP = 100_000
 #: a message that does not follow the contract; logged and dropped (and still acknowledged). The contract's own
 #: error, so the field validators of ``device.contract`` raise what the station's callers catch
 BadMessage = ContractError
-
-
-def parse_time(value: Any) -> float | None:
-    """ISO 8601 within the contract's years to epoch seconds; None when absent or unreadable (a stats
-    message's ``at``, only used to date a retained copy)."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return contract.parse_when(value)
-    except ContractError:
-        return None
 
 
 def _bounded(value: Any) -> Any:
@@ -277,27 +265,6 @@ def check_png(data: bytes) -> None:
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if not (0 < width <= MAX_HEATMAP_SIDE and 0 < height <= MAX_HEATMAP_SIDE):
         raise BadMessage(f"{width}x{height} pixels, over the {MAX_HEATMAP_SIDE} pixel limit")
-
-
-def _stats_summary(payload: dict) -> dict[str, float]:
-    """The few numbers the devices panel shows; nothing else of the payload reaches the page. A figure that is
-    not a finite number in range is left out (the panel shows none), not stored."""
-    def ok(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= MAX_FIGURE
-
-    out: dict[str, float] = {}
-    scored = payload.get("scored")
-    if isinstance(scored, dict):
-        total = sum(v for v in scored.values() if ok(v))
-        if ok(total) and all(ok(v) for v in scored.values()):
-            out["scored"] = total
-    for key in ("errors", "queue_depth", "outbox", "uptime_s"):
-        if ok(payload.get(key)):
-            out[key] = payload[key]
-    latency = payload.get("latency_ms")
-    if isinstance(latency, dict) and ok(latency.get("p50")):
-        out["p50_ms"] = latency["p50"]
-    return out
 
 
 def _stored_stats(device: str, stats: str | None) -> dict[str, float]:
@@ -531,19 +498,17 @@ class Worklist:
                         (device, status, time.time() if received is None else received))
 
     def set_stats(self, device: str, payload: dict, retained: bool, received: float | None = None) -> None:
-        """A retained copy may be old: then the message's own ``at`` counts, if it is earlier."""
-        if not isinstance(payload, dict):
-            raise BadMessage("stats must be a JSON object")
-        delivered = contract.integer(payload, "delivered_seq", 0, 2**53, required=False)
+        """A retained copy may be old: then the message's own ``at`` counts, if it is earlier. Only the
+        contract's ``StatsSummary`` of the payload is stored: nothing else of it reaches the page."""
+        stats = StatsSummary.parse(payload)
         when = time.time() if received is None else received
         if retained:
-            at = parse_time(payload.get("at"))
-            when = min(when, at) if at is not None else when - 3600 * 24
+            when = min(when, stats.at) if stats.at is not None else when - 3600 * 24
         self.db.execute("INSERT INTO devices (device, stats, stats_epoch) VALUES (?,?,?) ON CONFLICT(device) "
                         "DO UPDATE SET stats = excluded.stats, stats_epoch = excluded.stats_epoch",
-                        (device, contract.dumps(_stats_summary(payload)), when))
-        if delivered:
-            self.note_delivered(device, delivered)
+                        (device, contract.dumps(stats.figures()), when))
+        if stats.delivered_seq:
+            self.note_delivered(device, stats.delivered_seq)
 
     def set_drift(self, device: str, msg: contract.DriftMessage) -> None:
         """The device's drift state as the page shows it: the state, its reason and since when (nothing else)."""

@@ -409,3 +409,25 @@ def test_the_station_reaches_the_device_only_through_the_contract_the_client_fac
             elif isinstance(node, ast.Import):
                 used |= {a.name for a in node.names if a.name.startswith("pneumoflag.device")}
     assert used == {"pneumoflag.device.contract", "pneumoflag.device.mqtt_client", "pneumoflag.device.config"}
+
+
+def test_the_stats_summary_takes_the_daemons_own_stats_and_leaves_out_bad_figures():
+    from pneumoflag.device.config import load_config
+    from pneumoflag.device.stats import Stats
+
+    stats = Stats()
+    stats.by_priority["urgent"] += 2
+    stats.by_priority["routine"] += 3
+    stats.latencies.extend([4.0, 6.0])
+    snap = json.loads(contract.encode(stats.snapshot(load_config(env={}), 1, 2, "cpu", "m 1", {"delivered_seq": 7},
+                                                     {})))
+    s = contract.StatsSummary.parse(snap)
+    assert (s.scored, s.queue_depth, s.outbox, s.p50_ms, s.delivered_seq) == (5, 1, 2, 5.0, 7)
+    assert s.at is not None and set(s.figures()) == {"scored", "errors", "queue_depth", "outbox", "uptime_s", "p50_ms"}
+    bad = contract.StatsSummary.parse({**snap, "outbox": -1, "errors": True, "scored": {"urgent": 1e16},
+                                       "at": "yesterday"})
+    assert (bad.outbox, bad.errors, bad.scored, bad.at) == (None, None, None, None) and bad.queue_depth == 1
+    with pytest.raises(contract.ContractError, match="delivered_seq"):
+        contract.StatsSummary.parse({**snap, "delivered_seq": -3})
+    with pytest.raises(contract.ContractError, match="JSON object"):
+        contract.StatsSummary.parse([snap])
