@@ -122,6 +122,26 @@ def test_a_quiet_study_closes_and_a_later_image_reopens_it_without_a_new_alert(b
     sub.stop()
 
 
+def test_a_study_open_when_the_daemon_stops_is_closed_by_the_next_run(broker, dirs, daemons, tmp_path):
+    watch, state = dirs
+    env = {"PNEUMOFLAG_DICOM_STUDY_QUIET_SECONDS": "5"}  # long enough for the first run to stop while it is open
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    first = new_daemon(daemons, watch, state, broker.address, env=env).start()
+    study = generate_uid()
+    drop(make_radiograph(tmp_path / "a.dcm", sample_pixels(URGENT[0], side=256), StudyInstanceUID=study), watch,
+         "a.dcm")
+    (flag,) = sub.wait_flags(1, timeout=60)
+    assert first.terminate() == 0
+    assert _studies(state) == [(study, 1, "urgent", 0)] and _news(sub, study) == []  # stopped while open
+    second = new_daemon(daemons, watch, state, broker.address, env=env).start()
+    wait_until(lambda: _news(sub, study), 30, "the next run to close the study")
+    (closing,) = _news(sub, study)
+    assert closing["study"]["closed"] and closing["flag"] == flag["event_id"]
+    assert _studies(state) == [(study, 1, "urgent", 1)] and len(sub.flags()) == 1  # nothing alerted again
+    assert second.terminate() == 0
+    sub.stop()
+
+
 # ----------------------------------------------------------------------------- the rules on a real state database
 
 
