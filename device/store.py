@@ -123,8 +123,8 @@ CREATE TABLE IF NOT EXISTS studies (
     images      INTEGER NOT NULL,   -- images scored
     rejected    TEXT NOT NULL,      -- JSON [{file, reason}]: its images refused (a lateral, a non-chest view)
     accession   TEXT,
-    header      BLOB,               -- the current flag's image's DICOM header and finding: its SR, at the close
-    finding     TEXT,
+    header      BLOB,               -- its scored images' DICOM headers (pacs_outbox.pack_headers), the current
+    finding     TEXT,               -- result's first, and that result's finding: its SR, at the close
     last_image  REAL NOT NULL,      -- when its newest image was journaled (wall clock: it survives a restart)
     closed_at   REAL                -- NULL while open
 );

@@ -230,6 +230,32 @@ def test_site_images_keep_ok_inverted_ones_reach_alarm_which_survives_a_restart_
 
 
 @needs_site
+def test_in_a_burst_the_alarm_comes_at_most_a_judgement_late(dirs, broker, daemons, subscribers):
+    """A burst is judged at most once a second, and at once when the daemon has no file in hand: the inverted
+    images dropped all at once bring the alarm no later than a second after the last of them is refused."""
+    watch, state = dirs
+    sub = Subscriber(broker.address, "pneumoflag/#")
+    subscribers.append(sub)
+    new_daemon(daemons, watch, state, broker.address, device_id="xray-room-2", env=SMALL).start()
+    for p in site_images(2, 12):
+        drop(p, watch)
+    sub.wait_flags(12, 30)
+    wait_until(lambda: any(m["scored"] == 12 for m in drift_messages(sub)), 15, "the drift state after 12 images")
+    assert drift_messages(sub)[-1]["state"] == "ok"
+    inverted = [png_bytes(255 - grey(p).astype(np.int16)) for p in site_images(3, 8)]
+    for i, data in enumerate(inverted):  # all at once: the daemon has the next ones in hand as it refuses each
+        write_bytes(data, watch, f"inverted-{i}.png")
+    sub.wait_errors(8, 30)
+    stated = first_alarm_refusals(20, 12)  # the refusal that brings the window to alarm
+    tipping = sorted(m.at for m in sub.where(lambda m: m.topic.endswith("/errors")))[stated - 1]
+    wait_until(lambda: any(m["state"] == "alarm" for m in drift_messages(sub)), 15, "the drift alarm")
+    (alarm, *_) = sub.where(lambda m: m.topic.endswith("/drift") and m.payload.get("state") == "alarm")
+    late = alarm.at - tipping
+    assert late < 1.0 + 0.5, f"the alarm came {late:.2f} s after refusal {stated}, which brought the window to alarm"
+    assert stated <= alarm.payload["images"] - alarm.payload["scored"] <= 8
+
+
+@needs_site
 def test_a_strong_gamma_change_reaches_alarm_through_the_daemon(dirs, broker, daemons, subscribers):
     """Radiographs the gate passes but exported with gamma 2.2: the input figures and the scores move."""
     watch, state = dirs
