@@ -196,6 +196,17 @@ def _proc_stat(pid: int) -> tuple[float, float, float]:
     return cpu, hwm, worker
 
 
+def _burst_cpu(before: tuple[float, float, float], after: tuple[float, float, float], files: int) -> dict:
+    """CPU per image over a burst (``_proc_stat`` before and after) and the rates it allows at most: the
+    daemon and its worker on every core, and the worker, one process, on one."""
+    cpu_ms = (after[0] - before[0]) / files * 1000.0
+    worker_ms = (after[2] - before[2]) / files * 1000.0
+    return {"cpu_ms_per_image": round(cpu_ms, 2),
+            "cpu_ceiling_per_s": round((os.cpu_count() or 1) * 1000.0 / cpu_ms, 1) if cpu_ms > 0 else None,
+            "worker_cpu_ms_per_image": round(worker_ms, 2),
+            "worker_ceiling_per_s": round(1000.0 / worker_ms, 1) if worker_ms > 0 else None}
+
+
 def _one_proc_stat(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
@@ -350,7 +361,7 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
             name = f"burst-{k:04d}{files[i].suffix}"
             (staging / name).write_bytes(_variant(blobs[i], 10_000 + k))
             names.append(name)
-        cpu_before, _, worker_before = _proc_stat(proc.pid)
+        before = _proc_stat(proc.pid)
         t0 = time.monotonic()
         for name in names:
             os.rename(staging / name, watch / name)
@@ -358,9 +369,7 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
         if not col.wait(names, 300):
             raise RuntimeError(f"burst: {sum(n in col.arrivals for n in names)} of {len(names)} flags in 300 s")
         t_last = max(col.arrivals[n] for n in names)
-        cpu_after, rss, worker_after = _proc_stat(proc.pid)
-        cpu_ms = (cpu_after - cpu_before) / cfg.burst * 1000.0
-        worker_ms = (worker_after - worker_before) / cfg.burst * 1000.0
+        after = _proc_stat(proc.pid)
         time.sleep(2.0)
         cpu0, _, _ = _proc_stat(proc.pid)
         time.sleep(cfg.idle_seconds)
@@ -371,14 +380,8 @@ def bench_daemon(cfg: BenchConfig, files: list[Path], broker: str, work: Path, e
             "steps_ms": steps,
             "burst": {"files": cfg.burst, "seconds": round(t_last - t0, 2),
                       "images_per_s": round(cfg.burst / (t_last - t0), 1),
-                      "rename_seconds": round(t_moved - t0, 3),
-                      # daemon + decoder CPU per image: what the cores allow at most is cpus / that
-                      "cpu_ms_per_image": round(cpu_ms, 2),
-                      "cpu_ceiling_per_s": round((os.cpu_count() or 1) * 1000.0 / cpu_ms, 1) if cpu_ms > 0 else None,
-                      # the decoder worker's share: one process, so one core's worth at most, 1000 / that per s
-                      "worker_cpu_ms_per_image": round(worker_ms, 2),
-                      "worker_ceiling_per_s": round(1000.0 / worker_ms, 1) if worker_ms > 0 else None},
-            "peak_rss_mb": round(rss, 1),
+                      "rename_seconds": round(t_moved - t0, 3), **_burst_cpu(before, after, cfg.burst)},
+            "peak_rss_mb": round(after[1], 1),
             "idle_cpu_percent": round((cpu1 - cpu0) / cfg.idle_seconds * 100.0, 2),
             "idle_seconds": cfg.idle_seconds,
         }

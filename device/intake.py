@@ -206,17 +206,14 @@ class Intake:
             msg.received_from = self._caller(job.rel)
         pacs = pacs_item(self.cfg, job.read.data, msg) if self.cfg.pacs.destinations else None
         try:
-            plan = self.studies.scored(msg, job.supersedes, pacs)
+            plan = self.studies.scored(msg, pacs)
         except StoreError as exc:
             self._store_failed(job.path, exc)
             return
-        if plan is not None and not plan.alert:
-            if not self._study_news(job, plan, msg.priority):
-                return
-        elif not self._flag(job, msg, plan, pacs):
+        if not (self._flag(job, msg, pacs) if plan is None else self._study_result(job, msg.priority, plan)):
             return
         self._arriving.pop(job.rel, None)
-        if self.heatmaps is not None and msg.priority != Priority.ROUTINE and (plan is None or plan.alert):
+        if self.heatmaps is not None and msg.priority != Priority.ROUTINE and (plan is None or plan.flag is msg):
             self.heatmaps.submit(msg.event_id, job.rel, job.read.data, d.pixels)  # the flag is queued already
         self.processed += 1
         self.stats.by_priority[msg.priority] += 1
@@ -226,16 +223,14 @@ class Intake:
         if self.drift is not None:  # after the flag is queued: no latency added to it
             self.drift.scored(p, msg.priority, d.inputs)
         log.info("%s: %s (p=%.4f, %.1f ms)%s%s", job.label, msg.priority.upper(), msg.probability, total_ms,
-                 f", supersedes {msg.supersedes}" if msg.supersedes and (plan is None or plan.alert) else "",
-                 "" if plan is None else f"; study {plan.row.uid}: image {plan.row.images}, "
-                 f"{'its new result' if plan.alert else 'its result stays ' + str(plan.row.priority).upper()}")
+                 f", supersedes {msg.supersedes}" if msg.supersedes and plan is None else "",
+                 "" if plan is None else f"; study {plan.row.uid} ({plan.row.images} scored): "
+                 + (f"{str(plan.row.priority).upper()} stays" if plan.flag is None else
+                    f"now {str(plan.row.priority).upper()}, flag {plan.flag.event_id} replaces {plan.flag.supersedes}"))
         self._archive(job.path, job.rel)
 
-    def _flag(self, job: Job, msg: FlagMessage, plan: Optional[Plan], pacs: Optional[PacsItem]) -> bool:
-        """Journal the flag and queue it (with its SR, unless its study sends one when it closes)."""
-        if plan is not None:  # the study's current result now: its SR is queued when the study closes
-            msg.study, msg.supersedes = plan.info, plan.supersedes
-            pacs = None
+    def _flag(self, job: Job, msg: FlagMessage, pacs: Optional[PacsItem]) -> bool:
+        """Journal the flag of an image without a study and queue it (with its SR, when it has one)."""
         payload = encode(msg.to_dict())
         record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, msg.written_ts,
                             job.item.seen_at, time.time())
@@ -243,16 +238,15 @@ class Intake:
         # power cut must not leave it moved out of the export folder with its result unwritten
         return self._record(job.path, job.rel, job.sha, job.read.sig, msg.priority, event_id=msg.event_id,
                             supersedes=msg.supersedes, message=(self.cfg.topics.flag(msg.priority), payload, 1),
-                            flag=record, pacs=pacs, durable=bool(self.cfg.watch.archive_dir),
-                            study=plan.row if plan is not None else None)
+                            flag=record, pacs=pacs, durable=bool(self.cfg.watch.archive_dir))
 
-    def _study_news(self, job: Job, plan: Plan, priority: str) -> bool:
-        """An image that does not raise its study's priority: journaled with the study's news, no alert."""
-        assert plan.news is not None
-        q = self.studies.queued(plan.news)
+    def _study_result(self, job: Job, priority: str, plan: Plan) -> bool:
+        """An image of a study: journaled with what it does to the study, the study's new flag or its news (its
+        SR is queued when the study closes)."""
+        q = self.studies.queued(plan)
         return self._record(job.path, job.rel, job.sha, job.read.sig, priority, event_id=q.event_id,
-                            message=(q.topic, q.payload, q.qos), durable=bool(self.cfg.watch.archive_dir),
-                            study=plan.row)
+                            supersedes=plan.flag.supersedes if plan.flag else None, message=(q.topic, q.payload, 1),
+                            flag=q.flag, durable=bool(self.cfg.watch.archive_dir), study=plan.change)
 
     def _steps(self, job: Job, infer_ms: float, journaled: float) -> None:
         add = self.stats.steps.add
@@ -327,13 +321,13 @@ class Intake:
                            sha256=sha, supersedes=supersedes)
         log.warning("rejected %s: %s", printable(rel), printable(message))
         try:
-            study = self.studies.refused(rel, reason, ids)
+            plan = self.studies.refused(rel, reason, ids)
         except StoreError as exc:
             self._store_failed(path, exc)
             return
         if self._record(path, rel, sha, sig, "error", reason=str(reason), event_id=err.event_id,
                         supersedes=supersedes, message=(self.cfg.topics.error(), encode(err.to_dict()), 1),
-                        study=study[0] if study else None, also=study[1] if study else None):
+                        study=plan.change if plan else None, also=self.studies.queued(plan) if plan else None):
             self._arriving.pop(rel, None)
             self.processed += 1
             self.stats.errors += 1

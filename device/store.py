@@ -115,20 +115,30 @@ CREATE TABLE IF NOT EXISTS pacs_outbox (
     last_error  TEXT,
     UNIQUE (event_id, destination, kind)
 );
--- one row per DICOM study (device/studies.py): its current result, what its images were, and its SR's makings
+-- one row per DICOM study (device/studies.py): its current result and its refused views
 CREATE TABLE IF NOT EXISTS studies (
     uid         TEXT PRIMARY KEY,   -- StudyInstanceUID
     flag_event  TEXT,               -- the study's current flag (NULL: none of its images scored yet)
-    priority    TEXT,               -- that flag's priority: the highest of its images'
-    images      INTEGER NOT NULL,   -- images scored
+    flag_file   TEXT,               -- the image whose result that is: the highest of its images'
+    priority    TEXT,               -- that result's priority
+    images      INTEGER NOT NULL,   -- its images scored (each file once)
     rejected    TEXT NOT NULL,      -- JSON [{file, reason}]: its images refused (a lateral, a non-chest view)
     accession   TEXT,
-    header      BLOB,               -- its scored images' DICOM headers (pacs_outbox.pack_headers), the current
-    finding     TEXT,               -- result's first, and that result's finding: its SR, at the close
     last_image  REAL NOT NULL,      -- when its newest image was journaled (wall clock: it survives a restart)
     closed_at   REAL                -- NULL while open
 );
 CREATE INDEX IF NOT EXISTS studies_open ON studies(closed_at, last_image);
+-- each scored image of a study, by file: its own result (the study's is the highest) and what its SR needs
+CREATE TABLE IF NOT EXISTS study_images (
+    uid       TEXT NOT NULL,
+    file      TEXT NOT NULL,        -- its journal key
+    priority  TEXT NOT NULL,
+    message   BLOB NOT NULL,        -- its result as a flag (JSON), published when it becomes the study's
+    header    BLOB,                 -- its DICOM header and finding, for the study's SR (pacs.destinations)
+    finding   TEXT,
+    scored_at REAL NOT NULL,
+    PRIMARY KEY (uid, file)
+);
 """
 #: columns added after the first release: (table, column, type). ``flags.study``: the StudyInstanceUID of a study's
 #: flag; ``pacs_outbox.held_for``: a heat map of an open study's result, held (that study's uid) until its close
@@ -211,28 +221,51 @@ class StudyRow:
 
     uid: str
     flag_event: Optional[str]
+    flag_file: Optional[str]
     priority: Optional[str]
     images: int
     rejected: str  # JSON
     accession: Optional[str]
-    header: Optional[bytes]
-    finding: Optional[str]
     last_image: float
     closed_at: Optional[float] = None
 
 
 #: the studies columns a :class:`StudyRow` is made of, in its field order
-STUDY_COLUMNS = "uid, flag_event, priority, images, rejected, accession, header, finding, last_image, closed_at"
+STUDY_COLUMNS = "uid, flag_event, flag_file, priority, images, rejected, accession, last_image, closed_at"
+
+
+@dataclass
+class StudyImage:
+    """One scored image of a study (the study_images table)."""
+
+    file: str
+    priority: str
+    message: bytes  # its FlagMessage as JSON
+    header: Optional[bytes]
+    finding: Optional[str]
+    scored_at: float
+
+
+@dataclass
+class StudyChange:
+    """What one image does to its study, written in that image's transaction: the study as it now stands, the
+    image's own result (``image``: scored) or its removal (``drop``: refused now)."""
+
+    row: StudyRow
+    image: Optional[StudyImage] = None
+    drop: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class Queued:
-    """A message queued in a result's own transaction beside its main one (a study's news)."""
+    """A message queued in a result's own transaction beside its main one: a study's news, or its new flag
+    (``flag``: numbered and kept in the flags table like any flag)."""
 
     event_id: str
     topic: str
     payload: bytes
     qos: int = 1
+    flag: Optional[FlagRecord] = None
 
 
 @dataclass
@@ -490,7 +523,7 @@ class Store:
         flag: Optional[FlagRecord] = None,
         durable: bool = True,
         pacs: Optional[PacsItem] = None,
-        study: Optional[StudyRow] = None,
+        study: Optional[StudyChange] = None,
         also: Optional[Queued] = None,
     ) -> Optional[int]:
         """Journal a processed file and (atomically) queue its message; returns the outbox seq.
@@ -502,9 +535,10 @@ class Store:
         A flag gets the next number of this device's flag sequence (``seq`` in its message) in the same
         transaction, so the numbers have no gaps and no repeats, whatever fails: a station that misses one
         can tell, and ask for it again (:meth:`flags_between`). ``pacs`` queues the result's SR for each PACS
-        destination in the same transaction; ``study`` writes the image's study as it now stands, and ``also``
-        queues a second message (a study's news, after the main one).
+        destination in the same transaction; ``study`` writes what the image does to its study, and ``also``
+        queues a second message (a study's news or new flag, after the main one).
         """
+        uid = study.row.uid if study is not None else None
 
         def tx(db: sqlite3.Connection) -> Optional[int]:
             nonlocal message
@@ -516,14 +550,7 @@ class Store:
             )
             db.execute("DELETE FROM in_progress WHERE path=?", (path,))
             if flag is not None:
-                seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM flags").fetchone()[0]
-                payload = numbered(flag.payload, seq)
-                db.execute(
-                    "INSERT INTO flags (event_id, path, priority, probability, payload, written_at, seen_at, "
-                    "scored_at, seq, study) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (flag.event_id, path, flag.priority, flag.probability, payload, flag.written_at,
-                     flag.seen_at, flag.scored_at, seq, study.uid if study is not None else None),
-                )
+                payload = _insert_flag(db, path, flag, uid)
                 if message is not None:  # a flag's message is the flag
                     message = (message[0], payload, message[2])
             if pacs is not None:
@@ -532,16 +559,16 @@ class Store:
                                "VALUES (?,?,?,?,?)", [(event_id, d, pacs.header, pacs.finding, now)
                                                       for d in pacs.destinations])
             if study is not None:
-                db.execute(f"INSERT OR REPLACE INTO studies ({STUDY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                           astuple(study))
+                _write_study(db, study)
             seq = None
             if message is not None:
                 topic, payload, qos = message
                 seq = db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
                                  (event_id, topic, payload, qos, time.time())).lastrowid
             if also is not None:
+                payload = _insert_flag(db, path, also.flag, uid) if also.flag is not None else also.payload
                 seq = db.execute("INSERT INTO outbox (event_id, topic, payload, qos, created) VALUES (?,?,?,?,?)",
-                                 (also.event_id, also.topic, also.payload, also.qos, time.time())).lastrowid
+                                 (also.event_id, also.topic, payload, also.qos, time.time())).lastrowid
             return seq
 
         if durable or self._wal is None:  # without a write-ahead log each commit pays its own fsync
@@ -752,6 +779,12 @@ class Store:
         row = self._read(f"SELECT {STUDY_COLUMNS} FROM studies WHERE uid=?", (uid,), one=True)
         return StudyRow(*row) if row else None
 
+    def study_images(self, uid: str) -> list[StudyImage]:
+        """The study's scored images, in the order they were scored."""
+        rows = self._read("SELECT file, priority, message, header, finding, scored_at FROM study_images WHERE uid=? "
+                          "ORDER BY scored_at, rowid", (uid,))
+        return [StudyImage(*r) for r in rows]
+
     def quiet_studies(self, before: float) -> list[StudyRow]:
         """Open studies whose newest image was journaled before ``before``, oldest first."""
         rows = self._read(f"SELECT {STUDY_COLUMNS} FROM studies WHERE closed_at IS NULL AND last_image < ? "
@@ -805,6 +838,28 @@ class Store:
         """(SOP Instance UID, path) of received instances without a journaled result, oldest first."""
         return self._read("SELECT sop_instance_uid, path FROM received r WHERE NOT EXISTS "
                           "(SELECT 1 FROM journal j WHERE j.path = r.path) ORDER BY received_at")
+
+
+def _insert_flag(db: sqlite3.Connection, path: str, flag: FlagRecord, study: Optional[str]) -> bytes:
+    """Keep a flag in the flags table under the next number of the device's sequence; its payload, numbered."""
+    seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM flags").fetchone()[0]
+    payload = numbered(flag.payload, seq)
+    db.execute("INSERT INTO flags (event_id, path, priority, probability, payload, written_at, seen_at, scored_at, "
+               "seq, study) VALUES (?,?,?,?,?,?,?,?,?,?)",
+               (flag.event_id, path, flag.priority, flag.probability, payload, flag.written_at, flag.seen_at,
+                flag.scored_at, seq, study))
+    return payload
+
+
+def _write_study(db: sqlite3.Connection, change: StudyChange) -> None:
+    db.execute(f"INSERT OR REPLACE INTO studies ({STUDY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", astuple(change.row))
+    if change.image is not None:
+        i = change.image
+        db.execute("INSERT OR REPLACE INTO study_images (uid, file, priority, message, header, finding, scored_at) "
+                   "VALUES (?,?,?,?,?,?,?)", (change.row.uid, i.file, i.priority, i.message, i.header, i.finding,
+                                              i.scored_at))
+    if change.drop is not None:
+        db.execute("DELETE FROM study_images WHERE uid=? AND file=?", (change.row.uid, change.drop))
 
 
 def numbered(payload: bytes, seq: int) -> bytes:

@@ -1,25 +1,29 @@
 """One result per study: the images of one StudyInstanceUID (a PA and a lateral, a repeat exposure) give one
 current study result, which a nurse is alerted to once and which goes back to PACS once.
 
-The rules, decided on the scoring thread and journaled in the image's own transaction (``Intake``):
+The study's result is the highest of its scored images' results (each file counted once, its latest result;
+on a tie, the one that already is the study's, else the first scored). The rules, decided on the scoring
+thread and journaled in the image's own transaction (``Intake``):
 
-- the first scored image of a study publishes its flag, carrying ``study`` (its uid, the images scored, the
-  views refused, open or closed);
-- a later image whose priority is higher than the study's publishes a new flag that ``supersedes`` the study's
-  current one (a station shows the old row replaced, and alerts for the new one);
-- a later image that does not raise it publishes a :class:`~pneumoflag.device.contract.StudyUpdate` on
+- the study's first scored image publishes its flag, carrying ``study`` (its uid, the images scored, the views
+  refused, open or closed);
+- an image that changes the study's priority publishes a new flag for the study, the result of its highest
+  image, that ``supersedes`` the study's current flag: a later image that raises it, and also a re-export of
+  the image behind the result that lowers it or is now refused (then the next highest image's result is the
+  study's, or, with none left, the image's error replaces the flag as for any file);
+- an image that does not change it publishes a :class:`~pneumoflag.device.contract.StudyUpdate` on
   ``…/studies``: the new count, no alert, no acknowledgement cleared;
 - an image of the study that is refused (a lateral, a non-chest view, a failed gate) is named in the study's
-  ``rejected`` list and announced the same way; its error message goes out as for any file;
-- a new result for the very image that made the study's current one (a re-export with other pixels) replaces
-  it, raised or not;
+  ``rejected`` list (at most :data:`~pneumoflag.device.contract.MAX_REJECTED`, each name at most
+  :data:`MAX_NAME` characters, so that a study flag always fits the contract's size) and announced the same
+  way; its error message goes out as for any file;
 - after ``dicom.study_quiet_seconds`` without a new image the study closes: a study update that says so, and
   its SR queued for every PACS destination (``device/pacs_outbox.py``) in the same transaction. The SR reports
-  the study's current result and references every image of it that was scored (the one that made the result
-  first; at most ``MAX_SR_IMAGES``). A later image reopens the study; its next
-  close queues an SR only when the result changed (the outbox is keyed by the result's event id).
+  the study's result and references every scored image of it (that result's image first; at most
+  ``MAX_SR_IMAGES``). A later image reopens the study; its next close queues an SR only when the study's flag
+  changed (the outbox is keyed by the flag's event id).
 
-A JPEG or PNG, or a DICOM image without a valid StudyInstanceUID, has no study: its flag is its own, as before.
+A JPEG or PNG, or a DICOM image without a valid StudyInstanceUID, has no study: its flag is its own.
 """
 from __future__ import annotations
 
@@ -30,13 +34,16 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from .config import Config
-from .contract import MAX_REJECTED, FlagMessage, RejectedView, StudyInfo, StudyUpdate, encode
+from .contract import MAX_REJECTED, FlagMessage, RejectedView, StudyInfo, StudyUpdate, encode, loads, new_event_id
 from .dicom import is_uid
-from .pacs_outbox import MAX_SR_IMAGES, pack_headers, unpack_headers
-from .store import PacsItem, Queued, Store, StudyRow
+from .pacs_outbox import MAX_SR_IMAGES, pack_headers
+from .store import FlagRecord, PacsItem, Queued, Store, StudyChange, StudyImage, StudyRow
 from .vocab import PRIORITIES
 
 log = logging.getLogger(__name__)
+
+#: the longest refused file name a study names (its end, where the file's own name is)
+MAX_NAME = 120
 
 
 def study_uid(ids: Optional[dict[str, str]]) -> Optional[str]:
@@ -47,13 +54,15 @@ def study_uid(ids: Optional[dict[str, str]]) -> Optional[str]:
 
 @dataclass
 class Plan:
-    """What one scored image of a study does: publish ``flag`` fields (``alert``), or ``news`` only."""
+    """What one image does to its study: a new study flag (``flag``), or the study's ``news`` only."""
 
-    row: StudyRow  # the study as it stands with this image, written in the image's transaction
-    info: StudyInfo
-    alert: bool
-    supersedes: Optional[str] = None  # the flag the new study flag replaces (alert only)
-    news: Optional[StudyUpdate] = None  # no alert: the study's news instead
+    change: StudyChange  # written in the image's transaction
+    flag: Optional[FlagMessage] = None  # the study's new result (this image's, or another image's again)
+    news: Optional[StudyUpdate] = None
+
+    @property
+    def row(self) -> StudyRow:
+        return self.change.row
 
 
 class Studies:
@@ -63,61 +72,78 @@ class Studies:
         self.quiet = float(cfg.dicom.study_quiet_seconds)
 
     # ------------------------------------------------------------------ an image of a study
-    def scored(self, msg: FlagMessage, path_prev: Optional[str], pacs: Optional[PacsItem] = None) -> Optional[Plan]:
-        """The study's plan for a scored image (None: no study); ``path_prev`` is the last result for its path,
-        ``pacs`` what its SR would be made of (``pacs_item``). Raises
-        :class:`~pneumoflag.device.store.StoreError` when the study cannot be read."""
+    def scored(self, msg: FlagMessage, pacs: Optional[PacsItem] = None) -> Optional[Plan]:
+        """The study's plan for a scored image (None: no study); ``pacs``: what its SR needs (``pacs_item``).
+        Raises :class:`~pneumoflag.device.store.StoreError` when the study cannot be read."""
         uid = study_uid(msg.dicom)
         if uid is None:
             return None
         row = self._opened(uid, msg.dicom)
-        row.images += 1
-        row.rejected = _without(row.rejected, msg.file)  # a refused view now scored is no longer refused
-        alert = (row.flag_event is None or path_prev == row.flag_event
-                 or PRIORITIES.index(msg.priority) < PRIORITIES.index(row.priority or PRIORITIES[-1]))
-        supersedes = (row.flag_event or path_prev) if alert else None
-        if alert:
-            row.flag_event, row.priority = msg.event_id, msg.priority
-            row.finding = pacs.finding if pacs is not None else None  # an image without its header: no SR
-        if pacs is not None:
-            row.header = _with_header(row.header, pacs.header, first=alert)
-        info = self.info(row)
-        if alert:
-            return Plan(row, info, True, supersedes=supersedes)
-        return Plan(row, info, False, news=self._news(row, info))
+        row.rejected = json.dumps([v for v in json.loads(row.rejected) if v["file"] != _name(msg.file)])
+        image = StudyImage(msg.file, msg.priority, encode(msg.to_dict()), pacs.header if pacs else None,
+                           pacs.finding if pacs else None, time.time())
+        images = [i for i in self.store.study_images(uid) if i.file != msg.file] + [image]
+        return self._settle(StudyChange(row, image=image), images, msg)
 
-    def refused(self, file: str, reason: str, ids: Optional[dict[str, str]]) -> Optional[tuple[StudyRow, Queued]]:
-        """A refused image of a study: the study naming it, and its news (None: the image has no study)."""
+    def refused(self, file: str, reason: str, ids: Optional[dict[str, str]]) -> Optional[Plan]:
+        """A refused image of a study, named in it (None: the image has no study). A scored image refused now
+        (a re-export) no longer counts: the study's result may fall to its next highest image."""
         uid = study_uid(ids)
         if uid is None:
             return None
         row = self._opened(uid, ids)
-        views = [v for v in json.loads(row.rejected) if v.get("file") != file]
+        views = [v for v in json.loads(row.rejected) if v["file"] != _name(file)]
         if len(views) < MAX_REJECTED:  # beyond that the journal alone has them
-            views.append({"file": file, "reason": str(reason)})
+            views.append({"file": _name(file), "reason": str(reason)[:64]})
         row.rejected = json.dumps(views)
-        news = self._news(row, self.info(row))
-        return row, self.queued(news)
+        images = [i for i in self.store.study_images(uid) if i.file != file]
+        return self._settle(StudyChange(row, drop=file), images, None)
+
+    def _settle(self, change: StudyChange, images: list[StudyImage], this: Optional[FlagMessage]) -> Plan:
+        """The study's result from its images now: a new flag when its priority changed, else its news."""
+        row = change.row
+        row.images = len(images)
+        best = min(images, key=lambda i: (PRIORITIES.index(i.priority), i.file != row.flag_file), default=None)
+        if best is None:  # none of its images counts (any more): no result; an error replaces the old flag
+            row.flag_event = row.flag_file = row.priority = None
+            return Plan(change, news=self._news(row))
+        row.flag_file = best.file
+        if row.flag_event is not None and best.priority == row.priority:
+            return Plan(change, news=self._news(row))
+        if this is not None and best.file == this.file:
+            flag = this  # this image's own result (it supersedes what the intake set: its path's last result)
+            flag.supersedes = row.flag_event or flag.supersedes
+        else:  # another image's result becomes the study's again, as a new flag
+            flag = replace(FlagMessage.parse(loads(best.message)), event_id=new_event_id(), supersedes=row.flag_event)
+        row.flag_event, row.priority = flag.event_id, best.priority
+        flag.study = self.info(row)
+        return Plan(change, flag=flag)
 
     def _opened(self, uid: str, ids: Optional[dict[str, str]]) -> StudyRow:
         """The study with a new image: a copy of its row, open, stamped now (a new row for a new study)."""
         old = self.store.study(uid)
         now = time.time()
         if old is None:
-            return StudyRow(uid, None, None, 0, "[]", (ids or {}).get("accession_number"), None, None, now)
+            return StudyRow(uid, None, None, None, 0, "[]", (ids or {}).get("accession_number"), now)
         return replace(old, closed_at=None, last_image=now)
 
     def info(self, row: StudyRow) -> StudyInfo:
         views = [RejectedView(file=v["file"], reason=v["reason"]) for v in json.loads(row.rejected)]
         return StudyInfo(uid=row.uid, images=row.images, rejected=views, closed=row.closed_at is not None)
 
-    def _news(self, row: StudyRow, info: StudyInfo) -> StudyUpdate:
-        return StudyUpdate(device=self.cfg.mqtt.device_id, study=info, flag=row.flag_event, priority=row.priority,
-                           accession_number=row.accession)
+    def _news(self, row: StudyRow) -> StudyUpdate:
+        return StudyUpdate(device=self.cfg.mqtt.device_id, study=self.info(row), flag=row.flag_event,
+                           priority=row.priority, accession_number=row.accession)
 
-    def queued(self, news: StudyUpdate) -> Queued:
-        """A study update as the outbox takes it."""
-        return Queued(news.event_id, self.cfg.topics.study(), encode(news.to_dict()), 1)
+    def queued(self, plan: Plan) -> Queued:
+        """The plan's message as the outbox takes it: the study's news, or its new flag (with its flag record)."""
+        if plan.flag is None:
+            assert plan.news is not None
+            return Queued(plan.news.event_id, self.cfg.topics.study(), encode(plan.news.to_dict()), 1)
+        f = plan.flag
+        payload = encode(f.to_dict())
+        return Queued(f.event_id, self.cfg.topics.flag(f.priority), payload, 1,
+                      FlagRecord(f.event_id, f.priority, f.probability, payload, f.written_ts, None, time.time()))
 
     # ------------------------------------------------------------------ the close
     def close_quiet(self, now: Optional[float] = None) -> int:
@@ -128,24 +154,27 @@ class Studies:
         closed = 0
         for row in self.store.quiet_studies(now - self.quiet):
             done = replace(row, closed_at=now)
-            pacs = None
-            if self.cfg.pacs.destinations and row.header is not None and row.finding is not None:
-                pacs = PacsItem(row.header, row.finding, tuple(self.cfg.pacs.destinations))
-            if self.store.close_study(row, self.queued(self._news(done, self.info(done))), pacs):
+            pacs = self._sr(row) if self.cfg.pacs.destinations else None
+            news = self._news(done)
+            if self.store.close_study(row, Queued(news.event_id, self.cfg.topics.study(), encode(news.to_dict())),
+                                      pacs):
                 closed += 1
                 log.info("study %s closed: %d image%s scored, %s%s", row.uid, row.images,
                          "" if row.images == 1 else "s", (row.priority or "none scored").upper(),
                          "; its SR queued for PACS" if pacs else "")
         return closed
 
+    def _sr(self, row: StudyRow) -> Optional[PacsItem]:
+        """What the study's SR is made of: the headers of its scored images (its result's first) and that
+        result's finding; None when the result's image has none (no DICOM identity: it gets no SR)."""
+        images = self.store.study_images(row.uid)
+        best = next((i for i in images if i.file == row.flag_file), None)
+        if best is None or best.header is None or best.finding is None:
+            return None
+        headers = [best.header] + [i.header for i in images if i is not best and i.header is not None]
+        return PacsItem(pack_headers(headers[:MAX_SR_IMAGES]), best.finding, tuple(self.cfg.pacs.destinations))
 
-def _with_header(packed: Optional[bytes], header: bytes, first: bool) -> bytes:
-    """The study's scored images' headers with this one: first when its result is the study's (the SR copies the
-    identity of the first), else last; at most :data:`MAX_SR_IMAGES`, the same image once."""
-    headers = [h for h in (unpack_headers(packed) if packed else []) if h != header]
-    headers = [header, *headers] if first else [*headers, header]
-    return pack_headers(headers[:MAX_SR_IMAGES])
 
-
-def _without(rejected: str, file: str) -> str:
-    return json.dumps([v for v in json.loads(rejected) if v.get("file") != file])
+def _name(file: str) -> str:
+    """A refused file's name as its study names it: the end of a long path, marked as cut."""
+    return file if len(file) <= MAX_NAME else "…" + file[-(MAX_NAME - 1):]

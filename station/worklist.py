@@ -103,6 +103,17 @@ CREATE TABLE IF NOT EXISTS sequence (
     high INTEGER NOT NULL,
     gaps TEXT NOT NULL
 );
+-- the newest news of each study flag (device/studies.py): the count, refused views, closed; it may come before its
+-- flag (a flag sent again after a gap), so it is kept on its own and joined, as acks are
+CREATE TABLE IF NOT EXISTS study_news (
+    event_id TEXT NOT NULL,  -- the study's flag
+    device TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    study TEXT NOT NULL,     -- JSON: uid, images, rejected, closed
+    at REAL NOT NULL,        -- when the device said it: a copy delivered again later is older
+    received_epoch REAL NOT NULL,
+    PRIMARY KEY (event_id, device)
+);
 CREATE TABLE IF NOT EXISTS heatmaps (
     event_id TEXT PRIMARY KEY,
     device TEXT NOT NULL,
@@ -222,7 +233,8 @@ SELECT f.event_id, f.device, f.priority, f.probability, f.file, f.accession_numb
                 (SELECT e.event_id FROM errors e WHERE e.supersedes = f.event_id LIMIT 1)) AS superseded_by,
        f.rank,
        EXISTS (SELECT 1 FROM heatmaps h WHERE h.event_id = f.event_id) AS heatmap,
-       f.study
+       f.study,
+       (SELECT n.study FROM study_news n WHERE n.event_id = f.event_id AND n.device = f.device) AS news
 FROM flags f
 LEFT JOIN (SELECT k.event_id, k.by_name, k.station, MIN(k.at) AS at, k.received_epoch FROM acks k
            JOIN flags g ON g.event_id = k.event_id AND (k.device IS NULL OR k.device = g.device)
@@ -236,7 +248,17 @@ def _row(r: tuple) -> Row:
     return Row(event_id=r[0], device=r[1], priority=r[2], probability=r[3], file=r[4], accession_number=r[5],
                written_at=r[6], scored_at=r[7], received_at=r[8], ttn_s=r[9], sort_at=utc_iso(r[10]),
                escalation=r[11], max_escalations=r[12], escalated_at=r[13], ack=ack, superseded_by=r[18],
-               heatmap=bool(r[20]), study=contract.loads(r[21]) if r[21] else None)
+               heatmap=bool(r[20]), study=_study_of(r[21], r[22]))
+
+
+def _study_of(flag_study: str | None, news: str | None) -> dict[str, Any] | None:
+    """The flag's study as its newest news has it (news for another study, or for a flag without one, is not
+    taken)."""
+    if not flag_study:
+        return None
+    study = contract.loads(flag_study)
+    newer = contract.loads(news) if news else None
+    return newer if newer and newer.get("uid") == study.get("uid") else study
 
 
 def _valid_row(r: tuple) -> Row | None:
@@ -290,6 +312,12 @@ def _stored_drift(device: str, drift: str | None) -> dict[str, str] | None:
         log.warning("skipped the stored drift state of %s that no longer validates: %s", device[:80], exc)
         return None
     return value if isinstance(value, dict) else None
+
+
+def _progress(study: dict[str, Any]) -> tuple[int, bool]:
+    """How far a study's news is, for two with the same time: its images and refused views count up, then it
+    closes."""
+    return int(study.get("images", 0)) + len(study.get("rejected", [])), bool(study.get("closed"))
 
 
 def _study_json(study: StudyInfo | None) -> str | None:
@@ -461,23 +489,31 @@ class Worklist:
         assert row is not None
         return row
 
-    def add_study_update(self, payload: dict, topic_device: str) -> Row | None:
-        """A study's news (an image that did not raise it, a refused view, its close): the row of its flag
-        changes in place, no new row, no alert; None when this station does not have that flag, or the news is
-        older than what the row shows (MQTT may deliver a copy again later: the counts only grow)."""
+    def add_study_update(self, payload: dict, topic_device: str, received: float | None = None) -> Row | None:
+        """A study's news (an image that did not change its result, a refused view, its close): the row of its
+        flag changes in place, no new row, no alert. Kept by its flag, the newest by the device's own ``at``
+        (a copy delivered again later changes nothing), also before the flag is here (it is joined when the flag
+        comes); None when there is no row to show yet, or the news is older than what is kept."""
         msg = StudyUpdate.parse(payload, topic_device)
         if msg.flag is None:
             return None  # none of its images scored yet: no row to show it on
-        r = self.db.execute("SELECT study FROM flags WHERE event_id = ? AND device = ?",
-                            (msg.flag, msg.device)).fetchone()
-        if r is None:
+        flag = self.db.execute("SELECT study FROM flags WHERE event_id = ? AND device = ?",
+                               (msg.flag, msg.device)).fetchone()
+        if flag is not None:
+            if not flag[0]:
+                raise BadMessage(f"study news for {msg.flag}, a flag without a study")
+            if contract.loads(flag[0]).get("uid") != msg.study.uid:
+                raise BadMessage(f"study news for {msg.flag} names study {msg.study.uid[:80]}, not the flag's")
+        at = contract.parse_when(msg.at) if msg.at else 0.0
+        kept = self.db.execute("SELECT at, study FROM study_news WHERE event_id = ? AND device = ?",
+                               (msg.flag, msg.device)).fetchone()
+        if kept is not None and (kept[0], *_progress(contract.loads(kept[1]))) > (at, *_progress(asdict(msg.study))):
             return None
-        shown = contract.loads(r[0]) if r[0] else None
-        if shown and (msg.study.images, len(msg.study.rejected)) < (shown.get("images", 0),
-                                                                    len(shown.get("rejected", []))):
-            return None
-        self.db.execute("UPDATE flags SET study = ? WHERE event_id = ?", (_study_json(msg.study), msg.flag))
-        return self.row(msg.flag)
+        now = time.time() if received is None else received
+        self.db.execute("INSERT OR REPLACE INTO study_news (event_id, device, uid, study, at, received_epoch) "
+                        "VALUES (?,?,?,?,?,?)", (msg.flag, msg.device, msg.study.uid, _study_json(msg.study), at, now))
+        self._prune_flagless("study_news", now - ORPHAN_ACK_KEEP_S, MAX_ORPHAN_ACKS)
+        return self.row(msg.flag) if flag is not None else None
 
     def add_error(self, payload: dict, topic_device: str, received: float | None = None) -> ErrorRow | None:
         msg = ErrorMessage.parse(payload, topic_device)

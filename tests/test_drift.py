@@ -229,18 +229,25 @@ def test_site_images_keep_ok_inverted_ones_reach_alarm_which_survives_a_restart_
     assert (plots / "drift_logits.png").stat().st_size > 1000
 
 
-@needs_site
-def test_in_a_burst_the_alarm_comes_at_most_a_judgement_late(dirs, broker, daemons, subscribers):
-    """A burst is judged at most once a second, and at once when the daemon has no file in hand: the inverted
-    images dropped all at once bring the alarm no later than a second after the last of them is refused."""
+def _site_phase(dirs, broker, daemons, subscribers, offset: int, n: int) -> Subscriber:
+    """A daemon (window 20) that has scored ``n`` site images from ``offset``; its subscriber."""
     watch, state = dirs
     sub = Subscriber(broker.address, "pneumoflag/#")
     subscribers.append(sub)
     new_daemon(daemons, watch, state, broker.address, device_id="xray-room-2", env=SMALL).start()
-    for p in site_images(2, 12):
+    for p in site_images(offset, n):
         drop(p, watch)
-    sub.wait_flags(12, 30)
-    wait_until(lambda: any(m["scored"] == 12 for m in drift_messages(sub)), 15, "the drift state after 12 images")
+    sub.wait_flags(n, 30)
+    wait_until(lambda: any(m["scored"] == n for m in drift_messages(sub)), 15, f"the drift state after {n} images")
+    return sub
+
+
+@needs_site
+def test_in_a_burst_the_alarm_comes_at_most_a_judgement_late(dirs, broker, daemons, subscribers):
+    """A burst is judged at most once a second, and at once when the daemon has no file in hand: inverted
+    images dropped all at once bring the alarm within a second of the refusal that brings the window to it."""
+    watch, _ = dirs
+    sub = _site_phase(dirs, broker, daemons, subscribers, 2, 12)
     assert drift_messages(sub)[-1]["state"] == "ok"
     inverted = [png_bytes(255 - grey(p).astype(np.int16)) for p in site_images(3, 8)]
     for i, data in enumerate(inverted):  # all at once: the daemon has the next ones in hand as it refuses each
@@ -258,14 +265,8 @@ def test_in_a_burst_the_alarm_comes_at_most_a_judgement_late(dirs, broker, daemo
 @needs_site
 def test_a_strong_gamma_change_reaches_alarm_through_the_daemon(dirs, broker, daemons, subscribers):
     """Radiographs the gate passes but exported with gamma 2.2: the input figures and the scores move."""
-    watch, state = dirs
-    sub = Subscriber(broker.address, "pneumoflag/#")
-    subscribers.append(sub)
-    new_daemon(daemons, watch, state, broker.address, device_id="xray-room-2", env=SMALL).start()
-    for p in site_images(0, 20):
-        drop(p, watch)
-    sub.wait_flags(20, 30)
-    wait_until(lambda: any(m["scored"] == 20 for m in drift_messages(sub)), 15, "the drift state after 20 images")
+    watch, _ = dirs
+    sub = _site_phase(dirs, broker, daemons, subscribers, 0, 20)
     site_phase = drift_messages(sub)
     assert all(m["state"] in ("ok", "unknown") for m in site_phase), [m["reason"] for m in site_phase]
     assert site_phase[-1]["state"] == "ok"

@@ -393,9 +393,9 @@ def _study(uid: str, images: int, rejected: tuple = (), closed: bool = False) ->
             "closed": closed}
 
 
-def _news(flag_id: str | None, study: dict, device: str = "xray-1") -> dict:
+def _news(flag_id: str | None, study: dict, device: str = "xray-1", at: float = T0) -> dict:
     return {"schema": "pneumoflag.study/1", "event_id": str(uuid.uuid4()), "device": device, "study": study,
-            "flag": flag_id, "priority": "routine", "at": utc_iso(T0)}
+            "flag": flag_id, "priority": "routine", "at": utc_iso(at)}
 
 
 def test_a_studys_news_updates_its_flags_row_in_place_and_an_older_copy_changes_nothing(wl):
@@ -403,28 +403,50 @@ def test_a_studys_news_updates_its_flags_row_in_place_and_an_older_copy_changes_
     payload = flag("routine", study=_study(uid, 1))
     row = wl.add_flag(payload, "xray-1", received=T0)
     assert row.study == _study(uid, 1)
-    two = _news(payload["event_id"], _study(uid, 2))
+    two = _news(payload["event_id"], _study(uid, 2), at=T0 + 1)
     assert wl.add_study_update(two, "xray-1").study == _study(uid, 2)
-    refused = _news(payload["event_id"], _study(uid, 2, (("lat.dcm", "not-a-radiograph"),)))
+    refused = _news(payload["event_id"], _study(uid, 2, (("lat.dcm", "not-a-radiograph"),)), at=T0 + 2)
     assert wl.add_study_update(refused, "xray-1").study["rejected"] == [{"file": "lat.dcm",
                                                                          "reason": "not-a-radiograph"}]
     assert wl.add_study_update(two, "xray-1") is None  # delivered again after the newer one: older, ignored
-    assert wl.row(payload["event_id"]).study["rejected"]
-    closed = _news(payload["event_id"], _study(uid, 2, (("lat.dcm", "not-a-radiograph"),), closed=True))
+    closed = _news(payload["event_id"], _study(uid, 2, (("lat.dcm", "not-a-radiograph"),), closed=True), at=T0 + 3)
     assert wl.add_study_update(closed, "xray-1").study["closed"] is True
+    assert wl.add_study_update(refused, "xray-1") is None  # the open one again, with the same counts: older
+    assert wl.row(payload["event_id"]).study["closed"] is True
+    hostile = _news(payload["event_id"], _study(uid, 10**6), at=T0 + 3.5)
+    wl.add_study_update(hostile, "xray-1")  # a count no device has: the next genuine news still counts
+    genuine = _news(payload["event_id"], _study(uid, 3, closed=True), at=T0 + 4)
+    assert wl.add_study_update(genuine, "xray-1").study["images"] == 3
     assert [r.event_id for r in wl.rows(now=T0)] == [payload["event_id"]]  # still one row, still open
     assert wl.rows(now=T0)[0].ack is None and wl.rows(now=T0)[0].superseded_by is None
 
 
-def test_a_studys_news_for_a_flag_it_does_not_have_or_another_devices_is_not_stored(wl):
+def test_a_studys_news_that_comes_before_its_flag_is_shown_when_the_flag_comes(wl):
+    uid = "1.2.826.0.1.3680043.2.1125.17"
+    payload = flag("routine", study=_study(uid, 1))
+    early = _news(payload["event_id"], _study(uid, 2, closed=True), at=T0 + 5)
+    assert wl.add_study_update(early, "xray-1") is None  # no row to show it on yet: kept
+    assert wl.add_flag(payload, "xray-1", received=T0 + 6).study == _study(uid, 2, closed=True)
+
+
+def test_a_studys_news_for_another_study_or_a_flag_without_one_is_refused(wl):
     uid = "1.2.826.0.1.3680043.2.1125.8"
     payload = flag("routine", study=_study(uid, 1))
     wl.add_flag(payload, "xray-1", received=T0)
-    assert wl.add_study_update(_news(str(uuid.uuid4()), _study(uid, 2)), "xray-1") is None
+    with pytest.raises(BadMessage, match="not the flag's"):
+        wl.add_study_update(_news(payload["event_id"], _study("9.9.9", 5)), "xray-1")
+    plain = flag("urgent")  # a JPEG's flag: no study
+    wl.add_flag(plain, "xray-1", received=T0)
+    with pytest.raises(BadMessage, match="without a study"):
+        wl.add_study_update(_news(plain["event_id"], _study(uid, 3, (("<b>x</b>", "x"),))), "xray-1")
+    assert wl.row(plain["event_id"]).study is None and wl.row(payload["event_id"]).study == _study(uid, 1)
     assert wl.add_study_update(_news(None, _study(uid, 0, (("a.dcm", "dicom-body-part"),))), "xray-1") is None
     other = _news(payload["event_id"], _study(uid, 5), device="xray-2")
-    assert wl.add_study_update(other, "xray-2") is None  # its flag is xray-1's
+    assert wl.add_study_update(other, "xray-2") is None  # its flag is xray-1's: kept apart, never shown on it
     assert wl.row(payload["event_id"]).study == _study(uid, 1)
+    early = _news(str(uuid.uuid4()), _study("1.2.3", 4))
+    wl.add_study_update(early, "xray-1")  # news whose flag never comes is kept a day, at most 1,000 of them
+    assert wl._prune_flagless("study_news", T0 + 10**9, 1000) >= 1
 
 
 @pytest.mark.parametrize("change, why", [

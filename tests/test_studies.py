@@ -4,6 +4,7 @@ views named, a close after ``dicom.study_quiet_seconds`` and a reopen after it."
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from pydicom.uid import generate_uid
 from dicom_helpers import make_radiograph, require_tools, sample_pixels, storescu
 from mqtt_helpers import Subscriber, drop, free_port, new_daemon, wait_until
 from pneumoflag.device.config import load_config
-from pneumoflag.device.contract import MAX_REJECTED, FlagMessage
-from pneumoflag.device.store import UNSTATABLE, Store
+from pneumoflag.device.contract import MAX_MESSAGE_BYTES, MAX_REJECTED, FlagMessage, loads
+from pneumoflag.device.pacs_outbox import MAX_SR_IMAGES, unpack_headers
+from pneumoflag.device.store import UNSTATABLE, PacsItem, Store
 from pneumoflag.device.studies import Studies
 
 CALLER = "CR_ROOM2"
@@ -145,8 +147,8 @@ def test_a_study_open_when_the_daemon_stops_is_closed_by_the_next_run(broker, di
 # ----------------------------------------------------------------------------- the rules on a real state database
 
 
-def _flag(uid: str, priority: str, file: str) -> FlagMessage:
-    return FlagMessage(device="xray-1", file=file, sha256=None, probability=0.5, priority=priority, thresholds=None,
+def _flag(uid: str, priority: str, file: str, p: float = 0.5) -> FlagMessage:
+    return FlagMessage(device="xray-1", file=file, sha256=None, probability=p, priority=priority, thresholds=None,
                        model=None, accelerator=None, timings_ms=None, dicom={"study_instance_uid": uid})
 
 
@@ -159,87 +161,132 @@ def rules(tmp_path):
     store.close()
 
 
-def _journal(store, plan, file: str) -> None:
-    store.record(file, None, UNSTATABLE, "routine", study=plan.row)
+def _pacs(name: str, priority: str) -> PacsItem:
+    return PacsItem(name.encode(), f'{{"priority": "{priority}"}}', ("PACS@127.0.0.1:104",))
 
 
-def test_only_a_higher_priority_or_a_new_result_for_the_same_image_replaces_the_studys_flag(rules):
+def _score(rules, uid: str, priority: str, file: str, p: float = 0.5):
+    """Score ``file`` and journal what it does to its study, as the intake does (its header: the file's name)."""
     studies, store = rules
+    plan = studies.scored(_flag(uid, priority, file, p), _pacs(file, priority))
+    q = studies.queued(plan)
+    store.record(file, None, UNSTATABLE, priority, event_id=q.event_id, message=(q.topic, q.payload, 1), flag=q.flag,
+                 study=plan.change)
+    return plan
+
+
+def _refuse(rules, uid: str, file: str, reason: str = "not-a-radiograph"):
+    studies, store = rules
+    plan = studies.refused(file, reason, {"study_instance_uid": uid})
+    store.record(file, None, UNSTATABLE, "error", study=plan.change, also=studies.queued(plan))
+    return plan
+
+
+def test_only_a_change_of_the_highest_priority_gives_the_study_a_new_flag(rules):
     uid = "1.2.826.0.1.3680043.2.1125.9"
-    first = _flag(uid, "flag", "a.dcm")
-    plan = studies.scored(first, None)
-    assert plan.alert and plan.supersedes is None and plan.info.images == 1
-    _journal(store, plan, "a.dcm")
+    first = _score(rules, uid, "flag", "a.dcm")
+    assert first.flag is not None and first.flag.supersedes is None and first.flag.study.images == 1
     for priority in ("routine", "flag"):  # lower, or the same: news
-        plan = studies.scored(_flag(uid, priority, f"{priority}.dcm"), None)
-        assert not plan.alert and plan.news.flag == first.event_id and plan.news.priority == "flag"
-        _journal(store, plan, f"{priority}.dcm")
-    again = _flag(uid, "routine", "a.dcm")  # the image that made the result, exported again, lower
-    plan = studies.scored(again, first.event_id)
-    assert plan.alert and plan.supersedes == first.event_id and plan.row.priority == "routine"
-    _journal(store, plan, "a.dcm")
-    urgent = _flag(uid, "urgent", "u.dcm")
-    plan = studies.scored(urgent, None)
-    assert plan.alert and plan.supersedes == again.event_id and plan.info.images == 5
-    assert studies.scored(_flag("not a uid", "urgent", "x.dcm"), None) is None  # no valid study: its own flag
+        plan = _score(rules, uid, priority, f"{priority}.dcm")
+        assert plan.flag is None and plan.news.flag == first.flag.event_id and plan.news.priority == "flag"
+    urgent = _score(rules, uid, "urgent", "u.dcm")
+    assert urgent.flag.priority == "urgent" and urgent.flag.supersedes == first.flag.event_id
+    assert urgent.flag.study.images == 4
+    assert rules[0].scored(_flag("not a uid", "urgent", "x.dcm"), None) is None  # no valid study: its own flag
 
 
-def test_refused_views_are_named_once_each_at_most_max_rejected_and_dropped_once_scored(rules):
+def test_a_re_export_counts_once_and_a_lower_one_gives_the_study_its_next_highest_image(rules):
+    uid = "1.2.826.0.1.3680043.2.1125.13"
+    a = _score(rules, uid, "urgent", "a.dcm", p=0.99)
+    assert _score(rules, uid, "flag", "b.dcm", p=0.97).news.study.images == 2
+    again = _score(rules, uid, "urgent", "a.dcm", p=0.995)  # the same file once more: still two images
+    assert again.flag is None and again.news.study.images == 2
+    lower = _score(rules, uid, "routine", "a.dcm", p=0.01)  # the result's image, now routine: b's flag is the study's
+    assert lower.flag is not None and lower.flag.file == "b.dcm" and lower.flag.priority == "flag"
+    assert lower.flag.probability == 0.97 and lower.flag.supersedes == a.flag.event_id
+    assert lower.flag.event_id not in (a.flag.event_id,) and lower.flag.study.images == 2
+    assert rules[1].study(uid).flag_file == "b.dcm"
+
+
+def test_a_refused_re_export_of_the_results_image_takes_its_result_away(rules):
+    studies, store = rules
+    uid = "1.2.826.0.1.3680043.2.1125.14"
+    a = _score(rules, uid, "urgent", "a.dcm")
+    _score(rules, uid, "routine", "b.dcm")
+    plan = _refuse(rules, uid, "a.dcm")  # a.dcm exported again, as a lateral: it no longer counts
+    assert plan.flag.file == "b.dcm" and plan.flag.priority == "routine" and plan.flag.supersedes == a.flag.event_id
+    assert plan.flag.study.images == 1 and [v.file for v in plan.flag.study.rejected] == ["a.dcm"]
+    studies.close_quiet(now=time.time() + 10)
+    (header, event), = store._read("SELECT header, event_id FROM pacs_outbox")
+    assert event == plan.flag.event_id and unpack_headers(header) == [b"b.dcm"]  # the SR reports b, not a
+    only = "1.2.826.0.1.3680043.2.1125.15"
+    _score(rules, only, "urgent", "c.dcm")
+    gone = _refuse(rules, only, "c.dcm")  # its only image: no result left (the error replaces the flag by path)
+    assert gone.flag is None and gone.news.flag is None and gone.news.study.images == 0
+
+
+def test_refused_views_are_named_once_each_bounded_and_dropped_once_scored(rules):
     studies, store = rules
     uid = "1.2.826.0.1.3680043.2.1125.10"
-    ids = {"study_instance_uid": uid}
     for k in range(MAX_REJECTED + 5):
-        row, news = studies.refused(f"lat{k}.dcm", "not-a-radiograph", ids)
-        store.record(f"lat{k}.dcm", None, UNSTATABLE, "error", study=row, also=news)
-    row, _ = studies.refused("lat0.dcm", "dicom-body-part", ids)  # the same file again: replaced, not added
-    store.record("lat0.dcm", None, UNSTATABLE, "error", study=row)
+        _refuse(rules, uid, f"lat{k}.dcm")
+    _refuse(rules, uid, "lat0.dcm", "dicom-body-part")  # the same file again: replaced, not added
     info = studies.info(store.study(uid))
     assert len(info.rejected) == MAX_REJECTED and info.images == 0
     assert [v.reason for v in info.rejected if v.file == "lat0.dcm"] == ["dicom-body-part"]
-    plan = studies.scored(_flag(uid, "routine", "lat1.dcm"), None)  # refused once, scored now
-    assert plan.alert and "lat1.dcm" not in {v.file for v in plan.info.rejected}
+    plan = _score(rules, uid, "routine", "lat1.dcm")  # refused once, scored now
+    assert plan.flag is not None and "lat1.dcm" not in {v.file for v in plan.flag.study.rejected}
     assert studies.refused("x.dcm", "corrupt", None) is None  # no study named
+
+
+def test_a_study_flag_naming_every_refused_view_still_fits_the_contract(rules):
+    uid = "1.2.826.0.1.3680043.2.1125.16"
+    deep = "/".join(["\x01" * 40] * 60)  # a long path of names that JSON writes six bytes a character
+    for k in range(MAX_REJECTED + 3):
+        _refuse(rules, uid, f"{deep}/lateral-{k}.dcm")
+    plan = _score(rules, uid, "urgent", "pa-" + "\x01" * 200 + ".dcm")
+    payload = rules[0].queued(plan).payload
+    assert len(payload) < MAX_MESSAGE_BYTES // 2, len(payload)
+    parsed = FlagMessage.parse(loads(payload))  # what a station does with it
+    assert len(parsed.study.rejected) == MAX_REJECTED and parsed.study.rejected[0].file.endswith("lateral-0.dcm")
 
 
 def test_a_close_queues_its_sr_once_per_result_and_waits_for_a_late_image(rules):
     studies, store = rules
     uid = "1.2.826.0.1.3680043.2.1125.11"
-    msg = _flag(uid, "urgent", "a.dcm")
-    plan = studies.scored(msg, None)
-    plan.row.header, plan.row.finding = b"header", '{"model": {}}'
-    _journal(store, plan, "a.dcm")
-    t = plan.row.last_image
+    first = _score(rules, uid, "urgent", "a.dcm")
+    t = store.study(uid).last_image
     assert studies.close_quiet(now=t + 4.9) == 0  # not quiet for long enough
     assert studies.close_quiet(now=t + 5.1) == 1 and studies.close_quiet(now=t + 60) == 0
-    plan = studies.scored(_flag(uid, "routine", "b.dcm"), None)  # reopens, does not raise
-    _journal(store, plan, "b.dcm")
+    _score(rules, uid, "routine", "b.dcm")  # reopens, does not raise
     assert store.study(uid).closed_at is None
-    assert studies.close_quiet(now=plan.row.last_image + 6) == 1
-    rows = store._read("SELECT event_id, destination FROM pacs_outbox")
-    assert rows == [(msg.event_id, "PACS@127.0.0.1:104")]  # one SR: the result did not change
+    assert studies.close_quiet(now=store.study(uid).last_image + 6) == 1
+    rows = store._read("SELECT event_id, destination, header FROM pacs_outbox")
+    assert [(e, d) for e, d, _ in rows] == [(first.flag.event_id, "PACS@127.0.0.1:104")]  # one SR: the same result
+    assert unpack_headers(rows[0][2]) == [b"a.dcm"]  # queued at the first close, before b came
 
 
 def test_the_studys_sr_headers_put_its_results_image_first_each_once_and_at_most_max_sr_images(rules):
-    from pneumoflag.device.pacs_outbox import MAX_SR_IMAGES, unpack_headers
-    from pneumoflag.device.store import PacsItem
-
     studies, store = rules
     uid = "1.2.826.0.1.3680043.2.1125.12"
-
-    def image(priority: str, header: bytes):
-        plan = studies.scored(_flag(uid, priority, f"{header.decode()}.dcm"), None,
-                              PacsItem(header, f'{{"priority": "{priority}"}}', ("PACS@127.0.0.1:104",)))
-        _journal(store, plan, f"{header.decode()}.dcm")
-        return plan
-
-    image("routine", b"h0")
-    image("routine", b"h1")
-    plan = image("urgent", b"h2")  # the study's result now: its header first, the SR copies its identity
-    assert unpack_headers(plan.row.header) == [b"h2", b"h0", b"h1"] and '"urgent"' in plan.row.finding
-    plan = image("routine", b"h1")  # the same header again: once
-    assert unpack_headers(plan.row.header) == [b"h2", b"h0", b"h1"] and '"urgent"' in plan.row.finding
+    _score(rules, uid, "routine", "h0")
+    _score(rules, uid, "routine", "h1")
+    _score(rules, uid, "urgent", "h2")  # the study's result now: its header first, the SR copies its identity
+    _score(rules, uid, "routine", "h1")  # the same image again: once
     for k in range(3, MAX_SR_IMAGES + 10):
-        plan = image("routine", f"h{k}".encode())
-    headers = unpack_headers(plan.row.header)
-    assert len(headers) == MAX_SR_IMAGES and headers[0] == b"h2"
+        _score(rules, uid, "routine", f"h{k}")
+    studies.close_quiet(now=time.time() + 10)
+    (header, finding), = store._read("SELECT header, finding FROM pacs_outbox")
+    headers = unpack_headers(header)
+    assert len(headers) == MAX_SR_IMAGES and headers[:3] == [b"h2", b"h0", b"h1"] and '"urgent"' in finding
     assert unpack_headers(b"\0" * 128 + b"DICM...") == [b"\0" * 128 + b"DICM..."]  # a row of one header
+
+
+def test_the_readme_states_the_studys_bounds_as_the_code_has_them():
+    from pneumoflag.device.studies import MAX_NAME
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### One result per study"):]
+    section = " ".join(section[:section.index("\n## ")].split())
+    assert f"at most {MAX_REJECTED} of them, each name at most {MAX_NAME} characters" in section
+    assert f"fits the contract's {MAX_MESSAGE_BYTES // 1024} KiB" in section
