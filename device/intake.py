@@ -3,7 +3,8 @@
 A file the watcher hands over goes through :meth:`Intake.admit` (read safely; already seen, unchanged,
 a duplicate of other content?), :meth:`Intake.start` (the in-progress mark that catches a file the
 daemon keeps dying on), the pipeline, and ends in exactly one of :meth:`Intake.scored` (the flag,
-finished and journaled with its outbox message in one transaction), :meth:`Intake.failed` (an error
+finished and journaled with its outbox message in one transaction; for an image of a DICOM study, what it does
+to the study's one result: ``device/studies.py``), :meth:`Intake.failed` (an error
 message, or "still being written: look again later") or :meth:`Intake.abandon` (not the file's fault:
 it is scored after a restart). Every outcome is journaled here and nowhere else.
 
@@ -226,7 +227,8 @@ class Intake:
                  f", supersedes {msg.supersedes}" if msg.supersedes and plan is None else "",
                  "" if plan is None else f"; study {plan.row.uid} ({plan.row.images} scored): "
                  + (f"{str(plan.row.priority).upper()} stays" if plan.flag is None else
-                    f"now {str(plan.row.priority).upper()}, flag {plan.flag.event_id} replaces {plan.flag.supersedes}"))
+                    f"now {str(plan.row.priority).upper()}, flag {plan.flag.event_id}"
+                    + (f" replaces {plan.flag.supersedes}" if plan.flag.supersedes else "")))
         self._archive(job.path, job.rel)
 
     def _flag(self, job: Job, msg: FlagMessage, pacs: Optional[PacsItem]) -> bool:
