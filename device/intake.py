@@ -33,7 +33,7 @@ from .publisher import Publisher
 from .reader import FileRead, file_sig, read_export_file
 from .safe_text import path_text, printable
 from .stats import Stats
-from .store import FileSig, FlagRecord, JournalRow, PacsItem, Store, StoreError
+from .store import FileSig, FlagRecord, JournalRow, Store, StoreError
 from .studies import Plan, Studies
 from .vocab import Priority, Reason
 
@@ -211,7 +211,7 @@ class Intake:
         except StoreError as exc:
             self._store_failed(job.path, exc)
             return
-        if not (self._flag(job, msg, pacs) if plan is None else self._study_result(job, msg.priority, plan)):
+        if not (self._flag(job, msg) if plan is None else self._study_result(job, msg.priority, plan)):
             return
         self._arriving.pop(job.rel, None)
         if self.heatmaps is not None and msg.priority != Priority.ROUTINE and (plan is None or plan.flag is msg):
@@ -231,8 +231,8 @@ class Intake:
                     + (f" replaces {plan.flag.supersedes}" if plan.flag.supersedes else "")))
         self._archive(job.path, job.rel)
 
-    def _flag(self, job: Job, msg: FlagMessage, pacs: Optional[PacsItem]) -> bool:
-        """Journal the flag of an image without a study and queue it (with its SR, when it has one)."""
+    def _flag(self, job: Job, msg: FlagMessage) -> bool:
+        """Journal the flag of an image without a study and queue it (no SR: an SR needs the study's identity)."""
         payload = encode(msg.to_dict())
         record = FlagRecord(msg.event_id, msg.priority, msg.probability, payload, msg.written_ts,
                             job.item.seen_at, time.time())
@@ -240,7 +240,7 @@ class Intake:
         # power cut must not leave it moved out of the export folder with its result unwritten
         return self._record(job.path, job.rel, job.sha, job.read.sig, msg.priority, event_id=msg.event_id,
                             supersedes=msg.supersedes, message=(self.cfg.topics.flag(msg.priority), payload, 1),
-                            flag=record, pacs=pacs, durable=bool(self.cfg.watch.archive_dir))
+                            flag=record, durable=bool(self.cfg.watch.archive_dir))
 
     def _study_result(self, job: Job, priority: str, plan: Plan) -> bool:
         """An image of a study: journaled with what it does to the study, the study's new flag or its news (its

@@ -102,7 +102,7 @@ def _header_bytes(data: bytes) -> Optional[bytes]:
 
 
 def pacs_item(cfg: Config, data: bytes, msg: FlagMessage) -> Optional[PacsItem]:
-    """What goes into the flag's transaction for the PACS destinations; None when nothing is sent."""
+    """What a study keeps of a scored image for its SR (its header and finding); None when it gets none."""
     if not cfg.pacs.destinations or not msg.dicom or "study_instance_uid" not in msg.dicom:
         return None
     header = _header_bytes(data)

@@ -522,7 +522,6 @@ class Store:
         supersedes: Optional[str] = None,
         flag: Optional[FlagRecord] = None,
         durable: bool = True,
-        pacs: Optional[PacsItem] = None,
         study: Optional[StudyChange] = None,
         also: Optional[Queued] = None,
     ) -> Optional[int]:
@@ -534,8 +533,8 @@ class Store:
 
         A flag gets the next number of this device's flag sequence (``seq`` in its message) in the same
         transaction, so the numbers have no gaps and no repeats, whatever fails: a station that misses one
-        can tell, and ask for it again (:meth:`flags_between`). ``pacs`` queues the result's SR for each PACS
-        destination in the same transaction; ``study`` writes what the image does to its study, and ``also``
+        can tell, and ask for it again (:meth:`flags_between`). ``study`` writes what the image does to its study
+        (whose SR is queued when it closes: :meth:`close_study`), and ``also``
         queues a second message (a study's news or new flag, after the main one).
         """
         uid = study.row.uid if study is not None else None
@@ -553,11 +552,6 @@ class Store:
                 payload = _insert_flag(db, path, flag, uid)
                 if message is not None:  # a flag's message is the flag
                     message = (message[0], payload, message[2])
-            if pacs is not None:
-                now = time.time()
-                db.executemany("INSERT OR IGNORE INTO pacs_outbox (event_id, destination, header, finding, created) "
-                               "VALUES (?,?,?,?,?)", [(event_id, d, pacs.header, pacs.finding, now)
-                                                      for d in pacs.destinations])
             if study is not None:
                 _write_study(db, study)
             seq = None
@@ -778,6 +772,17 @@ class Store:
     def study(self, uid: str) -> Optional[StudyRow]:
         row = self._read(f"SELECT {STUDY_COLUMNS} FROM studies WHERE uid=?", (uid,), one=True)
         return StudyRow(*row) if row else None
+
+    def study_ranks(self, uid: str) -> list[tuple[str, str]]:
+        """(file, priority) of the study's scored images, in the order they were scored: what its result is
+        decided from, without their messages and headers."""
+        return [(f, p) for f, p in self._read("SELECT file, priority FROM study_images WHERE uid=? "
+                                              "ORDER BY scored_at, rowid", (uid,))]
+
+    def study_image(self, uid: str, file: str) -> Optional[StudyImage]:
+        row = self._read("SELECT file, priority, message, header, finding, scored_at FROM study_images "
+                         "WHERE uid=? AND file=?", (uid, file), one=True)
+        return StudyImage(*row) if row else None
 
     def study_images(self, uid: str) -> list[StudyImage]:
         """The study's scored images, in the order they were scored."""

@@ -82,8 +82,8 @@ class Studies:
         row.rejected = json.dumps([v for v in json.loads(row.rejected) if v["file"] != _name(msg.file)])
         image = StudyImage(msg.file, msg.priority, encode(msg.to_dict()), pacs.header if pacs else None,
                            pacs.finding if pacs else None, time.time())
-        images = [i for i in self.store.study_images(uid) if i.file != msg.file] + [image]
-        return self._settle(StudyChange(row, image=image), images, msg)
+        ranks = [r for r in self.store.study_ranks(uid) if r[0] != msg.file] + [(msg.file, msg.priority)]
+        return self._settle(StudyChange(row, image=image), ranks, msg)
 
     def refused(self, file: str, reason: str, ids: Optional[dict[str, str]]) -> Optional[Plan]:
         """A refused image of a study, named in it (None: the image has no study). A scored image refused now
@@ -96,26 +96,30 @@ class Studies:
         if len(views) < MAX_REJECTED:  # beyond that the journal alone has them
             views.append({"file": _name(file), "reason": str(reason)[:64]})
         row.rejected = json.dumps(views)
-        images = [i for i in self.store.study_images(uid) if i.file != file]
-        return self._settle(StudyChange(row, drop=file), images, None)
+        ranks = [r for r in self.store.study_ranks(uid) if r[0] != file]
+        return self._settle(StudyChange(row, drop=file), ranks, None)
 
-    def _settle(self, change: StudyChange, images: list[StudyImage], this: Optional[FlagMessage]) -> Plan:
-        """The study's result from its images now: a new flag when its priority changed, else its news."""
+    def _settle(self, change: StudyChange, ranks: list[tuple[str, str]], this: Optional[FlagMessage]) -> Plan:
+        """The study's result from its images' (file, priority) now: a new flag when its priority changed, else
+        its news."""
         row = change.row
-        row.images = len(images)
-        best = min(images, key=lambda i: (PRIORITIES.index(i.priority), i.file != row.flag_file), default=None)
+        row.images = len(ranks)
+        best = min(ranks, key=lambda r: (PRIORITIES.index(r[1]), r[0] != row.flag_file), default=None)
         if best is None:  # none of its images counts (any more): no result; an error replaces the old flag
             row.flag_event = row.flag_file = row.priority = None
             return Plan(change, news=self._news(row))
-        row.flag_file = best.file
-        if row.flag_event is not None and best.priority == row.priority:
+        best_file, best_priority = best
+        row.flag_file = best_file
+        if row.flag_event is not None and best_priority == row.priority:
             return Plan(change, news=self._news(row))
-        if this is not None and best.file == this.file:
+        if this is not None and best_file == this.file:
             flag = this  # this image's own result (it supersedes what the intake set: its path's last result)
             flag.supersedes = row.flag_event or flag.supersedes
         else:  # another image's result becomes the study's again, as a new flag
-            flag = replace(FlagMessage.parse(loads(best.message)), event_id=new_event_id(), supersedes=row.flag_event)
-        row.flag_event, row.priority = flag.event_id, best.priority
+            kept = self.store.study_image(row.uid, best_file)
+            assert kept is not None  # ranked from the same table, on the one thread that writes it
+            flag = replace(FlagMessage.parse(loads(kept.message)), event_id=new_event_id(), supersedes=row.flag_event)
+        row.flag_event, row.priority = flag.event_id, best_priority
         flag.study = self.info(row)
         return Plan(change, flag=flag)
 
@@ -139,11 +143,14 @@ class Studies:
         """The plan's message as the outbox takes it: the study's news, or its new flag (with its flag record)."""
         if plan.flag is None:
             assert plan.news is not None
-            return Queued(plan.news.event_id, self.cfg.topics.study(), encode(plan.news.to_dict()), 1)
+            return self._queued_news(plan.news)
         f = plan.flag
         payload = encode(f.to_dict())
         return Queued(f.event_id, self.cfg.topics.flag(f.priority), payload, 1,
                       FlagRecord(f.event_id, f.priority, f.probability, payload, f.written_ts, None, time.time()))
+
+    def _queued_news(self, news: StudyUpdate) -> Queued:
+        return Queued(news.event_id, self.cfg.topics.study(), encode(news.to_dict()), 1)
 
     # ------------------------------------------------------------------ the close
     def close_quiet(self, now: Optional[float] = None) -> int:
@@ -155,9 +162,7 @@ class Studies:
         for row in self.store.quiet_studies(now - self.quiet):
             done = replace(row, closed_at=now)
             pacs = self._sr(row) if self.cfg.pacs.destinations else None
-            news = self._news(done)
-            if self.store.close_study(row, Queued(news.event_id, self.cfg.topics.study(), encode(news.to_dict())),
-                                      pacs):
+            if self.store.close_study(row, self._queued_news(self._news(done)), pacs):
                 closed += 1
                 log.info("study %s closed: %d image%s scored, %s%s", row.uid, row.images,
                          "" if row.images == 1 else "s", (row.priority or "none scored").upper(),
